@@ -136,3 +136,9 @@ class AttnVGG(nn.Module):
         if self.dpt is not None:
             g_hat = self.dpt(g_hat)
         return self.cls(g_hat), a1, a2
+
+
+def build(num_classes: int, attention: str = "fused", **kwargs) -> AttnVGG:
+    """Factory for ``create_model('attnvgg', ...)``; softmax attention by default (AttnMel)."""
+    kwargs.setdefault("normalize_attn", True)
+    return AttnVGG(num_classes, attention=attention, **kwargs)

@@ -75,3 +75,11 @@ def ran56(num_classes: int = 1000, **kwargs) -> ResidualAttentionNet:
 
 def ran92(num_classes: int = 1000, **kwargs) -> ResidualAttentionNet:
     return ResidualAttentionNet(92, num_classes, **kwargs)
+
+
+def build_ran56(num_classes: int, attention: str = "fused", **kwargs) -> ResidualAttentionNet:
+    return ResidualAttentionNet(56, num_classes, attention=attention, **kwargs)
+
+
+def build_ran92(num_classes: int, attention: str = "fused", **kwargs) -> ResidualAttentionNet:
+    return ResidualAttentionNet(92, num_classes, attention=attention, **kwargs)

@@ -1,4 +1,18 @@
-"""Thin drop-in modules over the fused ops (same constructor and parameter names as the references)."""
+"""Thin drop-in modules over the fused ops (same constructor and parameter names as the references).
+
+One attention per file: ``grid_attention.GridAttention``, ``self_attention.SelfAttention2d``,
+``residual_attention.ResidualAttentionModule``.
+"""
 from .residual_attention import ResidualAttentionModule
 
-__all__ = ["ResidualAttentionModule"]
+__all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d"]
+
+
+def __getattr__(name):
+    if name == "GridAttention":
+        from .grid_attention import GridAttention
+        return GridAttention
+    if name == "SelfAttention2d":
+        from .self_attention import SelfAttention2d
+        return SelfAttention2d
+    raise AttributeError(f"module 'attnfast.nn' has no attribute {name!r}")
