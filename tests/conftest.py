@@ -10,6 +10,9 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/seed_modules.py and friends
 
 
 def _gpu_present() -> bool:

@@ -1,0 +1,229 @@
+"""Shared machinery for the pytest-benchmark suites in ``benchmarks/``.
+
+``measure(benchmark, fn, inputs, mode, **extra)`` times ``fn(*inputs)`` in one of three modes:
+
+- ``fwd``: the training forward (inputs that require grad keep their autograd graph);
+- ``bwd``: backward only (the forward runs untimed in pytest-benchmark's ``setup``);
+- ``fwd+bwd``: both.
+
+It also records in ``benchmark.extra_info``: peak memory growth during one extra run
+(``torch.cuda.max_memory_allocated`` on a GPU; process peak RSS growth, sampled, on a CPU), the bytes
+autograd saved for backward (counted with ``saved_tensors_hooks``, device-independent), and the
+device, versions and date, so a result file says where it came from.
+
+Run a suite with ``pytest benchmarks/<file> --benchmark-only --benchmark-json benchmarks/results/<name>.json``;
+CI runs the tiny CPU shapes once with ``--benchmark-disable``.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import os
+import platform
+import threading
+import time
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> str:
+    return "cuda" if on_gpu() else "cpu"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+@functools.lru_cache(maxsize=None)
+def device_info() -> dict:
+    info = {
+        "device": torch.cuda.get_device_name() if on_gpu() else f"CPU: {_cpu_model()} ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = "not installed"
+    if on_gpu():
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) over a block: CUDA allocator on a GPU, sampled RSS on a CPU."""
+
+    def __init__(self, cuda: bool | None = None, interval: float = 5e-4):
+        self.cuda = on_gpu() if cuda is None else cuda
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = _rss()
+            self._max = self.base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss())
+            self.peak = self._max - self.base
+        return False
+
+
+class SavedBytes:
+    """Bytes of tensors autograd saves for backward inside the block (each storage counted once)."""
+
+    def __init__(self):
+        self.total = 0
+        self._seen = set()
+
+    def _pack(self, t):
+        try:
+            st = t.untyped_storage()
+            key = (st.data_ptr(), t.device)
+            if key not in self._seen:
+                self._seen.add(key)
+                self.total += st.nbytes()
+        except Exception:  # fake/meta tensors
+            pass
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        return False
+
+
+def _as_tuple(out):
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(o for o in out if isinstance(o, torch.Tensor))
+
+
+def _sync():
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def measure(benchmark, fn, inputs, mode: str, *, rounds: int | None = None, warmup: int = 2, **extra):
+    """Benchmark ``fn(*inputs)`` in ``mode``; see the module docstring. ``extra`` goes to extra_info."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if mode != "fwd" and not leaves and not any(p.requires_grad for p in getattr(fn, "parameters", lambda: [])()):
+        raise ValueError("bwd modes need inputs (or fn parameters) that require grad")
+    probe = _as_tuple(fn(*inputs))
+    grads = [torch.randn_like(o) if o.requires_grad or o.grad_fn is not None else None for o in probe]
+    pairs = [(o, g) for o, g in zip(probe, grads) if g is not None]
+    del probe
+
+    def forward():
+        return _as_tuple(fn(*inputs))
+
+    def backward(outs):
+        os_, gs = zip(*[(o, g) for o, g in zip(outs, grads) if g is not None]) if pairs else ((), ())
+        if os_:
+            torch.autograd.backward(os_, gs)
+        for t in leaves:
+            t.grad = None
+
+    def run_fwd():
+        outs = forward()
+        _sync()
+        return outs
+
+    def run_full():
+        backward(forward())
+        _sync()
+
+    def setup_bwd():
+        outs = forward()
+        _sync()
+        return (outs,), {}
+
+    def run_bwd(outs):
+        backward(outs)
+        _sync()
+
+    for _ in range(warmup):
+        run_full() if mode != "fwd" else run_fwd()
+
+    with PeakMemory() as pm, SavedBytes() as sb:
+        outs = forward()
+        if mode != "fwd":
+            backward(outs)
+        del outs
+        _sync()
+    info = dict(device_info())
+    info.update(mode=mode, peak_mem_bytes=int(pm.peak), saved_bytes=int(sb.total))
+    info.update(extra)
+    benchmark.extra_info.update(info)
+
+    if rounds is None:
+        rounds = 20 if on_gpu() else 3
+    if mode == "fwd":
+        benchmark.pedantic(run_fwd, rounds=rounds, iterations=1, warmup_rounds=0)
+    elif mode == "bwd":
+        benchmark.pedantic(run_bwd, setup=setup_bwd, rounds=rounds, warmup_rounds=0)
+    else:
+        benchmark.pedantic(run_full, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+_COMPILED = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn)``, cached per function object so recompiles are not timed."""
+    key = id(fn)
+    if key not in _COMPILED:
+        _COMPILED[key] = (fn, torch.compile(fn))
+    return _COMPILED[key][1]
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device(), dtype=dtype)
