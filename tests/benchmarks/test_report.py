@@ -1,0 +1,39 @@
+"""benchmarks/report.py: tables, speedups and the roofline share computed from a result file."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPORT = os.path.join(REPO, "benchmarks", "report.py")
+
+
+def _bench(provider, mode, median, device="NVIDIA H100 80GB HBM3", **extra):
+    e = {"provider": provider, "mode": mode, "op": "grid_attention", "shape": "(8, 256, 28, 28)",
+         "dtype": "torch.bfloat16", "device": device, "torch": "2.11.0", "triton": "3.6.0",
+         "python": "3.12", "date": "2026-11-21", "peak_mem_bytes": 2 * 1024 * 1024, "saved_bytes": 1024 * 1024}
+    e.update(extra)
+    return {"name": f"t[{provider}-{mode}]", "extra_info": e, "stats": {"median": median}}
+
+
+def test_report_markdown_speedups_and_roofline(tmp_path):
+    data = {"datetime": "2026-11-21T00:00:00", "benchmarks": [
+        _bench("eager", "fwd", 4e-3), _bench("compile", "fwd", 2e-3),
+        _bench("fused", "fwd", 1e-3, bytes=2.345e9, flops=1e9)]}
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, REPORT, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "grid.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "2026-11-21" in md and "triton 3.6.0" in md
+    assert "4.00×" in md and "2.00×" in md  # fused vs eager, fused vs compile
+    # 2.345e9 B in 1 ms = 2.345 TB/s = 70% of 3.35 TB/s
+    assert "| 70% |" in md and "memory |" in md
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_report_errors_cleanly_on_bad_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = subprocess.run([sys.executable, REPORT, str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "bad.json" in r.stderr and "Traceback" not in r.stderr
