@@ -1,0 +1,281 @@
+"""``attnfast::grid_attention``: fused grid attention as torch.library custom ops.
+
+``grid_attention(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize_attn) -> (a, pooled)`` computes
+exactly ``attnfast.reference.GridAttention`` (softmax over H*W with sum pooling, or sigmoid with
+average pooling) without materialising any A x H x W intermediate.
+
+Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernels.grid_attention``;
+CPU tensors run a PyTorch path that has the same memory behaviour: nothing of size A x H x W is
+kept for backward, which recomputes ``z = W_l l + up(W_g g)`` from ``l`` (over batch chunks).
+float64 inputs and ``attn_features`` > 512 always take the PyTorch path.
+
+What is saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample
+log-sum-exp (B) and the fp32 pooled output (B x C). The backward is its own custom op
+(``attnfast::grid_attention_backward``), so it dispatches the same way.
+
+Backward math (s = 1 for softmax, 1/(H*W) for sigmoid)::
+
+    ghat_p = da_p + s * dpooled . l_p
+    dc_p   = a_p (ghat_p - K)    with K = sum_q a_q ghat_q = sum_q a_q da_q + dpooled . pooled  (softmax)
+    dc_p   = ghat_p a_p (1 - a_p)                                                              (sigmoid)
+    dz_p   = [z_p > 0] dc_p phi;  dl_p = s a_p dpooled + W_l^T dz_p;  dW_l = sum_p dz_p l_p^T
+    dphi   = sum_p dc_p relu(z_p);  dbias = sum_p dc_p;  dGp = up^T(dz);  dW_g, dg from dGp (low-res)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _alloc
+from .._checks import check_same, check_tensor, check_up_factor
+from .._dispatch import use_triton
+
+# The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor) -> None:
+    """ValueError for anything the op cannot compute (what was expected is in the message)."""
+    check_tensor(l, "l", ndim=4)
+    check_tensor(g, "g", ndim=4)
+    for name, wt in (("W_l.weight", w_l), ("W_g.weight", w_g), ("phi.weight", phi_w)):
+        check_tensor(wt, name)
+        if wt.dim() not in (2, 4) or (wt.dim() == 4 and tuple(wt.shape[2:]) != (1, 1)):
+            raise ValueError(f"{name} must be a 1x1 convolution weight (out, in, 1, 1) or (out, in); "
+                             f"got shape {tuple(wt.shape)}")
+    check_tensor(phi_b, "phi.bias")
+    C, Cg = l.shape[1], g.shape[1]
+    A = w_l.shape[0]
+    if w_l.shape[1] != C:
+        raise ValueError(f"l must have {w_l.shape[1]} channels (W_l's in_features); got {C}")
+    if w_g.shape[1] != Cg:
+        raise ValueError(f"g must have {w_g.shape[1]} channels (W_g's in_features); got {Cg}")
+    if w_g.shape[0] != A or phi_w.shape[1] != A:
+        raise ValueError(f"W_g and phi must agree with W_l's attn_features={A}; got W_g out={w_g.shape[0]}, "
+                         f"phi in={phi_w.shape[1]}")
+    if phi_w.shape[0] != 1 or phi_b.numel() != 1:
+        raise ValueError(f"phi must map to 1 channel with one bias; got weight {tuple(phi_w.shape)}, "
+                         f"bias {tuple(phi_b.shape)}")
+    if int(up_factor) != up_factor or up_factor < 1:
+        raise ValueError(f"up_factor must be a positive integer; got {up_factor!r}")
+    check_same({"l": l, "g": g, "W_l.weight": w_l, "W_g.weight": w_g, "phi.weight": phi_w, "phi.bias": phi_b})
+    check_up_factor(l.shape, g.shape, int(up_factor))
+    if l.shape[2] * l.shape[3] == 0 or l.shape[1] == 0:
+        raise ValueError(f"l must have at least one channel and one pixel; got shape {tuple(l.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared small pieces (low resolution / per-sample, cheap in torch)
+# ----------------------------------------------------------------------------------------------
+def _w2d(wt: torch.Tensor) -> torch.Tensor:
+    return wt[:, :, 0, 0] if wt.dim() == 4 else wt
+
+
+def _project_g(g: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
+    """Gp = W_g g at g's resolution, fp32, laid out (B, h, w, A) contiguous."""
+    return torch.einsum("bchw,ac->bhwa", g.to(torch.float32), _w2d(w_g).to(torch.float32)).contiguous()
+
+
+def _kernel_path(l: torch.Tensor, w_l: torch.Tensor) -> bool:
+    if l.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    from ..kernels.grid_attention import MAX_ATTN_FEATURES
+
+    return w_l.shape[0] <= MAX_ATTN_FEATURES
+
+
+def _attention(logits: torch.Tensor, lse: torch.Tensor, normalize: bool) -> torch.Tensor:
+    return torch.exp(logits - lse[:, None]) if normalize else torch.sigmoid(logits)
+
+
+def _upsample(t: torch.Tensor, up: int) -> torch.Tensor:
+    return F.interpolate(t, scale_factor=up, mode="bilinear", align_corners=False) if up > 1 else t
+
+
+def _chunks(B: int, A: int, HW: int):
+    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, A * HW))
+    for b0 in range(0, B, step):
+        yield b0, min(B, b0 + step)
+
+
+def _torch_logits(l32, gp, wl32, phi32, bias32, up):
+    """z and logits for a chunk (fp32): z (b, A, H, W), logits (b, H*W)."""
+    z = torch.einsum("bchw,ac->bahw", l32, wl32) + _upsample(gp.permute(0, 3, 1, 2), up)
+    c = torch.einsum("bahw,a->bhw", torch.relu(z), phi32) + bias32
+    return z, c.flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward op
+# ----------------------------------------------------------------------------------------------
+def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, lse, pooled32):
+    B, C, H, W = l.shape
+    wl32 = _w2d(w_l).float()
+    phi32 = _w2d(phi_w)[0].float()
+    bias32 = phi_b.float().reshape(())
+    for b0, b1 in _chunks(B, wl32.shape[0], H * W):
+        _, c = _torch_logits(l[b0:b1].float(), gp[b0:b1], wl32, phi32, bias32, up)
+        logits[b0:b1] = c
+    if normalize:
+        lse.copy_(torch.logsumexp(logits, dim=1))
+    else:
+        lse.zero_()
+    a32 = _attention(logits, lse, normalize)
+    if not normalize:
+        a32 = a32 / (H * W)
+    for b0, b1 in _chunks(B, C, H * W):
+        pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].float(), a32[b0:b1].view(-1, H, W))
+    pooled.copy_(pooled32)
+    a.copy_(_attention(logits, lse, normalize).view(B, 1, H, W))
+
+
+@torch.library.custom_op("attnfast::grid_attention", mutates_args=())
+def grid_attention_op(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: torch.Tensor,
+                      phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (a, pooled, logits fp32 (B, HW), lse fp32 (B,), pooled fp32 (B, C))."""
+    B, C, H, W = l.shape
+    f32 = dict(device=l.device, dtype=torch.float32)
+    a = _alloc.empty((B, 1, H, W), device=l.device, dtype=l.dtype)
+    pooled = _alloc.empty((B, C), device=l.device, dtype=l.dtype)
+    logits = _alloc.empty((B, H * W), **f32)
+    lse = _alloc.empty((B,), **f32)
+    pooled32 = _alloc.empty((B, C), **f32)
+    gp = _project_g(g, w_g)
+    if use_triton(l, g, w_l, w_g, phi_w, phi_b) and _kernel_path(l, w_l):
+        from ..kernels.grid_attention import grid_attention_fwd
+
+        grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor, normalize, a, pooled, logits, lse, pooled32)
+    else:
+        _torch_forward(l, gp, w_l, phi_w, phi_b, up_factor, normalize, a, pooled, logits, lse, pooled32)
+    return a, pooled, logits, lse, pooled32
+
+
+@grid_attention_op.register_fake
+def _(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize):
+    B, C, H, W = l.shape
+    return (l.new_empty((B, 1, H, W)), l.new_empty((B, C)),
+            l.new_empty((B, H * W), dtype=torch.float32), l.new_empty((B,), dtype=torch.float32),
+            l.new_empty((B, C), dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward op
+# ----------------------------------------------------------------------------------------------
+def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
+    """dl (written), and fp32 (dW_l, dphi, dGp (B, h, w, A)) by recomputing z over batch chunks."""
+    B, C, H, W = l.shape
+    wl32 = _w2d(w_l).float()
+    phi32 = _w2d(phi_w)[0].float()
+    A = wl32.shape[0]
+    scale = 1.0 if normalize else 1.0 / (H * W)
+    dwl = torch.zeros((A, C), device=l.device, dtype=torch.float32)
+    dphi = torch.zeros((A,), device=l.device, dtype=torch.float32)
+    dgp = torch.empty((B, A) + tuple(gp.shape[1:3]), device=l.device, dtype=torch.float32)
+    dp32 = dpooled.float()
+    for b0, b1 in _chunks(B, A, H * W):
+        l32 = l[b0:b1].float()
+        z, _ = _torch_logits(l32, gp[b0:b1], wl32, phi32, 0.0, up)
+        dcc = dc[b0:b1].view(-1, 1, H, W)
+        dphi += torch.einsum("bhw,bahw->a", dcc[:, 0], torch.relu(z))
+        dz = torch.where(z > 0, dcc * phi32.view(1, -1, 1, 1), 0.0)
+        del z
+        dwl += torch.einsum("bahw,bchw->ac", dz, l32)
+        dl32 = torch.einsum("bahw,ac->bchw", dz, wl32)
+        dl32 += scale * a32[b0:b1].view(-1, 1, H, W) * dp32[b0:b1].view(-1, C, 1, 1)
+        dl[b0:b1] = dl32
+        if up > 1:
+            dgp[b0:b1] = torch.ops.aten.upsample_bilinear2d_backward(
+                dz, [H, W], list(dz.shape[:2]) + list(gp.shape[1:3]), False, float(up), float(up))
+        else:
+            dgp[b0:b1] = dz
+    return dwl, dphi, dgp.permute(0, 2, 3, 1)
+
+
+@torch.library.custom_op("attnfast::grid_attention_backward", mutates_args=())
+def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch.Tensor, g: torch.Tensor,
+                               w_l: torch.Tensor, w_g: torch.Tensor, phi_w: torch.Tensor, phi_b: torch.Tensor,
+                               logits: torch.Tensor, lse: torch.Tensor, pooled32: torch.Tensor,
+                               up_factor: int, normalize: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    """Gradients (dl, dg, dW_l, dW_g, dphi.weight, dphi.bias) from upstream (da, dpooled)."""
+    B, C, H, W = l.shape
+    gp = _project_g(g, w_g)
+    a32 = _attention(logits, lse, normalize)
+    da32 = da.float().reshape(B, H * W)
+    dp32 = dpooled.float()
+    if normalize:  # K = sum_q a_q ghat_q, per sample
+        kvec = (a32 * da32).sum(1) + (dp32 * pooled32).sum(1)
+    else:
+        kvec = torch.zeros((B,), device=l.device, dtype=torch.float32)
+    dl = _alloc.empty_like(l)
+    if use_triton(da, dpooled, l, g, w_l, w_g, phi_w, phi_b) and _kernel_path(l, w_l):
+        from ..kernels.grid_attention import grid_attention_bwd, grid_attention_bwd_weight
+
+        dgp = torch.zeros_like(gp)
+        dc = _alloc.empty((B, H * W), device=l.device, dtype=torch.float32)
+        grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_factor, normalize,
+                           dl, dgp, dc)
+        dwl, dphi = grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor)
+    else:
+        scale = 1.0 if normalize else 1.0 / (H * W)
+        ghat = da32 + scale * torch.einsum("bc,bchw->bhw", dp32, l.float()).flatten(1)
+        dc = a32 * (ghat - kvec[:, None]) if normalize else ghat * a32 * (1 - a32)
+        dwl, dphi, dgp = _torch_backward(l, gp, w_l, phi_w, dc, up_factor, normalize, a32, dpooled, dl)
+    g32 = g.float()
+    dg = _alloc.empty_like(g)
+    dg.copy_(torch.einsum("bhwa,ac->bchw", dgp, _w2d(w_g).float()))
+    dw_l = _alloc.empty_like(w_l)
+    dw_l.copy_(dwl.view(w_l.shape))
+    dw_g = _alloc.empty_like(w_g)
+    dw_g.copy_(torch.einsum("bhwa,bchw->ac", dgp, g32).view(w_g.shape))
+    dphi_w = _alloc.empty_like(phi_w)
+    dphi_w.copy_(dphi.view(phi_w.shape))
+    dphi_b = _alloc.empty_like(phi_b)
+    dphi_b.copy_(dc.sum().view(phi_b.shape))
+    return dl, dg, dw_l, dw_g, dphi_w, dphi_b
+
+
+@grid_attention_backward_op.register_fake
+def _(da, dpooled, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32, up_factor, normalize):
+    return (torch.empty_like(l), torch.empty_like(g), torch.empty_like(w_l), torch.empty_like(w_g),
+            torch.empty_like(phi_w), torch.empty_like(phi_b))
+
+
+def _setup_context(ctx, inputs, output):
+    l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize = inputs
+    _, _, logits, lse, pooled32 = output
+    ctx.save_for_backward(l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32)
+    ctx.up_factor = up_factor
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(logits, lse, pooled32)
+
+
+def _backward(ctx, da, dpooled, _dlogits, _dlse, _dpooled32):
+    l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32 = ctx.saved_tensors
+    B, C, H, W = l.shape
+    if da is None:  # absent upstream gradient: a stride-0 zero, no memory
+        da = l.new_zeros(()).expand(B, 1, H, W)
+    if dpooled is None:
+        dpooled = l.new_zeros(()).expand(B, C)
+    grads = grid_attention_backward_op(da, dpooled, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32,
+                                       ctx.up_factor, ctx.normalize)
+    return (*grads, None, None)
+
+
+grid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grid_attention(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: torch.Tensor,
+                   phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize_attn: bool = True):
+    """Fused grid attention; returns ``(a, pooled)`` like ``attnfast.reference.GridAttention``.
+
+    ``w_l``, ``w_g``, ``phi_w``: 1x1 conv weights (A, C_l[,1,1]), (A, C_g[,1,1]), (1, A[,1,1]);
+    ``phi_b``: (1,). Validates its inputs (ValueError)."""
+    check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor)
+    a, pooled, _, _, _ = grid_attention_op(l, g, w_l, w_g, phi_w, phi_b, int(up_factor), bool(normalize_attn))
+    return a, pooled

@@ -1,0 +1,532 @@
+"""Fused grid attention ("Learn to Pay Attention" / AttnMel): Triton forward and backward.
+
+Per sample ``b`` and pixel ``p`` of the local map ``l`` (C channels, H x W)::
+
+    z_p = W_l l_p + up(Gp)_p        Gp = W_g g at g's low resolution (computed by the caller)
+    c_p = phi . relu(z_p) + bias    (logit)
+    softmax mode: a = softmax_p(c),  pooled = sum_p a_p l_p
+    sigmoid mode: a = sigmoid(c),    pooled = mean_p a_p l_p
+
+``up`` is bilinear upsampling (align_corners=False, edge clamping exactly like ``F.interpolate``),
+taken on the fly from four taps of ``Gp`` stored as (B, h, w, A) fp32. No A x H x W tensor ever
+goes to global memory: the whole ``z`` tile (BLOCK_P pixels x all A channels) lives in registers,
+built by ``tl.dot`` over chunks of C.
+
+Kernels
+- ``grid_fwd_kernel`` (grid B x NSPLIT, flash-decoding split of H*W): writes the fp32 logits and, per
+  split, the online-softmax partials (max, sum, acc[C] = sum exp(c - max) l). ``acc`` is kept in a
+  program-private fp32 row of global memory, rescaled and updated once per pixel tile right after
+  the tile's ``l`` was read for ``z`` (so that re-read hits cache); l is read once from HBM.
+- ``grid_combine_kernel`` (grid B): merges the partials into lse (log-sum-exp), pooled (fp32 and
+  output dtype) and writes ``a``.
+- ``grid_bwd_kernel`` (grid B x NSPLIT): recomputes z from l, computes ``dc`` per pixel (stored,
+  B x H*W fp32), ``dl = s a dpooled + W_l^T dz`` and accumulates the adjoint of the bilinear
+  upsampling into a low-resolution fp32 buffer dGp (B, h, w, A) with atomics.
+- ``grid_bwd_weight_kernel`` (grid A-blocks x C-blocks x NSPLIT over all B*H*W pixels): recomputes
+  z for its block of A channels, and accumulates dW_l (BLOCK_A2 x BLOCK_C2) and dphi in registers
+  over its range of pixels, written once per program as a per-split fp32 partial; the caller sums
+  the (few) partials. Deterministic: no atomics on the weight gradients.
+
+Statistics and accumulation are fp32 whatever the storage dtype; fp32 inputs use IEEE fp32 dots
+unless TF32 is allowed (``PRECISION``). All inputs are read through their strides (NCHW,
+channels_last, stride-0 gradients).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelConfig, signature
+
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+MAX_ATTN_FEATURES = 512  # the z tile keeps all A channels in registers; larger A -> PyTorch path
+BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
+COMBINE_BLOCK_C = 64
+COMBINE_BLOCK_HW = 256
+BLOCK_A2 = 32  # weight-gradient kernel: A channels per program
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _pixel_coords(pix, W):
+    y = pix // W
+    x = pix - y * W
+    return y, x
+
+
+@triton.jit
+def _src_index(dst, inv_up, n_in):
+    # PyTorch's area_pixel_compute_source_index (align_corners=False) + upsample_bilinear2d taps.
+    src = tl.maximum((dst.to(tl.float32) + 0.5) * inv_up - 0.5, 0.0)
+    i0 = src.to(tl.int32)  # src >= 0: truncation is floor
+    i0 = tl.minimum(i0, n_in - 1)
+    lam1 = src - i0.to(tl.float32)
+    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, lam1
+
+
+@triton.jit
+def _upsampled_gp(gp_ptr, gbase, y, x, offs_a, mask2, inv_up, h, w, A):
+    """Bilinear tap of Gp (B, h, w, A) fp32 at high-res pixels (y, x): a (P, BLOCK_A) fp32 tile.
+
+    ``gbase`` is the (P,) int64 offset of each pixel's sample in Gp."""
+    y0, y1, ly1 = _src_index(y, inv_up, h)
+    x0, x1, lx1 = _src_index(x, inv_up, w)
+    ly0 = 1.0 - ly1
+    lx0 = 1.0 - lx1
+    a2 = offs_a[None, :]
+    g00 = tl.load(gp_ptr + (gbase + (y0 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g01 = tl.load(gp_ptr + (gbase + (y0 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    up = ly0[:, None] * (lx0[:, None] * g00 + lx1[:, None] * g01)
+    g10 = tl.load(gp_ptr + (gbase + (y1 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g11 = tl.load(gp_ptr + (gbase + (y1 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    up += ly1[:, None] * (lx0[:, None] * g10 + lx1[:, None] * g11)
+    return up
+
+
+@triton.jit
+def _scatter_gp(dgp_ptr, gbase, y, x, offs_a, mask2, dz, inv_up, h, w, A):
+    """Adjoint of ``_upsampled_gp``: atomically add the four weighted taps of dz into dGp."""
+    y0, y1, ly1 = _src_index(y, inv_up, h)
+    x0, x1, lx1 = _src_index(x, inv_up, w)
+    ly0 = 1.0 - ly1
+    lx0 = 1.0 - lx1
+    a2 = offs_a[None, :]
+    tl.atomic_add(dgp_ptr + (gbase + (y0 * w + x0) * A)[:, None] + a2, dz * (ly0 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_ptr + (gbase + (y0 * w + x1) * A)[:, None] + a2, dz * (ly0 * lx1)[:, None], mask=mask2)
+    tl.atomic_add(dgp_ptr + (gbase + (y1 * w + x0) * A)[:, None] + a2, dz * (ly1 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_ptr + (gbase + (y1 * w + x1) * A)[:, None] + a2, dz * (ly1 * lx1)[:, None], mask=mask2)
+
+
+@triton.jit
+def _split_tiles(sp, n, tiles_per_split, BLOCK_P: tl.constexpr):
+    """Range of pixel tiles [begin, end) owned by split ``sp`` of ``n`` pixels."""
+    t_begin = sp * tiles_per_split
+    return t_begin, tl.minimum(t_begin + tiles_per_split, tl.cdiv(n, BLOCK_P))
+
+
+@triton.jit
+def _load_phi(phi_ptr, offs_a, A, sphi):
+    mask_a = offs_a < A
+    return tl.load(phi_ptr + offs_a * sphi, mask=mask_a, other=0.0).to(tl.float32), mask_a
+
+
+@triton.jit
+def _tile_pixels(t, HW, W, BLOCK_P: tl.constexpr):
+    """Pixel indices of tile ``t`` of one sample (masked lanes clamped to pixel 0) and (y, x)."""
+    pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = pix < HW
+    pix = tl.where(mask_p, pix, 0)
+    y, x = _pixel_coords(pix, W)
+    return pix, mask_p, y, x
+
+
+@triton.jit
+def _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, dp_row, sdp_c,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+               PRECISION: tl.constexpr, WITH_GDOT: tl.constexpr):
+    """W_l l for a tile: (P, BLOCK_A) fp32 from ``l_rows`` (P,) pointers to each pixel's channel 0.
+
+    With WITH_GDOT also returns dpooled . l_p (P,) fp32 (``dp_row``: this sample's dpooled row),
+    from the same loads of l."""
+    z = tl.zeros((BLOCK_P, BLOCK_A), dtype=tl.float32)
+    gdot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        lt = tl.load(l_rows[:, None] + offs_c[None, :].to(tl.int64) * sl_c,
+                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        wt = tl.load(wl_ptr + offs_c[:, None] * swl_c + offs_a[None, :] * swl_a,
+                     mask=mask_c[:, None] & mask_a[None, :], other=0.0)
+        z = tl.dot(lt, wt, z, input_precision=PRECISION)
+        if WITH_GDOT:
+            dp = tl.load(dp_row + offs_c.to(tl.int64) * sdp_c, mask=mask_c, other=0.0)
+            gdot += tl.sum(lt.to(tl.float32) * dp.to(tl.float32)[None, :], axis=1)
+    return z, gdot
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, s_ptr, acc_ptr,
+                    C, A, HW, W, h, w, inv_up, tiles_per_split, nsplit, softmax,
+                    sl_b, sl_c, sl_h, sl_w, swl_a, swl_c, sphi,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    acc_row = acc_ptr + (b64 * nsplit + sp) * C
+    for c0 in range(0, C, BLOCK_C):  # zero this program's pooled partial
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(acc_row + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=offs_c < C)
+    gbase = b64 * h * w * A
+    m_run = tl.max(tl.full((BLOCK_P,), float("-inf"), tl.float32), axis=0)
+    s_run = tl.sum(tl.zeros((BLOCK_P,), dtype=tl.float32), axis=0)
+    t_begin, t_end = _split_tiles(sp, HW, tiles_per_split, BLOCK_P)
+    for t in range(t_begin, t_end):
+        pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
+        l_rows = l_ptr + b64 * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w
+        z, _ = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
+                          BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
+        mask2 = mask_p[:, None] & mask_a[None, :]
+        z += _upsampled_gp(gp_ptr, gbase + tl.zeros((BLOCK_P,), dtype=tl.int64), y, x, offs_a, mask2,
+                           inv_up, h, w, A)
+        c = tl.sum(tl.maximum(z, 0.0) * phi[None, :], axis=1) + bias
+        tl.store(logit_ptr + b64 * HW + pix, c, mask=mask_p)
+        if softmax != 0:
+            m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
+            alpha = tl.exp(m_run - m_new)
+            p = tl.where(mask_p, tl.exp(c - m_new), 0.0)
+            s_run = s_run * alpha + tl.sum(p, axis=0)
+            m_run = m_new
+        else:
+            alpha = s_run * 0.0 + 1.0  # s_run stays 0 (finite) in sigmoid mode
+            p = tl.where(mask_p, tl.sigmoid(c), 0.0)
+        for c0 in range(0, C, BLOCK_C):  # acc = acc * alpha + sum_p p l_p   (l tile is cache-hot)
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            lt = tl.load(l_rows[:, None] + offs_c[None, :].to(tl.int64) * sl_c,
+                         mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            contrib = tl.sum(p[:, None] * lt, axis=0)
+            old = tl.load(acc_row + offs_c, mask=mask_c, other=0.0)
+            tl.store(acc_row + offs_c, old * alpha + contrib, mask=mask_c)
+        tl.debug_barrier()
+    tl.store(m_ptr + b64 * nsplit + sp, m_run)
+    tl.store(s_ptr + b64 * nsplit + sp, s_run)
+
+
+@triton.jit
+def grid_combine_kernel(m_ptr, s_ptr, acc_ptr, logit_ptr, a_ptr, pooled_ptr, pooled32_ptr, lse_ptr,
+                        C, HW, nsplit, softmax, inv_hw, sp_b, sp_c,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < nsplit
+    if softmax != 0:
+        ms = tl.load(m_ptr + b * nsplit + offs_s, mask=mask_s, other=float("-inf"))
+        ss = tl.load(s_ptr + b * nsplit + offs_s, mask=mask_s, other=0.0)
+        mx = tl.max(ms, axis=0)
+        wgt = tl.where(mask_s, tl.exp(ms - mx), 0.0)
+        total = tl.sum(ss * wgt, axis=0)
+        lse = mx + tl.log(total)
+        wgt = wgt / total
+    else:
+        lse = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+        wgt = tl.where(mask_s, inv_hw, 0.0)
+    tl.store(lse_ptr + b, lse)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.load(acc_ptr + (b * nsplit + offs_s[:, None]) * C + offs_c[None, :],
+                      mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+        pooled = tl.sum(acc * wgt[:, None], axis=0)
+        tl.store(pooled32_ptr + b * C + offs_c, pooled, mask=mask_c)
+        tl.store(pooled_ptr + b * sp_b + offs_c * sp_c, pooled.to(pooled_ptr.dtype.element_ty), mask=mask_c)
+    for p0 in range(0, HW, BLOCK_HW):
+        offs = p0 + tl.arange(0, BLOCK_HW)
+        mask = offs < HW
+        c = tl.load(logit_ptr + b * HW + offs, mask=mask, other=0.0)
+        if softmax != 0:
+            a = tl.exp(c - lse)
+        else:
+            a = tl.sigmoid(c)
+        tl.store(a_ptr + b * HW + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_from_logit(c, lse, softmax):
+    if softmax != 0:
+        a = tl.exp(c - lse)
+    else:
+        a = tl.sigmoid(c)
+    return a
+
+
+@triton.jit
+def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, da_ptr, dp_ptr,
+                    dl_ptr, dgp_ptr, dc_ptr,
+                    C, A, HW, W, h, w, inv_up, tiles_per_split, softmax, scale,
+                    sl_b, sl_c, sl_h, sl_w, sdl_b, sdl_c, sdl_h, sdl_w, swl_a, swl_c, sphi,
+                    sda_b, sda_h, sda_w, sdp_b, sdp_c,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    offs_a = tl.arange(0, BLOCK_A)
+    phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
+    lse = tl.load(lse_ptr + b64)
+    kb = tl.load(k_ptr + b64)
+    gbase = b64 * h * w * A
+    t_begin, t_end = _split_tiles(sp, HW, tiles_per_split, BLOCK_P)
+    for t in range(t_begin, t_end):
+        pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
+        y64 = y.to(tl.int64)
+        x64 = x.to(tl.int64)
+        l_rows = l_ptr + b64 * sl_b + y64 * sl_h + x64 * sl_w
+        # z = W_l l (+ taps below) and gdot = dpooled . l_p in the same pass over l
+        z, gdot = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
+                             dp_ptr + b64 * sdp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
+        mask2 = mask_p[:, None] & mask_a[None, :]
+        gb = gbase + tl.zeros((BLOCK_P,), dtype=tl.int64)
+        z += _upsampled_gp(gp_ptr, gb, y, x, offs_a, mask2, inv_up, h, w, A)
+        c = tl.load(logit_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
+        a = _attn_from_logit(c, lse, softmax)
+        da = tl.load(da_ptr + b64 * sda_b + y64 * sda_h + x64 * sda_w, mask=mask_p, other=0.0).to(tl.float32)
+        ghat = da + scale * gdot
+        if softmax != 0:
+            dc = a * (ghat - kb)
+        else:
+            dc = ghat * a * (1.0 - a)
+        dc = tl.where(mask_p, dc, 0.0)
+        tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
+        dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
+        _scatter_gp(dgp_ptr, gb, y, x, offs_a, mask2, dz, inv_up, h, w, A)
+        dz_lp = dz.to(l_ptr.dtype.element_ty)
+        dl_rows = dl_ptr + b64 * sdl_b + y64 * sdl_h + x64 * sdl_w
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            wt = tl.load(wl_ptr + offs_a[:, None] * swl_a + offs_c[None, :] * swl_c,
+                         mask=mask_a[:, None] & mask_c[None, :], other=0.0)
+            dp = tl.load(dp_ptr + b64 * sdp_b + offs_c.to(tl.int64) * sdp_c, mask=mask_c, other=0.0)
+            dlt = tl.dot(dz_lp, wt, input_precision=PRECISION)
+            dlt += (scale * a)[:, None] * dp.to(tl.float32)[None, :]
+            tl.store(dl_rows[:, None] + offs_c[None, :].to(tl.int64) * sdl_c, dlt.to(dl_ptr.dtype.element_ty),
+                     mask=mask_p[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi_ptr,
+                           C, A, HW, W, h, w, inv_up, n_pix, tiles_per_split,
+                           sl_b, sl_c, sl_h, sl_w, swl_a, swl_c, sphi,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A2: tl.constexpr,
+                           BLOCK_C2: tl.constexpr, PRECISION: tl.constexpr):
+    pid_a = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_a = pid_a * BLOCK_A2 + tl.arange(0, BLOCK_A2)
+    phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
+    offs_c2 = pid_c * BLOCK_C2 + tl.arange(0, BLOCK_C2)
+    mask_c2 = offs_c2 < C
+    acc = tl.zeros((BLOCK_A2, BLOCK_C2), dtype=tl.float32)
+    dphi = tl.zeros((BLOCK_A2,), dtype=tl.float32)
+    t_begin, t_end = _split_tiles(sp, n_pix, tiles_per_split, BLOCK_P)
+    for t in range(t_begin, t_end):
+        q = tl.arange(0, BLOCK_P).to(tl.int64) + t * BLOCK_P  # flat pixel over B*H*W
+        mask_p = q < n_pix
+        q = tl.where(mask_p, q, 0)
+        bb = q // HW
+        pix = (q - bb * HW).to(tl.int32)
+        y, x = _pixel_coords(pix, W)
+        l_rows = l_ptr + bb * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w
+        z, _ = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
+                          BLOCK_P, BLOCK_C, BLOCK_A2, PRECISION, False)
+        mask2 = mask_p[:, None] & mask_a[None, :]
+        z += _upsampled_gp(gp_ptr + pid_a * BLOCK_A2, bb * h * w * A, y, x, tl.arange(0, BLOCK_A2), mask2,
+                           inv_up, h, w, A)
+        dc = tl.load(dc_ptr + q, mask=mask_p, other=0.0)
+        dphi += tl.sum(dc[:, None] * tl.maximum(z, 0.0), axis=0)
+        dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0).to(l_ptr.dtype.element_ty)
+        lt = tl.load(l_rows[:, None] + offs_c2[None, :].to(tl.int64) * sl_c,
+                     mask=mask_p[:, None] & mask_c2[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dz), lt, acc, input_precision=PRECISION)
+    tl.store(dwl_ptr + (sp.to(tl.int64) * A + offs_a[:, None]) * C + offs_c2[None, :], acc,
+             mask=mask_a[:, None] & mask_c2[None, :])
+    if pid_c == 0:
+        tl.store(dphi_ptr + sp.to(tl.int64) * A + offs_a, dphi, mask=mask_a)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch heuristics and launchers
+# ----------------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def precision_for(dtype: torch.dtype) -> str:
+    """fp32 dots: IEEE unless PyTorch allows TF32 for convolutions (what the eager 1x1 convs use)."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and torch.cuda.is_available():
+        return "tf32"
+    return "ieee"
+
+
+def main_blocks(A: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the forward and backward main kernels: a function of A and the dtype."""
+    block_a = max(16, _next_pow2(A))
+    if block_a > MAX_ATTN_FEATURES:
+        raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
+                         f"got {A}")
+    block_p = 64 if block_a <= 64 else (32 if block_a <= 256 else 16)
+    block_c = 32 if (dtype == torch.float32 or block_a >= 256) else 64
+    num_warps = 4 if block_a <= 128 else 8
+    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps}
+
+
+def weight_blocks(C: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program."""
+    block_c2 = min(256 if dtype != torch.float32 else 128, max(16, _next_pow2(C)))
+    return {"BLOCK_P": 64, "BLOCK_C": 32, "BLOCK_A2": BLOCK_A2, "BLOCK_C2": block_c2,
+            "num_warps": 8 if block_c2 >= 128 else 4}
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: a few splits so the split/combine path is exercised
+
+
+def _splits(n_tiles: int, n_outer: int, device: torch.device, max_splits: int | None = None):
+    """(nsplit, tiles_per_split) so that n_outer * nsplit programs roughly fill the device."""
+    want = max(1, -(-_target_programs(device) // max(1, n_outer)))
+    if max_splits is not None:
+        want = min(want, max_splits)
+    want = max(1, min(want, n_tiles))
+    per = -(-n_tiles // want)
+    return -(-n_tiles // per), per
+
+
+def _w2d(wt: torch.Tensor) -> torch.Tensor:
+    """(out, in, 1, 1) conv weight -> (out, in) view (strides kept)."""
+    return wt[:, :, 0, 0] if wt.dim() == 4 else wt
+
+
+def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
+                       a, pooled, logits, lse, pooled32):
+    """Run the forward. ``gp``: (B, h, w, A) fp32 contiguous. Writes a (B,1,H,W) contiguous,
+    pooled (B, C) any strides, logits (B, H*W) fp32, lse (B,) fp32, pooled32 (B, C) fp32."""
+    B, C, H, W = l.shape
+    h, w = gp.shape[1], gp.shape[2]
+    A = gp.shape[3]
+    HW = H * W
+    wl = _w2d(w_l)
+    phi = _w2d(phi_w)[0]
+    cfg = main_blocks(A, l.dtype)
+    nsplit, per = _splits(triton.cdiv(HW, cfg["BLOCK_P"]), B, l.device, BLOCK_S)
+    m = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    acc = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
+    grid_fwd_kernel[(B, nsplit)](
+        l, gp, wl, phi, phi_b, logits, m, s, acc,
+        C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit, int(softmax),
+        *l.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"],
+        PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
+    grid_combine_kernel[(B,)](
+        m, s, acc, logits, a, pooled, pooled32, lse, C, HW, nsplit, int(softmax), 1.0 / HW,
+        pooled.stride(0), pooled.stride(1),
+        BLOCK_S=BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, BLOCK_HW=COMBINE_BLOCK_HW, num_warps=4)
+
+
+def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_factor: int, softmax: bool,
+                       dl, dgp, dc):
+    """Main backward: writes dl (strided like ``dl``), dc (B, H*W) fp32 and accumulates into
+    ``dgp`` (B, h, w, A) fp32, which must be zero on entry. ``da``: (B, 1, H, W) any strides
+    (stride 0 ok); ``dpooled``: (B, C) any strides; ``kvec``: (B,) fp32 = sum_q a_q ghat_q."""
+    B, C, H, W = l.shape
+    h, w, A = gp.shape[1], gp.shape[2], gp.shape[3]
+    HW = H * W
+    wl = _w2d(w_l)
+    phi = _w2d(phi_w)[0]
+    cfg = main_blocks(A, l.dtype)
+    nsplit, per = _splits(triton.cdiv(HW, cfg["BLOCK_P"]), B, l.device)
+    scale = 1.0 if softmax else 1.0 / HW
+    grid_bwd_kernel[(B, nsplit)](
+        l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, dgp, dc,
+        C, A, HW, W, h, w, 1.0 / up_factor, per, int(softmax), scale,
+        *l.stride(), *dl.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
+        da.stride(0), da.stride(2), da.stride(3), dpooled.stride(0), dpooled.stride(1),
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"],
+        PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
+
+
+def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
+    """dW_l (A, C) and dphi (A,) in fp32 from the per-pixel ``dc`` (B, H*W) fp32."""
+    B, C, H, W = l.shape
+    h, w, A = gp.shape[1], gp.shape[2], gp.shape[3]
+    HW = H * W
+    wl = _w2d(w_l)
+    phi = _w2d(phi_w)[0]
+    cfg = weight_blocks(C, l.dtype)
+    n_a, n_c = triton.cdiv(A, cfg["BLOCK_A2"]), triton.cdiv(C, cfg["BLOCK_C2"])
+    n_pix = B * HW
+    nsplit, per = _splits(triton.cdiv(n_pix, cfg["BLOCK_P"]), n_a * n_c, l.device)
+    dwl = torch.empty((nsplit, A, C), device=l.device, dtype=torch.float32)
+    dphi = torch.empty((nsplit, A), device=l.device, dtype=torch.float32)
+    grid_bwd_weight_kernel[(n_a, n_c, nsplit)](
+        l, gp, wl, phi, dc, dwl, dphi,
+        C, A, HW, W, h, w, 1.0 / up_factor, n_pix, per,
+        *l.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A2=cfg["BLOCK_A2"], BLOCK_C2=cfg["BLOCK_C2"],
+        PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
+    return dwl.sum(0), dphi.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# every configuration the launchers above can pick
+# ----------------------------------------------------------------------------------------------
+def _precisions(dtype):
+    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+
+
+def aot_configs() -> list:
+    configs = []
+    for dtype, dt in DTYPES.items():
+        for prec in _precisions(dtype):
+            tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
+            for block_a in (16, 32, 64, 128, 256, 512):
+                cfg = main_blocks(block_a, dtype)
+                cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
+                      "PRECISION": prec}
+                blk = f"P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}"
+                configs.append(KernelConfig(
+                    name=f"grid_attention.fwd[{tag},{blk}]", kernel=grid_fwd_kernel,
+                    signature=signature(grid_fwd_kernel,
+                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
+                                              "bias_ptr": dt, "logit_ptr": "fp32", "m_ptr": "fp32",
+                                              "s_ptr": "fp32", "acc_ptr": "fp32"},
+                                        scalars={"inv_up": "fp32"}, constexprs=cx),
+                    constexprs=cx, num_warps=cfg["num_warps"]))
+                configs.append(KernelConfig(
+                    name=f"grid_attention.bwd[{tag},{blk}]", kernel=grid_bwd_kernel,
+                    signature=signature(grid_bwd_kernel,
+                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
+                                              "logit_ptr": "fp32", "lse_ptr": "fp32", "k_ptr": "fp32",
+                                              "da_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dgp_ptr": "fp32",
+                                              "dc_ptr": "fp32"},
+                                        scalars={"inv_up": "fp32", "scale": "fp32"}, constexprs=cx),
+                    constexprs=cx, num_warps=cfg["num_warps"]))
+            for c in (16, 32, 64, 128, 256):
+                cfg = weight_blocks(c, dtype)
+                if cfg["BLOCK_C2"] != c:
+                    continue
+                cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A2": cfg["BLOCK_A2"],
+                      "BLOCK_C2": cfg["BLOCK_C2"], "PRECISION": prec}
+                configs.append(KernelConfig(
+                    name=f"grid_attention.bwd_weight[{tag},A2={cfg['BLOCK_A2']},C2={c}]",
+                    kernel=grid_bwd_weight_kernel,
+                    signature=signature(grid_bwd_weight_kernel,
+                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
+                                              "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
+                                        scalars={"inv_up": "fp32", "n_pix": "i64"}, constexprs=cx),
+                    constexprs=cx, num_warps=cfg["num_warps"]))
+        cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C, "BLOCK_HW": COMBINE_BLOCK_HW}
+        configs.append(KernelConfig(
+            name=f"grid_attention.combine[{dt}]", kernel=grid_combine_kernel,
+            signature=signature(grid_combine_kernel,
+                                ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "logit_ptr": "fp32",
+                                      "a_ptr": dt, "pooled_ptr": dt, "pooled32_ptr": "fp32", "lse_ptr": "fp32"},
+                                scalars={"inv_hw": "fp32"}, constexprs=cx),
+            constexprs=cx, num_warps=4))
+    return configs
