@@ -1,0 +1,237 @@
+"""``attnfast::self_attention``: exact SAGAN self-attention without the N x N matrix.
+
+``out = gamma * (v softmax(scale * q^T k)^T) + x`` on the 1x1-conv outputs in their NCHW layout:
+
+- ``q``: (B, D, NQ), ``k``: (B, D, NK), ``v``: (B, DV, NK), ``x``: (B, DV, NQ) (N = H*W; NK may
+  differ from NQ, e.g. 2x2 max-pooled keys and values). ``x``/``gamma`` may both be None: then
+  the op returns the attention output ``o`` itself (for a value conv followed by an output conv).
+- ``scale`` multiplies the logits (SAGAN: 1, no 1/sqrt(d)).
+
+Paths (``attnfast._dispatch.use_triton``):
+
+- Triton (CUDA, or ``ATTNFAST_BACKEND=triton`` with the interpreter): flash-style kernels in
+  ``attnfast.kernels.self_attention``; float64 inputs and query/key dims above
+  ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead.
+- PyTorch (CPU): queries in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory is
+  O(chunk * NK + N * C) forward and backward.
+
+Both save only q, k, v, the attention output ``o`` (when there is a residual) and
+``lse = logsumexp`` per query (fp32) for the backward, which recomputes the probabilities. The
+backward is its own custom op (``attnfast::self_attention_backward``), dispatched the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import _alloc
+from .._checks import check_tensor
+from .._dispatch import use_triton
+
+# Score-matrix elements per chunk of the PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB, and
+# the backward holds two such blocks. ATTNFAST_SA_CHUNK_ELEMS overrides it.
+CHUNK_ELEMS = 1 << 22
+
+
+def chunk_rows(b: int, nq: int, nk: int) -> int:
+    """Query rows per chunk of the PyTorch path: B * rows * NK <= CHUNK_ELEMS (at least 1 row)."""
+    budget = int(os.environ.get("ATTNFAST_SA_CHUNK_ELEMS", CHUNK_ELEMS))
+    return max(1, min(nq, budget // max(1, b * nk)))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _triton_ok(q: torch.Tensor, *tensors) -> bool:
+    if not use_triton(q, *tensors):
+        return False
+    from ..kernels import self_attention as K
+
+    return q.dtype in K.DTYPES and K.supported(q.shape[1])
+
+
+def _check(q, k, v, x, gamma) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=3)
+    if (x is None) != (gamma is None):
+        raise ValueError("x and gamma must be given together (residual out = gamma * o + x) or both be None")
+    named = {"q": q, "k": k, "v": v}
+    if x is not None:
+        check_tensor(x, "x", ndim=3)
+        check_tensor(gamma, "gamma")
+        named["x"] = x
+        if gamma.numel() != 1:
+            raise ValueError(f"gamma must have exactly one element; got shape {tuple(gamma.shape)}")
+        if gamma.device != q.device:
+            raise ValueError(f"gamma is on {gamma.device} but q is on {q.device}")
+    for name, t in named.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v and x must share a dtype")
+    b, d, nq = q.shape
+    if k.shape[0] != b or k.shape[1] != d:
+        raise ValueError(f"k must be (B={b}, D={d}, NK) like q's (B, D, NQ); got k {tuple(k.shape)}")
+    if v.shape[0] != b or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must be (B={b}, DV, NK={k.shape[2]}) to match k; got v {tuple(v.shape)}")
+    if x is not None and tuple(x.shape) != (b, v.shape[1], nq):
+        raise ValueError(f"x must be (B, DV, NQ) = {(b, v.shape[1], nq)}; got {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+
+def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
+    ct = _compute_dtype(q)
+    b, _, nq = q.shape
+    nk = k.shape[2]
+    kf, vf = k.to(ct), v.to(ct)
+    g = gamma.to(ct).reshape(()) if gamma is not None else None
+    rows = chunk_rows(b, nq, nk)
+    for i0 in range(0, nq, rows):
+        i1 = min(nq, i0 + rows)
+        s = torch.bmm(q[:, :, i0:i1].to(ct).transpose(1, 2), kf)  # (B, m, NK)
+        if scale != 1.0:
+            s.mul_(scale)
+        mx = s.amax(-1, keepdim=True)
+        p = s.sub_(mx).exp_()
+        l = p.sum(-1)  # (B, m)
+        oc = torch.bmm(vf, p.transpose(1, 2)).div_(l.unsqueeze(1))  # (B, DV, m)
+        lse[:, i0:i1].copy_(mx.squeeze(-1) + l.log())
+        if x is None:
+            out[:, :, i0:i1].copy_(oc)
+        else:
+            if o is not None:
+                o[:, :, i0:i1].copy_(oc)
+            out[:, :, i0:i1].copy_(torch.addcmul(x[:, :, i0:i1].to(ct), oc, g))
+    return out, o, lse
+
+
+def _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r):
+    ct = _compute_dtype(q)
+    b, d, nq = q.shape
+    nk = k.shape[2]
+    kf, vf = k.to(ct), v.to(ct)
+    dk_acc = torch.zeros(b, d, nk, dtype=ct, device=q.device)
+    dv_acc = torch.zeros(b, v.shape[1], nk, dtype=ct, device=q.device)
+    g = gamma.to(ct).reshape(()) if gamma is not None else torch.ones((), dtype=ct, device=q.device)
+    rows = chunk_rows(b, nq, nk)
+    for i0 in range(0, nq, rows):
+        i1 = min(nq, i0 + rows)
+        qc = q[:, :, i0:i1].to(ct)  # (B, D, m)
+        gc = grad[:, :, i0:i1].to(ct)  # (B, DV, m)
+        rc = (gc * o[:, :, i0:i1].to(ct)).sum(1)  # (B, m)
+        r[:, i0:i1].copy_(rc)
+        s = torch.bmm(qc.transpose(1, 2), kf)  # (B, m, NK)
+        if scale != 1.0:
+            s.mul_(scale)
+        p = s.sub_(lse[:, i0:i1].to(ct).unsqueeze(-1)).exp_()
+        dv_acc.baddbmm_(gc, p)
+        ds = torch.bmm(gc.transpose(1, 2), vf).sub_(rc.unsqueeze(-1)).mul_(p)  # (B, m, NK), no gamma*scale
+        dq[:, :, i0:i1].copy_(torch.bmm(kf, ds.transpose(1, 2)).mul_(g * scale))
+        dk_acc.baddbmm_(qc, ds)
+    dk.copy_(dk_acc.mul_(g * scale))
+    dv.copy_(dv_acc.mul_(g))
+    return dq, dk, dv, r
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _out_buffers(q, v, x, need_o):
+    b, _, nq = q.shape
+    if x is not None:
+        out = _alloc.empty_like(x)
+        o = _alloc.empty_like(out) if need_o else out.new_empty((0,))
+    else:
+        out = _alloc.empty((b, v.shape[1], nq), dtype=q.dtype, device=q.device)
+        o = out.new_empty((0,))
+    lse = _alloc.empty((b, nq), dtype=torch.float32, device=q.device)
+    return out, o, lse
+
+
+@torch.library.custom_op("attnfast::self_attention", mutates_args=())
+def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Optional[torch.Tensor],
+                      gamma: Optional[torch.Tensor], scale: float, need_o: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, o, lse)``: ``o`` (the attention output, saved for backward) is empty unless
+    there is a residual and ``need_o``; without a residual ``out`` is ``o``."""
+    out, o, lse = _out_buffers(q, v, x, need_o)
+    o_arg = o if (x is not None and need_o) else None
+    if _triton_ok(q, k, v):
+        from ..kernels.self_attention import attention_fwd
+
+        attention_fwd(q, k, v, x, gamma, scale, out, o_arg, lse)
+    else:
+        _fwd_torch(q, k, v, x, gamma, scale, out, o_arg, lse)
+    return out, o, lse
+
+
+@self_attention_op.register_fake
+def _(q, k, v, x, gamma, scale, need_o):
+    b, _, nq = q.shape
+    out = torch.empty_like(x) if x is not None else q.new_empty((b, v.shape[1], nq))
+    o = torch.empty_like(out) if (x is not None and need_o) else q.new_empty((0,))
+    return out, o, q.new_empty((b, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnfast::self_attention_backward", mutates_args=())
+def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               o: torch.Tensor, lse: torch.Tensor, gamma: Optional[torch.Tensor],
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dgamma)`` given d(loss)/d(out); ``o`` is the attention output (``out`` when
+    there is no residual). ``dgamma`` is empty when ``gamma`` is None."""
+    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
+    r = _alloc.empty(lse.shape, dtype=torch.float32, device=q.device)
+    if _triton_ok(q, k, v):
+        from ..kernels.self_attention import attention_bwd
+
+        attention_bwd(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
+    else:
+        _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
+    if gamma is None:
+        dgamma = q.new_empty((0,))
+    else:
+        dgamma = r.sum(dtype=_compute_dtype(q)).to(gamma.dtype).reshape(gamma.shape)
+    return dq, dk, dv, dgamma
+
+
+@self_attention_backward_op.register_fake
+def _(grad, q, k, v, o, lse, gamma, scale):
+    dgamma = torch.empty_like(gamma) if gamma is not None else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgamma
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, x, gamma, scale, need_o = inputs
+    out, o, lse = output
+    ctx.residual = x is not None
+    ctx.need_o = need_o
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, o if ctx.residual else out, lse, gamma)
+
+
+def _backward(ctx, grad_out, grad_o, grad_lse):
+    if ctx.residual and not ctx.need_o:
+        raise RuntimeError("attnfast::self_attention was called with need_o=False, so its backward cannot run; "
+                           "call it with need_o=True (attnfast.ops.self_attention does when grad is enabled)")
+    q, k, v, o, lse, gamma = ctx.saved_tensors
+    dq, dk, dv, dgamma = self_attention_backward_op(grad_out, q, k, v, o, lse, gamma, ctx.scale)
+    if not ctx.residual:
+        return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, grad_out, dgamma, None, None
+
+
+self_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Optional[torch.Tensor] = None,
+                   gamma: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """``gamma * (v softmax(scale q^T k)^T) + x`` (or the attention output alone when x and gamma are
+    None), shape (B, DV, NQ); validates its inputs. See the module docstring for shapes."""
+    _check(q, k, v, x, gamma)
+    tensors = [t for t in (q, k, v, x, gamma) if t is not None]
+    need_o = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, _, _ = self_attention_op(q, k, v, x, gamma, float(scale), need_o)
+    return out

@@ -1,0 +1,344 @@
+"""Flash-style SAGAN self-attention: forward and backward Triton kernels.
+
+Shapes (one "batch" index b may also be batch*heads):
+
+- ``q``: (B, D, NQ), ``k``: (B, D, NK), ``v``: (B, DV, NK): the 1x1-conv outputs in their NCHW
+  layout, read through strides (no transposed copies); D (= C/8 in SAGAN) and DV (= C) are
+  arbitrary: tiles are padded to powers of two >= 16 and masked.
+- ``S = scale * q^T k`` (B, NQ, NK), ``P = softmax(S)`` over keys, ``o = v P^T`` (B, DV, NQ).
+- With a residual: ``out = gamma * o + x`` is written by the same kernel (``x``: (B, DV, NQ)).
+
+The forward keeps an online softmax in fp32 (base 2) and saves ``lse = logsumexp(S)`` (natural
+log, fp32, (B, NQ)) for the backward, which recomputes ``P`` blockwise (flash-attention-2):
+
+- ``_bwd_rowsum_kernel``: ``r = rowsum(dout * o)`` (fp32). With ``dO = gamma * dout``:
+  ``delta = gamma * r`` and ``dgamma = sum(r)``.
+- ``_bwd_dkdv_kernel``: one program per key block, looping over query blocks: ``dV`` and ``dK``.
+- ``_bwd_dq_kernel``: one program per query block, looping over key blocks: ``dQ``.
+
+``gamma`` is folded in at the end (``dV = gamma * P^T dout`` etc.), so ``gamma * dout`` is never
+formed. Value channels beyond ``BLOCK_DV`` are split over the grid's third axis; every such
+program recomputes the scores (the value dim is a loop in the ``dP = dout^T v`` contraction).
+The query/key dim is one padded tile (``BLOCK_D`` <= ``MAX_D``); larger D is the caller's
+business (``attnfast.ops.self_attention`` uses its chunked PyTorch path there).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelConfig, signature
+
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+BLOCK_DS = (16, 32, 64, 128)  # padded query/key dims
+BLOCK_DVS = (16, 32, 64, 128)  # padded value-channel tile (more channels: grid split)
+MAX_D = BLOCK_DS[-1]
+MAX_DV = BLOCK_DVS[-1]
+BLOCK_M = 64  # forward / dQ / rowsum: query tile
+BLOCK_N = 64  # forward / dQ: key tile; dK/dV: key tile
+BLOCK_M_DKDV = 32  # dK/dV: query tile of the inner loop (keeps the dV accumulator free of spills)
+NUM_WARPS = 4
+NUM_STAGES = 2
+LOG2E = 1.4426950408889634
+
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def block_dv(dv: int) -> int:
+    return min(MAX_DV, max(16, triton.next_power_of_2(dv)))
+
+
+def supported(d: int) -> bool:
+    """Whether the kernels take this query/key dim (one padded tile)."""
+    return d <= MAX_D
+
+
+@triton.jit
+def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, other):
+    """Load a (len(offs_r), len(offs_c)) tile ``ptr[r * s_r + c * s_c]`` masked to (n_r, n_c)."""
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    return tl.load(ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c, mask=mask, other=other)
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
+                scale, NQ, NK, D, DV,
+                sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sxb, sxc, sxn,
+                sob, soc, son, slb, residual, store_o,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q_ptr += b * sqb
+    k_ptr += b * skb
+    v_ptr += b * svb
+    qk_scale = scale * 1.4426950408889634  # work in base 2
+    q = _load_tile(q_ptr, offs_m, offs_d, sqn, sqd, NQ, D, 0.0)  # (M, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = _load_tile(k_ptr, offs_d, offs_n, skd, skn, D, NK, 0.0)  # (D, N)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < DV)
+    o_offs = b * sob + offs_m[:, None] * son + offs_c[None, :] * soc
+    if residual != 0:
+        g = tl.load(gamma_ptr).to(tl.float32)
+        x = tl.load(x_ptr + b * sxb + offs_m[:, None] * sxn + offs_c[None, :] * sxc, mask=mask,
+                    other=0.0).to(tl.float32)
+        tl.store(out_ptr + o_offs, (g * o + x).to(out_ptr.dtype.element_ty), mask=mask)
+        if store_o != 0:
+            tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=mask)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    if pid_c == 0:
+        tl.store(lse_ptr + b * slb + offs_m, lse, mask=offs_m < NQ)
+
+
+@triton.jit
+def _bwd_rowsum_kernel(g_ptr, o_ptr, r_ptr, NQ, DV, sgb, sgc, sgn, sob, soc, son, srb,
+                       BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c0 = tl.arange(0, BLOCK_DV)
+    r = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, DV, BLOCK_DV):
+        offs_c = c0 + offs_c0
+        g = _load_tile(g_ptr + b * sgb, offs_m, offs_c, sgn, sgc, NQ, DV, 0.0).to(tl.float32)
+        o = _load_tile(o_ptr + b * sob, offs_m, offs_c, son, soc, NQ, DV, 0.0).to(tl.float32)
+        r += tl.sum(g * o, 1)
+    tl.store(r_ptr + b * srb + offs_m, r, mask=offs_m < NQ)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr, dv_ptr,
+                     scale, NQ, NK, D, DV,
+                     sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sgb, sgc, sgn, slb,
+                     sdkb, sdkd, sdkn, sdvb, sdvc, sdvn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, ONE_DV: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c0 = tl.arange(0, BLOCK_DV)
+    offs_c = pid_c * BLOCK_DV + offs_c0
+    offs_m0 = tl.arange(0, BLOCK_M)
+    q_ptr += b * sqb
+    g_ptr += b * sgb
+    v_ptr += b * svb
+    lse_ptr += b * slb
+    r_ptr += b * slb
+    qk_scale = scale * 1.4426950408889634
+    k = _load_tile(k_ptr + b * skb, offs_n, offs_d, skn, skd, NK, D, 0.0)  # (N, D)
+    v = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV) own channel tile
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + offs_m0
+        qt = _load_tile(q_ptr, offs_d, offs_m, sqd, sqn, D, NQ, 0.0)  # (D, M)
+        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (N, M)
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where((offs_m[None, :] < NQ) & (offs_n[:, None] < NK), pt, 0.0)
+        gt = _load_tile(g_ptr, offs_c, offs_m, sgc, sgn, DV, NQ, 0.0)  # (DV, M) dout
+        dv += tl.dot(pt.to(gt.dtype), tl.trans(gt), input_precision=PREC)
+        if ONE_DV:
+            dpt = tl.dot(v, gt, input_precision=PREC)  # (N, M)
+        else:
+            dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for c0 in range(0, DV, BLOCK_DV):
+                vc = _load_tile(v_ptr, offs_n, c0 + offs_c0, svn, svc, NK, DV, 0.0)
+                gc = _load_tile(g_ptr, c0 + offs_c0, offs_m, sgc, sgn, DV, NQ, 0.0)
+                dpt += tl.dot(vc, gc, input_precision=PREC)
+        r = tl.load(r_ptr + offs_m, mask=offs_m < NQ, other=0.0)
+        dst = pt * (dpt - r[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+    gm = tl.load(gamma_ptr).to(tl.float32)
+    dv_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < DV)
+    tl.store(dv_ptr + b * sdvb + offs_n[:, None] * sdvn + offs_c[None, :] * sdvc,
+             (dv * gm).to(dv_ptr.dtype.element_ty), mask=dv_mask)
+    if pid_c == 0:
+        dk_mask = (offs_n[:, None] < NK) & (offs_d[None, :] < D)
+        tl.store(dk_ptr + b * sdkb + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+                 (dk * (gm * scale)).to(dk_ptr.dtype.element_ty), mask=dk_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr,
+                   scale, NQ, NK, D, DV,
+                   sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sgb, sgc, sgn, slb,
+                   sdqb, sdqd, sdqn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, ONE_DV: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c0 = tl.arange(0, BLOCK_DV)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_ptr += b * skb
+    v_ptr += b * svb
+    g_ptr += b * sgb
+    qk_scale = scale * 1.4426950408889634
+    q = _load_tile(q_ptr + b * sqb, offs_m, offs_d, sqn, sqd, NQ, D, 0.0)  # (M, D)
+    lse2 = tl.load(lse_ptr + b * slb + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
+    r = tl.load(r_ptr + b * slb + offs_m, mask=offs_m < NQ, other=0.0)
+    if ONE_DV:
+        g = _load_tile(g_ptr, offs_m, offs_c0, sgn, sgc, NQ, DV, 0.0)  # (M, DV) dout
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = _load_tile(k_ptr, offs_d, offs_n, skd, skn, D, NK, 0.0)  # (D, N)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where((offs_n[None, :] < NK) & (offs_m[:, None] < NQ), p, 0.0)
+        if ONE_DV:
+            vt = _load_tile(v_ptr, offs_c0, offs_n, svc, svn, DV, NK, 0.0)  # (DV, N)
+            dp = tl.dot(g, vt, input_precision=PREC)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for c0 in range(0, DV, BLOCK_DV):
+                gc = _load_tile(g_ptr, offs_m, c0 + offs_c0, sgn, sgc, NQ, DV, 0.0)
+                vc = _load_tile(v_ptr, c0 + offs_c0, offs_n, svc, svn, DV, NK, 0.0)
+                dp += tl.dot(gc, vc, input_precision=PREC)
+        ds = p * (dp - r[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    gm = tl.load(gamma_ptr).to(tl.float32)
+    mask = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
+    tl.store(dq_ptr + b * sdqb + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+             (dq * (gm * scale)).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+def _prec(dtype) -> str:
+    # fp32 inputs: full-precision dots (no TF32), like eager fp32 bmm.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def blocks(d: int, dv: int) -> tuple:
+    """(BLOCK_D, BLOCK_DV, ONE_DV) the launchers use for these dims (see ``aot_configs``)."""
+    bd = block_d(d)
+    bdv = max(block_dv(dv), bd)
+    return bd, bdv, dv <= bdv
+
+
+def num_warps(bd: int, bdv: int) -> int:
+    return 8 if bdv >= 128 or bd >= 64 else 4
+
+
+def _batch3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _gamma32(gamma, like):
+    if gamma is None:
+        return torch.ones(1, device=like.device, dtype=torch.float32)
+    return gamma.reshape(1).to(torch.float32)
+
+
+def attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
+    """Write the attention (and, with ``x``, ``gamma * o + x``) into the preallocated buffers.
+
+    ``out``: (B, DV, NQ); ``o``: same strides as ``out`` or None (not stored); ``lse``: (B, NQ)
+    fp32. ``x``/``gamma`` None: no residual, ``out`` receives ``o``.
+    """
+    B, D, NQ = q.shape
+    NK, DV = k.shape[2], v.shape[1]
+    if B == 0 or NQ == 0:
+        return out, o, lse
+    residual = x is not None
+    store_o = residual and o is not None
+    bd, bdv, _ = blocks(D, DV)
+    grid = (triton.cdiv(NQ, BLOCK_M), B, triton.cdiv(DV, bdv))
+    xs = _batch3(x) if residual else (0, 0, 0)
+    _fwd_kernel[grid](
+        q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else out, lse,
+        float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
+        lse.stride(0), int(residual), int(store_o), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=bd,
+        BLOCK_DV=bdv, PREC=_prec(q.dtype), num_warps=num_warps(bd, bdv), num_stages=NUM_STAGES)
+    return out, o, lse
+
+
+def attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
+    """Write dq, dk, dv and ``r = rowsum(grad * o)`` ((B, NQ) fp32, contiguous like ``lse``).
+
+    ``grad`` is d(loss)/d(out); with ``gamma`` the attention's own gradient is ``gamma * grad``
+    (None: gamma = 1, no residual).
+    """
+    B, D, NQ = q.shape
+    NK, DV = k.shape[2], v.shape[1]
+    if B == 0:
+        return dq, dk, dv, r
+    bd, bdv, one_dv = blocks(D, DV)
+    g32 = _gamma32(gamma, q)
+    common = dict(BLOCK_N=BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv,
+                  PREC=_prec(q.dtype), num_warps=num_warps(bd, bdv), num_stages=NUM_STAGES)
+    if NQ:
+        _bwd_rowsum_kernel[(triton.cdiv(NQ, BLOCK_M), B)](
+            grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
+            BLOCK_M=BLOCK_M, BLOCK_DV=bdv, num_warps=NUM_WARPS)
+    if NK:
+        _bwd_dkdv_kernel[(triton.cdiv(NK, BLOCK_N), B, triton.cdiv(DV, bdv))](
+            q, k, v, grad, lse, r, g32, dk, dv, float(scale), NQ, NK, D, DV,
+            *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
+            *_batch3(dk), *_batch3(dv), BLOCK_M=BLOCK_M_DKDV, **common)
+    if NQ:
+        _bwd_dq_kernel[(triton.cdiv(NQ, BLOCK_M), B)](
+            q, k, v, grad, lse, r, g32, dq, float(scale), NQ, NK, D, DV,
+            *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
+            *_batch3(dq), BLOCK_M=BLOCK_M, **common)
+    return dq, dk, dv, r
+
+
+def aot_configs() -> list:
+    """Every configuration the launchers can pick: dtype x ``blocks(d, dv)`` (BLOCK_DV >= BLOCK_D)."""
+    configs = []
+
+    def add(name, kernel, ptrs, ce, scalars=None):
+        warps = num_warps(ce.get("BLOCK_D", 16), ce["BLOCK_DV"]) if "BLOCK_N" in ce else NUM_WARPS
+        configs.append(KernelConfig(
+            name=name, kernel=kernel, constexprs=ce, num_warps=warps, num_stages=NUM_STAGES,
+            signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=ce)))
+
+    for dt in DTYPES.values():
+        prec = "ieee" if dt == "fp32" else "tf32"
+        for bdv in BLOCK_DVS:
+            add(f"self_attention.bwd_rowsum[{dt},DV={bdv}]", _bwd_rowsum_kernel,
+                {"g_ptr": dt, "o_ptr": dt, "r_ptr": "fp32"}, {"BLOCK_M": BLOCK_M, "BLOCK_DV": bdv})
+            for bd in (b for b in BLOCK_DS if b <= bdv):
+                ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
+                ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr", "o_ptr")}
+                ptrs.update(gamma_ptr="fp32", lse_ptr="fp32")
+                add(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, {"scale": "fp32"})
+                for one_dv in ((True, False) if bdv == MAX_DV else (True,)):
+                    ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv,
+                          "ONE_DV": one_dv, "PREC": prec}
+                    tag = f"{dt},D={bd},DV={bdv},one_dv={int(one_dv)}"
+                    common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
+                    common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")
+                    add(f"self_attention.bwd_dkdv[{tag}]", _bwd_dkdv_kernel,
+                        dict(common, dk_ptr=dt, dv_ptr=dt), dict(ce, BLOCK_M=BLOCK_M_DKDV), {"scale": "fp32"})
+                    add(f"self_attention.bwd_dq[{tag}]", _bwd_dq_kernel, dict(common, dq_ptr=dt), ce,
+                        {"scale": "fp32"})
+    return configs
