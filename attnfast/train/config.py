@@ -1,0 +1,87 @@
+"""Training configuration: the seeds' choices as defaults, plus the main job's CPU-sized defaults."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+MODELS = ("attnvgg", "ran56", "ran92", "sagan_resnet")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+
+# The main job (``attnfast train`` with no arguments): synthetic lesions, AttnVGG at a quarter width,
+# 64 px, sized to finish in a few minutes on 2 CPU cores.
+SYNTHETIC_DEFAULTS = {"image_size": 64, "width_mult": 0.25, "epochs": 6, "batch_size": 32}
+REAL_DEFAULTS = {"image_size": 224, "width_mult": 1.0, "epochs": 2, "batch_size": 100}
+
+
+class ConfigError(Exception):
+    """An invalid combination of options (one line, printed by the CLI as ``error: ...``)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = "synthetic"
+    model: str = "attnvgg"
+    image_size: int | None = None  # None: 64 on synthetic data, 224 (the seed's) otherwise
+    epochs: int | None = None
+    batch_size: int | None = None
+    out: str | None = None  # None: runs/<model>-<data>-<timestamp>
+    attention: str = "fused"
+    amp: str = "auto"  # auto: bf16 on a GPU that supports it, off on CPU
+    compile: bool = False
+    resume: bool = False
+    optimizer: str = "adam"  # the seed's Adam, lr 1e-4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "none"
+    seed: int = 0
+    workers: int | None = None  # None: 0 on CPU, 4 on GPU
+    width_mult: float | None = None
+    pretrained: bool = False
+    dropout: float | None = None
+    normalize_attn: bool = True
+    max_benign: int = 6000  # melanoma: keep at most this many benign images (the seed's balancing); 0 = all
+    val_fraction: float = 0.2
+    split_seed: int = 1234
+    synthetic_n: int = 2400
+    synthetic_size: int = 128
+    overlay_count: int = 8
+    progress: bool = True
+    device: str = "auto"
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every ``None`` default filled in, validated."""
+        c = dataclasses.replace(self)
+        base = SYNTHETIC_DEFAULTS if c.data.startswith("synthetic") else REAL_DEFAULTS
+        for key, value in base.items():
+            if getattr(c, key) is None:
+                setattr(c, key, value)
+        if c.out is None:
+            tag = c.data.split(":")[0]
+            c.out = os.path.join("runs", f"{c.model}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        need(self.attention in ("fused", "reference"), f"--attention must be fused or reference; got {self.attention!r}")
+        need(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        need(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+        need(self.epochs >= 1, f"--epochs must be at least 1; got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}")
+        need(self.lr > 0, f"--lr must be positive; got {self.lr}")
+        need(0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1); got {self.val_fraction}")
+        low = 64 if self.model.startswith("ran") else 32
+        need(self.image_size >= low and self.image_size % 32 == 0,
+             f"--image-size must be a multiple of 32 and at least {low} for {self.model} "
+             f"(five 2x downsamplings); got {self.image_size}")
+        need(self.width_mult > 0, f"--width-mult must be positive; got {self.width_mult}")
+        need(not (self.pretrained and self.width_mult != 1.0), "--pretrained needs --width-mult 1.0")
