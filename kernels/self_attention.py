@@ -67,7 +67,7 @@ def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, other):
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
                 scale, NQ, NK, D, DV,
                 sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sxb, sxc, sxn,
-                sob, soc, son, slb, residual, store_o,
+                sob, soc, son, sOb, sOc, sOn, slb, residual, store_o,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -99,16 +99,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
         m_i = m_new
     o = acc / l_i[:, None]
     mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < DV)
-    o_offs = b * sob + offs_m[:, None] * son + offs_c[None, :] * soc
+    res = o
     if residual != 0:
         g = tl.load(gamma_ptr).to(tl.float32)
         x = tl.load(x_ptr + b * sxb + offs_m[:, None] * sxn + offs_c[None, :] * sxc, mask=mask,
                     other=0.0).to(tl.float32)
-        tl.store(out_ptr + o_offs, (g * o + x).to(out_ptr.dtype.element_ty), mask=mask)
-        if store_o != 0:
-            tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + o_offs, o.to(out_ptr.dtype.element_ty), mask=mask)
+        res = g * o + x
+    tl.store(out_ptr + b * sob + offs_m[:, None] * son + offs_c[None, :] * soc,
+             res.to(out_ptr.dtype.element_ty), mask=mask)
+    if store_o != 0:  # fp32 copy of the attention output, for the backward's rowsum(dO * o)
+        tl.store(o_ptr + b * sOb + offs_m[:, None] * sOn + offs_c[None, :] * sOc, o, mask=mask)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     if pid_c == 0:
         tl.store(lse_ptr + b * slb + offs_m, lse, mask=offs_m < NQ)
@@ -260,22 +260,23 @@ def _gamma32(gamma, like):
 def attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     """Write the attention (and, with ``x``, ``gamma * o + x``) into the preallocated buffers.
 
-    ``out``: (B, DV, NQ); ``o``: same strides as ``out`` or None (not stored); ``lse``: (B, NQ)
-    fp32. ``x``/``gamma`` None: no residual, ``out`` receives ``o``.
+    ``out``: (B, DV, NQ) in the input dtype; ``o``: (B, DV, NQ) fp32 copy of the attention output
+    (saved for the backward) or None; ``lse``: (B, NQ) fp32. ``x``/``gamma`` None: no residual,
+    ``out`` receives the attention output.
     """
     B, D, NQ = q.shape
     NK, DV = k.shape[2], v.shape[1]
     if B == 0 or NQ == 0:
         return out, o, lse
     residual = x is not None
-    store_o = residual and o is not None
+    store_o = o is not None
     bd, bdv, _ = blocks(D, DV)
     grid = (triton.cdiv(NQ, BLOCK_M), B, triton.cdiv(DV, bdv))
     xs = _batch3(x) if residual else (0, 0, 0)
     _fwd_kernel[grid](
-        q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else out, lse,
+        q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else lse, lse,
         float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
-        lse.stride(0), int(residual), int(store_o), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=bd,
+        *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=bd,
         BLOCK_DV=bdv, PREC=_prec(q.dtype), num_warps=num_warps(bd, bdv), num_stages=NUM_STAGES)
     return out, o, lse
 
@@ -325,11 +326,11 @@ def aot_configs() -> list:
         prec = "ieee" if dt == "fp32" else "tf32"
         for bdv in BLOCK_DVS:
             add(f"self_attention.bwd_rowsum[{dt},DV={bdv}]", _bwd_rowsum_kernel,
-                {"g_ptr": dt, "o_ptr": dt, "r_ptr": "fp32"}, {"BLOCK_M": BLOCK_M, "BLOCK_DV": bdv})
+                {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"}, {"BLOCK_M": BLOCK_M, "BLOCK_DV": bdv})
             for bd in (b for b in BLOCK_DS if b <= bdv):
                 ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
-                ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr", "o_ptr")}
-                ptrs.update(gamma_ptr="fp32", lse_ptr="fp32")
+                ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
+                ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
                 add(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, {"scale": "fp32"})
                 for one_dv in ((True, False) if bdv == MAX_DV else (True,)):
                     ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv,

@@ -15,8 +15,8 @@ Paths (``attnfast._dispatch.use_triton``):
 - PyTorch (CPU): queries in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory is
   O(chunk * NK + N * C) forward and backward.
 
-Both save only q, k, v, the attention output ``o`` (when there is a residual) and
-``lse = logsumexp`` per query (fp32) for the backward, which recomputes the probabilities. The
+Both save only q, k, v, the attention output ``o`` (in fp32: it enters ``rowsum(dO * o)``, a
+cancelling sum) and ``lse = logsumexp`` per query (fp32) for the backward, which recomputes the probabilities. The
 backward is its own custom op (``attnfast::self_attention_backward``), dispatched the same way.
 """
 from __future__ import annotations
@@ -100,11 +100,11 @@ def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
         l = p.sum(-1)  # (B, m)
         oc = torch.bmm(vf, p.transpose(1, 2)).div_(l.unsqueeze(1))  # (B, DV, m)
         lse[:, i0:i1].copy_(mx.squeeze(-1) + l.log())
+        if o is not None:
+            o[:, :, i0:i1].copy_(oc)
         if x is None:
             out[:, :, i0:i1].copy_(oc)
         else:
-            if o is not None:
-                o[:, :, i0:i1].copy_(oc)
             out[:, :, i0:i1].copy_(torch.addcmul(x[:, :, i0:i1].to(ct), oc, g))
     return out, o, lse
 
@@ -143,10 +143,10 @@ def _out_buffers(q, v, x, need_o):
     b, _, nq = q.shape
     if x is not None:
         out = _alloc.empty_like(x)
-        o = _alloc.empty_like(out) if need_o else out.new_empty((0,))
     else:
         out = _alloc.empty((b, v.shape[1], nq), dtype=q.dtype, device=q.device)
-        o = out.new_empty((0,))
+    shape = (b, v.shape[1], nq) if need_o else (0,)
+    o = _alloc.empty(shape, dtype=_compute_dtype(q), device=q.device)
     lse = _alloc.empty((b, nq), dtype=torch.float32, device=q.device)
     return out, o, lse
 
@@ -155,10 +155,10 @@ def _out_buffers(q, v, x, need_o):
 def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Optional[torch.Tensor],
                       gamma: Optional[torch.Tensor], scale: float, need_o: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(out, o, lse)``: ``o`` (the attention output, saved for backward) is empty unless
-    there is a residual and ``need_o``; without a residual ``out`` is ``o``."""
+    """Returns ``(out, o, lse)``: ``o`` is the attention output in fp32 (fp64 for fp64 inputs),
+    saved for the backward; it is empty unless ``need_o``."""
     out, o, lse = _out_buffers(q, v, x, need_o)
-    o_arg = o if (x is not None and need_o) else None
+    o_arg = o if need_o else None
     if _triton_ok(q, k, v):
         from ..kernels.self_attention import attention_fwd
 
@@ -172,7 +172,7 @@ def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Opti
 def _(q, k, v, x, gamma, scale, need_o):
     b, _, nq = q.shape
     out = torch.empty_like(x) if x is not None else q.new_empty((b, v.shape[1], nq))
-    o = torch.empty_like(out) if (x is not None and need_o) else q.new_empty((0,))
+    o = q.new_empty((b, v.shape[1], nq) if need_o else (0,), dtype=_compute_dtype(q))
     return out, o, q.new_empty((b, nq), dtype=torch.float32)
 
 
@@ -180,8 +180,8 @@ def _(q, k, v, x, gamma, scale, need_o):
 def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                o: torch.Tensor, lse: torch.Tensor, gamma: Optional[torch.Tensor],
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dgamma)`` given d(loss)/d(out); ``o`` is the attention output (``out`` when
-    there is no residual). ``dgamma`` is empty when ``gamma`` is None."""
+    """``(dq, dk, dv, dgamma)`` given d(loss)/d(out); ``o`` is the forward's fp32 attention output.
+    ``dgamma`` is empty when ``gamma`` is None."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     r = _alloc.empty(lse.shape, dtype=torch.float32, device=q.device)
     if _triton_ok(q, k, v):
@@ -209,11 +209,11 @@ def _setup_context(ctx, inputs, output):
     ctx.residual = x is not None
     ctx.need_o = need_o
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, o if ctx.residual else out, lse, gamma)
+    ctx.save_for_backward(q, k, v, o, lse, gamma)
 
 
 def _backward(ctx, grad_out, grad_o, grad_lse):
-    if ctx.residual and not ctx.need_o:
+    if not ctx.need_o:
         raise RuntimeError("attnfast::self_attention was called with need_o=False, so its backward cannot run; "
                            "call it with need_o=True (attnfast.ops.self_attention does when grad is enabled)")
     q, k, v, o, lse, gamma = ctx.saved_tensors
