@@ -69,43 +69,43 @@ def _src_index(dst, inv_up, n_in):
 
 
 @triton.jit
-def _upsampled_gp(gp_ptr, gbase, y, x, offs_a, mask2, inv_up, h, w, A):
+def _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A):
     """Bilinear tap of Gp (B, h, w, A) fp32 at high-res pixels (y, x): a (P, BLOCK_A) fp32 tile.
 
-    ``gbase`` is the (P,) int64 offset of each pixel's sample in Gp."""
+    ``gp_b`` points at this sample's Gp (h, w, A); offsets inside a sample are int32."""
     y0, y1, ly1 = _src_index(y, inv_up, h)
     x0, x1, lx1 = _src_index(x, inv_up, w)
     ly0 = 1.0 - ly1
     lx0 = 1.0 - lx1
     a2 = offs_a[None, :]
-    g00 = tl.load(gp_ptr + (gbase + (y0 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
-    g01 = tl.load(gp_ptr + (gbase + (y0 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g00 = tl.load(gp_b + ((y0 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g01 = tl.load(gp_b + ((y0 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
     up = ly0[:, None] * (lx0[:, None] * g00 + lx1[:, None] * g01)
-    g10 = tl.load(gp_ptr + (gbase + (y1 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
-    g11 = tl.load(gp_ptr + (gbase + (y1 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g10 = tl.load(gp_b + ((y1 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g11 = tl.load(gp_b + ((y1 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
     up += ly1[:, None] * (lx0[:, None] * g10 + lx1[:, None] * g11)
     return up
 
 
 @triton.jit
-def _scatter_gp(dgp_ptr, gbase, y, x, offs_a, mask2, dz, inv_up, h, w, A):
+def _scatter_gp(dgp_b, y, x, offs_a, mask2, dz, inv_up, h, w, A):
     """Adjoint of ``_upsampled_gp``: atomically add the four weighted taps of dz into dGp."""
     y0, y1, ly1 = _src_index(y, inv_up, h)
     x0, x1, lx1 = _src_index(x, inv_up, w)
     ly0 = 1.0 - ly1
     lx0 = 1.0 - lx1
     a2 = offs_a[None, :]
-    tl.atomic_add(dgp_ptr + (gbase + (y0 * w + x0) * A)[:, None] + a2, dz * (ly0 * lx0)[:, None], mask=mask2)
-    tl.atomic_add(dgp_ptr + (gbase + (y0 * w + x1) * A)[:, None] + a2, dz * (ly0 * lx1)[:, None], mask=mask2)
-    tl.atomic_add(dgp_ptr + (gbase + (y1 * w + x0) * A)[:, None] + a2, dz * (ly1 * lx0)[:, None], mask=mask2)
-    tl.atomic_add(dgp_ptr + (gbase + (y1 * w + x1) * A)[:, None] + a2, dz * (ly1 * lx1)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y0 * w + x0) * A)[:, None] + a2, dz * (ly0 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y0 * w + x1) * A)[:, None] + a2, dz * (ly0 * lx1)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y1 * w + x0) * A)[:, None] + a2, dz * (ly1 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y1 * w + x1) * A)[:, None] + a2, dz * (ly1 * lx1)[:, None], mask=mask2)
 
 
 @triton.jit
-def _split_tiles(sp, n, tiles_per_split, BLOCK_P: tl.constexpr):
-    """Range of pixel tiles [begin, end) owned by split ``sp`` of ``n`` pixels."""
+def _split_tiles(sp, n_tiles, tiles_per_split):
+    """Range of tiles [begin, end) owned by split ``sp``."""
     t_begin = sp * tiles_per_split
-    return t_begin, tl.minimum(t_begin + tiles_per_split, tl.cdiv(n, BLOCK_P))
+    return t_begin, tl.minimum(t_begin + tiles_per_split, n_tiles)
 
 
 @triton.jit
@@ -125,10 +125,11 @@ def _tile_pixels(t, HW, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, dp_row, sdp_c,
+def _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, dp_row, sdp_c,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
                PRECISION: tl.constexpr, WITH_GDOT: tl.constexpr):
-    """W_l l for a tile: (P, BLOCK_A) fp32 from ``l_rows`` (P,) pointers to each pixel's channel 0.
+    """W_l l for a tile: (P, BLOCK_A) fp32; ``l_b`` is this sample's l, ``row_off`` (P,) int32 the
+    offset of each pixel's channel 0.
 
     With WITH_GDOT also returns dpooled . l_p (P,) fp32 (``dp_row``: this sample's dpooled row),
     from the same loads of l."""
@@ -137,13 +138,13 @@ def _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, dp
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        lt = tl.load(l_rows[:, None] + offs_c[None, :].to(tl.int64) * sl_c,
+        lt = tl.load(l_b + row_off[:, None] + offs_c[None, :] * sl_c,
                      mask=mask_p[:, None] & mask_c[None, :], other=0.0)
         wt = tl.load(wl_ptr + offs_c[:, None] * swl_c + offs_a[None, :] * swl_a,
                      mask=mask_c[:, None] & mask_a[None, :], other=0.0)
         z = tl.dot(lt, wt, z, input_precision=PRECISION)
         if WITH_GDOT:
-            dp = tl.load(dp_row + offs_c.to(tl.int64) * sdp_c, mask=mask_c, other=0.0)
+            dp = tl.load(dp_row + offs_c * sdp_c, mask=mask_c, other=0.0)
             gdot += tl.sum(lt.to(tl.float32) * dp.to(tl.float32)[None, :], axis=1)
     return z, gdot
 
@@ -167,18 +168,18 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
     for c0 in range(0, C, BLOCK_C):  # zero this program's pooled partial
         offs_c = c0 + tl.arange(0, BLOCK_C)
         tl.store(acc_row + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=offs_c < C)
-    gbase = b64 * h * w * A
+    gp_b = gp_ptr + b64 * h * w * A
+    l_b = l_ptr + b64 * sl_b
     m_run = tl.max(tl.full((BLOCK_P,), float("-inf"), tl.float32), axis=0)
     s_run = tl.sum(tl.zeros((BLOCK_P,), dtype=tl.float32), axis=0)
-    t_begin, t_end = _split_tiles(sp, HW, tiles_per_split, BLOCK_P)
+    t_begin, t_end = _split_tiles(sp, tl.cdiv(HW, BLOCK_P), tiles_per_split)
     for t in range(t_begin, t_end):
         pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
-        l_rows = l_ptr + b64 * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w
-        z, _ = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
+        row_off = y * sl_h + x * sl_w
+        z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
                           BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
         mask2 = mask_p[:, None] & mask_a[None, :]
-        z += _upsampled_gp(gp_ptr, gbase + tl.zeros((BLOCK_P,), dtype=tl.int64), y, x, offs_a, mask2,
-                           inv_up, h, w, A)
+        z += _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A)
         c = tl.sum(tl.maximum(z, 0.0) * phi[None, :], axis=1) + bias
         tl.store(logit_ptr + b64 * HW + pix, c, mask=mask_p)
         if softmax != 0:
@@ -193,7 +194,7 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
         for c0 in range(0, C, BLOCK_C):  # acc = acc * alpha + sum_p p l_p   (l tile is cache-hot)
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C
-            lt = tl.load(l_rows[:, None] + offs_c[None, :].to(tl.int64) * sl_c,
+            lt = tl.load(l_b + row_off[:, None] + offs_c[None, :] * sl_c,
                          mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
             contrib = tl.sum(p[:, None] * lt, axis=0)
             old = tl.load(acc_row + offs_c, mask=mask_c, other=0.0)
@@ -268,22 +269,23 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
     phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
     lse = tl.load(lse_ptr + b64)
     kb = tl.load(k_ptr + b64)
-    gbase = b64 * h * w * A
-    t_begin, t_end = _split_tiles(sp, HW, tiles_per_split, BLOCK_P)
+    gp_b = gp_ptr + b64 * h * w * A
+    dgp_b = dgp_ptr + b64 * h * w * A
+    l_b = l_ptr + b64 * sl_b
+    dl_b = dl_ptr + b64 * sdl_b
+    dp_b = dp_ptr + b64 * sdp_b
+    t_begin, t_end = _split_tiles(sp, tl.cdiv(HW, BLOCK_P), tiles_per_split)
     for t in range(t_begin, t_end):
         pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
-        y64 = y.to(tl.int64)
-        x64 = x.to(tl.int64)
-        l_rows = l_ptr + b64 * sl_b + y64 * sl_h + x64 * sl_w
+        row_off = y * sl_h + x * sl_w
         # z = W_l l (+ taps below) and gdot = dpooled . l_p in the same pass over l
-        z, gdot = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
-                             dp_ptr + b64 * sdp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
+        z, gdot = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
+                             dp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
         mask2 = mask_p[:, None] & mask_a[None, :]
-        gb = gbase + tl.zeros((BLOCK_P,), dtype=tl.int64)
-        z += _upsampled_gp(gp_ptr, gb, y, x, offs_a, mask2, inv_up, h, w, A)
+        z += _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A)
         c = tl.load(logit_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
         a = _attn_from_logit(c, lse, softmax)
-        da = tl.load(da_ptr + b64 * sda_b + y64 * sda_h + x64 * sda_w, mask=mask_p, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + b64 * sda_b + y * sda_h + x * sda_w, mask=mask_p, other=0.0).to(tl.float32)
         ghat = da + scale * gdot
         if softmax != 0:
             dc = a * (ghat - kb)
@@ -292,27 +294,29 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
         dc = tl.where(mask_p, dc, 0.0)
         tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
         dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
-        _scatter_gp(dgp_ptr, gb, y, x, offs_a, mask2, dz, inv_up, h, w, A)
+        _scatter_gp(dgp_b, y, x, offs_a, mask2, dz, inv_up, h, w, A)
         dz_lp = dz.to(l_ptr.dtype.element_ty)
-        dl_rows = dl_ptr + b64 * sdl_b + y64 * sdl_h + x64 * sdl_w
+        dl_off = y * sdl_h + x * sdl_w
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C
             wt = tl.load(wl_ptr + offs_a[:, None] * swl_a + offs_c[None, :] * swl_c,
                          mask=mask_a[:, None] & mask_c[None, :], other=0.0)
-            dp = tl.load(dp_ptr + b64 * sdp_b + offs_c.to(tl.int64) * sdp_c, mask=mask_c, other=0.0)
+            dp = tl.load(dp_b + offs_c * sdp_c, mask=mask_c, other=0.0)
             dlt = tl.dot(dz_lp, wt, input_precision=PRECISION)
             dlt += (scale * a)[:, None] * dp.to(tl.float32)[None, :]
-            tl.store(dl_rows[:, None] + offs_c[None, :].to(tl.int64) * sdl_c, dlt.to(dl_ptr.dtype.element_ty),
+            tl.store(dl_b + dl_off[:, None] + offs_c[None, :] * sdl_c, dlt.to(dl_ptr.dtype.element_ty),
                      mask=mask_p[:, None] & mask_c[None, :])
 
 
 @triton.jit
 def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi_ptr,
-                           C, A, HW, W, h, w, inv_up, n_pix, tiles_per_split,
+                           C, A, HW, W, h, w, inv_up, n_tiles, tiles_per_split,
                            sl_b, sl_c, sl_h, sl_w, swl_a, swl_c, sphi,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A2: tl.constexpr,
                            BLOCK_C2: tl.constexpr, PRECISION: tl.constexpr):
+    """Tiles run over (sample, pixel tile) pairs: tile t is pixel tile t % tiles_per_sample of sample
+    t // tiles_per_sample, so the sample index is a scalar."""
     pid_a = tl.program_id(0)
     pid_c = tl.program_id(1)
     sp = tl.program_id(2)
@@ -322,24 +326,22 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
     mask_c2 = offs_c2 < C
     acc = tl.zeros((BLOCK_A2, BLOCK_C2), dtype=tl.float32)
     dphi = tl.zeros((BLOCK_A2,), dtype=tl.float32)
-    t_begin, t_end = _split_tiles(sp, n_pix, tiles_per_split, BLOCK_P)
+    tiles_per_sample = tl.cdiv(HW, BLOCK_P)
+    t_begin, t_end = _split_tiles(sp, n_tiles, tiles_per_split)
     for t in range(t_begin, t_end):
-        q = tl.arange(0, BLOCK_P).to(tl.int64) + t * BLOCK_P  # flat pixel over B*H*W
-        mask_p = q < n_pix
-        q = tl.where(mask_p, q, 0)
-        bb = q // HW
-        pix = (q - bb * HW).to(tl.int32)
-        y, x = _pixel_coords(pix, W)
-        l_rows = l_ptr + bb * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w
-        z, _ = _project_l(l_rows, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
+        b64 = (t // tiles_per_sample).to(tl.int64)
+        pix, mask_p, y, x = _tile_pixels(t % tiles_per_sample, HW, W, BLOCK_P)
+        l_b = l_ptr + b64 * sl_b
+        row_off = y * sl_h + x * sl_w
+        z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
                           BLOCK_P, BLOCK_C, BLOCK_A2, PRECISION, False)
         mask2 = mask_p[:, None] & mask_a[None, :]
-        z += _upsampled_gp(gp_ptr + pid_a * BLOCK_A2, bb * h * w * A, y, x, tl.arange(0, BLOCK_A2), mask2,
+        z += _upsampled_gp(gp_ptr + b64 * h * w * A + pid_a * BLOCK_A2, y, x, tl.arange(0, BLOCK_A2), mask2,
                            inv_up, h, w, A)
-        dc = tl.load(dc_ptr + q, mask=mask_p, other=0.0)
+        dc = tl.load(dc_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
         dphi += tl.sum(dc[:, None] * tl.maximum(z, 0.0), axis=0)
         dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0).to(l_ptr.dtype.element_ty)
-        lt = tl.load(l_rows[:, None] + offs_c2[None, :].to(tl.int64) * sl_c,
+        lt = tl.load(l_b + row_off[:, None] + offs_c2[None, :] * sl_c,
                      mask=mask_p[:, None] & mask_c2[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), lt, acc, input_precision=PRECISION)
     tl.store(dwl_ptr + (sp.to(tl.int64) * A + offs_a[:, None]) * C + offs_c2[None, :], acc,
@@ -362,16 +364,29 @@ def precision_for(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def main_blocks(A: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the forward and backward main kernels: a function of A and the dtype."""
+# Tile table of the main kernels, per BLOCK_A (= A rounded up to a power of two, >= 16):
+# (BLOCK_P, BLOCK_C, num_warps, spill budget in bytes). Picked from ``python -m attnfast.kernels.aot``
+# (ptxas, sm_80 and sm_90) as the largest pixel tile that does not spill. The whole z / dz tile
+# (BLOCK_P x BLOCK_A fp32) is live with four bilinear-tap gathers, so at A >= 256 (backward) and
+# A = 512 (forward) even BLOCK_P = 16 (the tl.dot minimum) spills a little; those budgets are the
+# measured spills rounded up (a speed cost, not a correctness one; not measured on a GPU).
+_FWD_TILES = {16: (64, 64, 4, 0), 32: (64, 64, 4, 0), 64: (64, 64, 8, 0), 128: (32, 32, 8, 0),
+              256: (16, 32, 8, 0), 512: (16, 32, 8, 512)}
+_BWD_TILES = {16: (32, 32, 4, 0), 32: (32, 32, 4, 0), 64: (32, 32, 8, 0), 128: (16, 32, 8, 0),
+              256: (16, 32, 8, 1024), 512: (16, 32, 8, 4096)}
+
+
+def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
+    """Tile sizes of the forward / backward main kernels: a function of A and the dtype."""
     block_a = max(16, _next_pow2(A))
     if block_a > MAX_ATTN_FEATURES:
         raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
                          f"got {A}")
-    block_p = 64 if block_a <= 64 else (32 if block_a <= 256 else 16)
-    block_c = 32 if (dtype == torch.float32 or block_a >= 256) else 64
-    num_warps = 4 if block_a <= 128 else 8
-    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps}
+    block_p, block_c, num_warps, spill = (_BWD_TILES if backward else _FWD_TILES)[block_a]
+    if dtype == torch.float32:
+        block_c = min(block_c, 32)
+    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps,
+            "max_spill_bytes": spill}
 
 
 def weight_blocks(C: int, dtype: torch.dtype) -> dict:
@@ -439,7 +454,7 @@ def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_fac
     HW = H * W
     wl = _w2d(w_l)
     phi = _w2d(phi_w)[0]
-    cfg = main_blocks(A, l.dtype)
+    cfg = main_blocks(A, l.dtype, backward=True)
     nsplit, per = _splits(triton.cdiv(HW, cfg["BLOCK_P"]), B, l.device)
     scale = 1.0 if softmax else 1.0 / HW
     grid_bwd_kernel[(B, nsplit)](
@@ -460,13 +475,13 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
     phi = _w2d(phi_w)[0]
     cfg = weight_blocks(C, l.dtype)
     n_a, n_c = triton.cdiv(A, cfg["BLOCK_A2"]), triton.cdiv(C, cfg["BLOCK_C2"])
-    n_pix = B * HW
-    nsplit, per = _splits(triton.cdiv(n_pix, cfg["BLOCK_P"]), n_a * n_c, l.device)
+    n_tiles = B * triton.cdiv(HW, cfg["BLOCK_P"])
+    nsplit, per = _splits(n_tiles, n_a * n_c, l.device)
     dwl = torch.empty((nsplit, A, C), device=l.device, dtype=torch.float32)
     dphi = torch.empty((nsplit, A), device=l.device, dtype=torch.float32)
     grid_bwd_weight_kernel[(n_a, n_c, nsplit)](
         l, gp, wl, phi, dc, dwl, dphi,
-        C, A, HW, W, h, w, 1.0 / up_factor, n_pix, per,
+        C, A, HW, W, h, w, 1.0 / up_factor, n_tiles, per,
         *l.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A2=cfg["BLOCK_A2"], BLOCK_C2=cfg["BLOCK_C2"],
         PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
@@ -486,27 +501,22 @@ def aot_configs() -> list:
         for prec in _precisions(dtype):
             tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
             for block_a in (16, 32, 64, 128, 256, 512):
-                cfg = main_blocks(block_a, dtype)
-                cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
-                      "PRECISION": prec}
-                blk = f"P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}"
-                configs.append(KernelConfig(
-                    name=f"grid_attention.fwd[{tag},{blk}]", kernel=grid_fwd_kernel,
-                    signature=signature(grid_fwd_kernel,
-                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
-                                              "bias_ptr": dt, "logit_ptr": "fp32", "m_ptr": "fp32",
-                                              "s_ptr": "fp32", "acc_ptr": "fp32"},
-                                        scalars={"inv_up": "fp32"}, constexprs=cx),
-                    constexprs=cx, num_warps=cfg["num_warps"]))
-                configs.append(KernelConfig(
-                    name=f"grid_attention.bwd[{tag},{blk}]", kernel=grid_bwd_kernel,
-                    signature=signature(grid_bwd_kernel,
-                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
-                                              "logit_ptr": "fp32", "lse_ptr": "fp32", "k_ptr": "fp32",
-                                              "da_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dgp_ptr": "fp32",
-                                              "dc_ptr": "fp32"},
-                                        scalars={"inv_up": "fp32", "scale": "fp32"}, constexprs=cx),
-                    constexprs=cx, num_warps=cfg["num_warps"]))
+                for kind, kernel in (("fwd", grid_fwd_kernel), ("bwd", grid_bwd_kernel)):
+                    cfg = main_blocks(block_a, dtype, backward=kind == "bwd")
+                    cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
+                          "PRECISION": prec}
+                    ptrs = {"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt}
+                    if kind == "fwd":
+                        ptrs.update(bias_ptr=dt, logit_ptr="fp32", m_ptr="fp32", s_ptr="fp32", acc_ptr="fp32")
+                        scalars = {"inv_up": "fp32"}
+                    else:
+                        ptrs.update(logit_ptr="fp32", lse_ptr="fp32", k_ptr="fp32", da_ptr=dt, dp_ptr=dt,
+                                    dl_ptr=dt, dgp_ptr="fp32", dc_ptr="fp32")
+                        scalars = {"inv_up": "fp32", "scale": "fp32"}
+                    configs.append(KernelConfig(
+                        name=f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}]",
+                        kernel=kernel, signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
+                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=cfg["max_spill_bytes"]))
             for c in (16, 32, 64, 128, 256):
                 cfg = weight_blocks(c, dtype)
                 if cfg["BLOCK_C2"] != c:
@@ -519,7 +529,7 @@ def aot_configs() -> list:
                     signature=signature(grid_bwd_weight_kernel,
                                         ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
                                               "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
-                                        scalars={"inv_up": "fp32", "n_pix": "i64"}, constexprs=cx),
+                                        scalars={"inv_up": "fp32"}, constexprs=cx),
                     constexprs=cx, num_warps=cfg["num_warps"]))
         cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C, "BLOCK_HW": COMBINE_BLOCK_HW}
         configs.append(KernelConfig(
