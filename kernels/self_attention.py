@@ -8,7 +8,8 @@ Shapes (one "batch" index b may also be batch*heads):
 - ``S = scale * q^T k`` (B, NQ, NK), ``P = softmax(S)`` over keys, ``o = v P^T`` (B, DV, NQ).
 - With a residual: ``out = gamma * o + x`` is written by the same kernel (``x``: (B, DV, NQ)).
 
-The forward keeps an online softmax in fp32 (base 2) and saves ``lse = logsumexp(S)`` (natural
+The forward keeps an online softmax in fp32 (natural base: ``exp(s - lse)`` then keeps the
+accuracy of eager softmax at logits ~1e3, which a base-2 rescaled ``lse`` loses) and saves ``lse = logsumexp(S)`` (natural
 log, fp32, (B, NQ)) for the backward, which recomputes ``P`` blockwise (flash-attention-2):
 
 - ``_bwd_rowsum_kernel``: ``r = rowsum(dout * o)`` (fp32). With ``dO = gamma * dout``:
@@ -32,12 +33,11 @@ from .registry import KernelConfig, signature
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BLOCK_DS = (16, 32, 64, 128)  # padded query/key dims
-BLOCK_DVS = (16, 32, 64, 128)  # padded value-channel tile (more channels: grid split)
+BLOCK_DVS = (32, 128)  # padded value-channel tile (more channels: grid split)
 MAX_D = BLOCK_DS[-1]
 MAX_DV = BLOCK_DVS[-1]
-BLOCK_M = 64  # forward / dQ / rowsum: query tile
-BLOCK_N = 64  # forward / dQ: key tile; dK/dV: key tile
-BLOCK_M_DKDV = 32  # dK/dV: query tile of the inner loop (keeps the dV accumulator free of spills)
+ROWSUM_BLOCK_M = 64
+ROWSUM_BLOCK_C = 32  # channel chunk of the rowsum loop (fp32 o: larger chunks spill)
 NUM_WARPS = 4
 NUM_STAGES = 2
 LOG2E = 1.4426950408889634
@@ -48,7 +48,7 @@ def block_d(d: int) -> int:
 
 
 def block_dv(dv: int) -> int:
-    return min(MAX_DV, max(16, triton.next_power_of_2(dv)))
+    return next(b for b in BLOCK_DVS if b >= min(dv, MAX_DV))
 
 
 def supported(d: int) -> bool:
@@ -80,7 +80,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
     q_ptr += b * sqb
     k_ptr += b * skb
     v_ptr += b * svb
-    qk_scale = scale * 1.4426950408889634  # work in base 2
     q = _load_tile(q_ptr, offs_m, offs_d, sqn, sqd, NQ, D, 0.0)  # (M, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -88,11 +87,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n0
         kt = _load_tile(k_ptr, offs_d, offs_n, skd, skn, D, NK, 0.0)  # (D, N)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.dot(q, kt, input_precision=PREC) * scale
         s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
@@ -109,7 +108,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
              res.to(out_ptr.dtype.element_ty), mask=mask)
     if store_o != 0:  # fp32 copy of the attention output, for the backward's rowsum(dO * o)
         tl.store(o_ptr + b * sOb + offs_m[:, None] * sOn + offs_c[None, :] * sOc, o, mask=mask)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = m_i + tl.log(l_i)
     if pid_c == 0:
         tl.store(lse_ptr + b * slb + offs_m, lse, mask=offs_m < NQ)
 
@@ -150,7 +149,6 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
     v_ptr += b * svb
     lse_ptr += b * slb
     r_ptr += b * slb
-    qk_scale = scale * 1.4426950408889634
     k = _load_tile(k_ptr + b * skb, offs_n, offs_d, skn, skd, NK, D, 0.0)  # (N, D)
     v = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV) own channel tile
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -158,9 +156,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + offs_m0
         qt = _load_tile(q_ptr, offs_d, offs_m, sqd, sqn, D, NQ, 0.0)  # (D, M)
-        lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
-        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (N, M)
-        pt = tl.exp2(st - lse2[None, :])
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < NQ, other=float("inf"))
+        st = tl.dot(k, qt, input_precision=PREC) * scale  # (N, M)
+        pt = tl.exp(st - lse[None, :])
         pt = tl.where((offs_m[None, :] < NQ) & (offs_n[:, None] < NK), pt, 0.0)
         gt = _load_tile(g_ptr, offs_c, offs_m, sgc, sgn, DV, NQ, 0.0)  # (DV, M) dout
         dv += tl.dot(pt.to(gt.dtype), tl.trans(gt), input_precision=PREC)
@@ -201,9 +199,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
     k_ptr += b * skb
     v_ptr += b * svb
     g_ptr += b * sgb
-    qk_scale = scale * 1.4426950408889634
     q = _load_tile(q_ptr + b * sqb, offs_m, offs_d, sqn, sqd, NQ, D, 0.0)  # (M, D)
-    lse2 = tl.load(lse_ptr + b * slb + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(lse_ptr + b * slb + offs_m, mask=offs_m < NQ, other=float("inf"))
     r = tl.load(r_ptr + b * slb + offs_m, mask=offs_m < NQ, other=0.0)
     if ONE_DV:
         g = _load_tile(g_ptr, offs_m, offs_c0, sgn, sgc, NQ, DV, 0.0)  # (M, DV) dout
@@ -211,8 +208,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n0
         kt = _load_tile(k_ptr, offs_d, offs_n, skd, skn, D, NK, 0.0)  # (D, N)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+        s = tl.dot(q, kt, input_precision=PREC) * scale
+        p = tl.exp(s - lse[:, None])
         p = tl.where((offs_n[None, :] < NK) & (offs_m[:, None] < NQ), p, 0.0)
         if ONE_DV:
             vt = _load_tile(v_ptr, offs_c0, offs_n, svc, svn, DV, NK, 0.0)  # (DV, N)
@@ -243,8 +240,23 @@ def blocks(d: int, dv: int) -> tuple:
     return bd, bdv, dv <= bdv
 
 
-def num_warps(bd: int, bdv: int) -> int:
-    return 8 if bdv >= 128 or bd >= 64 else 4
+def tiles(dtype: str, bd: int, bdv: int) -> dict:
+    """kernel -> (BLOCK_M, BLOCK_N, num_warps, max_spill_bytes), chosen so that the AOT compile
+    for sm_80/sm_90 shows no spills. For dK/dV, BLOCK_M is the inner (query) loop's tile.
+
+    fp32 runs IEEE (non-tensor-core) dots, whose operands need far more registers: smaller tiles.
+    Some fp32 configs spill a few dozen bytes whatever the tile (budget 128 B): fp32 is the
+    accuracy path (no tensor cores), bf16/fp16 the fast one.
+    """
+    if dtype == "fp32":
+        if bdv <= 32:
+            return dict(fwd=(32, 32, 4, 0), dq=(32, 32, 4, 128), dkdv=(32, 32, 4, 128))
+        return dict(fwd=(16, 32, 8, 128), dq=(16, 32, 8, 128), dkdv=(16, 32, 8, 128))
+    if bdv <= 32:
+        return dict(fwd=(64, 64, 4, 0), dq=(64, 64, 4, 0), dkdv=(32, 64, 4, 0))
+    if bd <= 32:
+        return dict(fwd=(64, 64, 8, 0), dq=(32, 64, 8, 0), dkdv=(32, 64, 8, 0))
+    return dict(fwd=(32, 32, 8, 0), dq=(32, 32, 8, 0), dkdv=(32, 32, 8, 0))
 
 
 def _batch3(t):
@@ -271,13 +283,14 @@ def attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     residual = x is not None
     store_o = o is not None
     bd, bdv, _ = blocks(D, DV)
-    grid = (triton.cdiv(NQ, BLOCK_M), B, triton.cdiv(DV, bdv))
+    bm, bn, warps, _ = tiles(DTYPES[q.dtype], bd, bdv)["fwd"]
+    grid = (triton.cdiv(NQ, bm), B, triton.cdiv(DV, bdv))
     xs = _batch3(x) if residual else (0, 0, 0)
     _fwd_kernel[grid](
         q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else lse, lse,
         float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
-        *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=bd,
-        BLOCK_DV=bdv, PREC=_prec(q.dtype), num_warps=num_warps(bd, bdv), num_stages=NUM_STAGES)
+        *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        BLOCK_DV=bdv, PREC=_prec(q.dtype), num_warps=warps, num_stages=NUM_STAGES)
     return out, o, lse
 
 
@@ -293,53 +306,56 @@ def attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
         return dq, dk, dv, r
     bd, bdv, one_dv = blocks(D, DV)
     g32 = _gamma32(gamma, q)
-    common = dict(BLOCK_N=BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv,
-                  PREC=_prec(q.dtype), num_warps=num_warps(bd, bdv), num_stages=NUM_STAGES)
+    t = tiles(DTYPES[q.dtype], bd, bdv)
+    common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=_prec(q.dtype), num_stages=NUM_STAGES)
     if NQ:
-        _bwd_rowsum_kernel[(triton.cdiv(NQ, BLOCK_M), B)](
+        _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
             grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_DV=bdv, num_warps=NUM_WARPS)
+            BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS)
     if NK:
-        _bwd_dkdv_kernel[(triton.cdiv(NK, BLOCK_N), B, triton.cdiv(DV, bdv))](
+        bm, bn, warps, _ = t["dkdv"]
+        _bwd_dkdv_kernel[(triton.cdiv(NK, bn), B, triton.cdiv(DV, bdv))](
             q, k, v, grad, lse, r, g32, dk, dv, float(scale), NQ, NK, D, DV,
             *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
-            *_batch3(dk), *_batch3(dv), BLOCK_M=BLOCK_M_DKDV, **common)
+            *_batch3(dk), *_batch3(dv), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common)
     if NQ:
-        _bwd_dq_kernel[(triton.cdiv(NQ, BLOCK_M), B)](
+        bm, bn, warps, _ = t["dq"]
+        _bwd_dq_kernel[(triton.cdiv(NQ, bm), B)](
             q, k, v, grad, lse, r, g32, dq, float(scale), NQ, NK, D, DV,
             *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
-            *_batch3(dq), BLOCK_M=BLOCK_M, **common)
+            *_batch3(dq), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common)
     return dq, dk, dv, r
 
 
 def aot_configs() -> list:
-    """Every configuration the launchers can pick: dtype x ``blocks(d, dv)`` (BLOCK_DV >= BLOCK_D)."""
+    """Every configuration the launchers can pick: dtype x ``blocks(d, dv)`` x ``tiles(...)``."""
     configs = []
 
-    def add(name, kernel, ptrs, ce, scalars=None):
-        warps = num_warps(ce.get("BLOCK_D", 16), ce["BLOCK_DV"]) if "BLOCK_N" in ce else NUM_WARPS
+    def add(name, kernel, ptrs, ce, tile=None):
+        bm, bn, warps, spill = tile if tile else (ROWSUM_BLOCK_M, None, NUM_WARPS, 0)
+        ce = dict(ce, BLOCK_M=bm) if bn is None else dict(ce, BLOCK_M=bm, BLOCK_N=bn)
         configs.append(KernelConfig(
             name=name, kernel=kernel, constexprs=ce, num_warps=warps, num_stages=NUM_STAGES,
-            signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=ce)))
+            max_spill_bytes=spill, signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if bn else None,
+                                                       constexprs=ce)))
 
     for dt in DTYPES.values():
         prec = "ieee" if dt == "fp32" else "tf32"
+        add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel,
+            {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"}, {"BLOCK_DV": ROWSUM_BLOCK_C})
         for bdv in BLOCK_DVS:
-            add(f"self_attention.bwd_rowsum[{dt},DV={bdv}]", _bwd_rowsum_kernel,
-                {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"}, {"BLOCK_M": BLOCK_M, "BLOCK_DV": bdv})
             for bd in (b for b in BLOCK_DS if b <= bdv):
-                ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
+                t = tiles(dt, bd, bdv)
+                ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
                 ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
                 ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
-                add(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, {"scale": "fp32"})
+                add(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, t["fwd"])
                 for one_dv in ((True, False) if bdv == MAX_DV else (True,)):
-                    ce = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_D": bd, "BLOCK_DV": bdv,
-                          "ONE_DV": one_dv, "PREC": prec}
+                    ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "ONE_DV": one_dv, "PREC": prec}
                     tag = f"{dt},D={bd},DV={bdv},one_dv={int(one_dv)}"
                     common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
                     common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")
-                    add(f"self_attention.bwd_dkdv[{tag}]", _bwd_dkdv_kernel,
-                        dict(common, dk_ptr=dt, dv_ptr=dt), dict(ce, BLOCK_M=BLOCK_M_DKDV), {"scale": "fp32"})
-                    add(f"self_attention.bwd_dq[{tag}]", _bwd_dq_kernel, dict(common, dq_ptr=dt), ce,
-                        {"scale": "fp32"})
+                    add(f"self_attention.bwd_dkdv[{tag}]", _bwd_dkdv_kernel, dict(common, dk_ptr=dt, dv_ptr=dt),
+                        ce, t["dkdv"])
+                    add(f"self_attention.bwd_dq[{tag}]", _bwd_dq_kernel, dict(common, dq_ptr=dt), ce, t["dq"])
     return configs

@@ -193,7 +193,7 @@ def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if gamma is None:
         dgamma = q.new_empty((0,))
     else:
-        dgamma = r.sum(dtype=_compute_dtype(q)).to(gamma.dtype).reshape(gamma.shape)
+        dgamma = r.sum(dtype=torch.float64).to(gamma.dtype).reshape(gamma.shape)
     return dq, dk, dv, dgamma
 
 

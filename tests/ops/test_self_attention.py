@@ -13,7 +13,7 @@ from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.ops.self_attention import (chunk_rows, self_attention, self_attention_backward_op,
                                          self_attention_op)
 from attnfast.reference.self_attention import SelfAttention
-from attnfast.testing import assert_close_3way
+from attnfast.testing import BASE_ATOL, assert_close_3way
 
 BACKENDS = ["triton_backend", "torch_backend"]
 
@@ -65,9 +65,13 @@ def _check_module(shape, dtype, gamma=0.7):
     names = ["out", "x.grad"] + [n + ".grad" for n, _ in sorted(fused.named_parameters())]
     for n, o, r, ee in zip(names, out, ref, e):
         # The key bias adds q_i^T b to a whole softmax row, so its exact gradient is 0 and the
-        # computed one is pure rounding noise (a sum over N positions of rounded dK): factor 4.
-        factor = 4.0 if n == "key_conv.bias.grad" else 2.0
-        assert_close_3way(o, r, ee, name=f"{n} {shape}", factor=factor)
+        # computed one is pure rounding noise (a sum over N positions of rounded dK).
+        # Compare it with factor 4 at the scale of the key weight gradient.
+        if n == "key_conv.bias.grad":
+            scale = max(1.0, ref[names.index("key_conv.weight.grad")].abs().max().item())
+            assert_close_3way(o, r, ee, name=f"{n} {shape}", factor=4.0, atol=BASE_ATOL[dtype] * scale)
+        else:
+            assert_close_3way(o, r, ee, name=f"{n} {shape}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -163,12 +167,12 @@ def test_strided_views_and_stride0_grad(request, backend):
     gamma = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
 
     def run(dtype, fn):
-        t = qkv.to(dtype).flatten(2)
-        xx = x.to(dtype).flatten(2)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (qkv, x, gamma)]
+        t, xx = leaves[0].flatten(2), leaves[1].flatten(2)
         q, k, v = t[:, :2], t[:, 2:4], t[:, 4:]
         assert not q.is_contiguous()
-        out = fn(q, k, v, xx, gamma.to(dtype), 1.0)
-        return [out.detach()] + list(torch.autograd.grad(out.sum(), (qkv, x, gamma)))
+        out = fn(q, k, v, xx, leaves[2], 1.0)
+        return [out.detach()] + list(torch.autograd.grad(out.sum(), leaves))
 
     ref = run(torch.float64, _math64)
     eager = run(torch.float32, _math_eager)
