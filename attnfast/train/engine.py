@@ -281,8 +281,13 @@ class Trainer:
             loc = np.array([r[3] for r in rows])
             res["loc_uniform"] = float(loc[:, 0].mean())
             names = self.map_names or [f"map{i}" for i in range(loc.shape[1] - 1)]
+            pos = target == 1  # binary: the malignant images, where the lesion is the evidence
+            if self.task == "binary" and pos.any():
+                res["loc_uniform_malignant"] = float(loc[pos, 0].mean())
             for j, name in enumerate(names):
                 res[f"loc_{_slug(name)}"] = float(loc[:, j + 1].mean())
+                if self.task == "binary" and pos.any():
+                    res[f"loc_{_slug(name)}_malignant"] = float(loc[pos, j + 1].mean())
         return res
 
     @property
@@ -335,16 +340,17 @@ class Trainer:
                      f"{f' x{self.world}' if self.world > 1 else ''}, out {self.out}")
             if self.start_epoch:
                 self.log(f"resumed from {self.last_path} after epoch {self.start_epoch}")
-        t_start = time.time()
+        t_start, c_start = time.time(), time.process_time()
         for epoch in range(self.start_epoch, cfg.epochs):
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             train_loss = self.train_epoch(epoch)
             overlay = self.write_overlay(epoch) if self.is_main else None
             if not self.is_main:  # rank 0 learned the map names from the overlay batch; others need them too
                 self._map_names = self._probe_map_names()
             res = self.evaluate()
             row = {"epoch": epoch + 1, "train_loss": train_loss, **res,
-                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": time.time() - t0}
+                   "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": time.time() - t0,
+                   "epoch_cpu_s": time.process_time() - c0}
             self.history.append(row)
             metric = res.get(self.metric_key(), math.nan)
             if math.isnan(metric):
@@ -362,16 +368,20 @@ class Trainer:
             dist_utils.barrier()
         summary = {"out": self.out, "epochs": cfg.epochs, "best_epoch": self.best_epoch,
                    "best_" + self.metric_key(): self.best, "final": self.history[-1] if self.history else {},
-                   "train_time_s": time.time() - t_start}
+                   "train_time_s": time.time() - t_start, "train_cpu_s": time.process_time() - c_start}
         if self.is_main:
             atomic_write(os.path.join(self.out, "summary.json"),
                          lambda f: f.write(json.dumps(summary, indent=1, default=float)), mode="w")
             final = summary["final"]
             if "loc_uniform" in final:
                 locs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items()
-                                 if k.startswith("loc_") and k != "loc_uniform")
+                                 if k.startswith("loc_") and not k.startswith("loc_uniform"))
                 self.log(f"attention localization (share of attention mass inside the lesion mask): {locs} "
-                         f"(uniform attention would score {final['loc_uniform']:.3f})")
+                         f"(uniform attention would score {final['loc_uniform']:.3f}"
+                         + (f", {final['loc_uniform_malignant']:.3f} on malignant" if "loc_uniform_malignant" in final
+                            else "") + ")")
+            self.log(f"done in {summary['train_time_s']:.0f}s ({summary['train_cpu_s']:.0f} CPU-s); best "
+                     f"{self.metric_key()[4:]} {self.best:.4f} at epoch {self.best_epoch}; outputs in {self.out}")
         return summary
 
     def _probe_map_names(self):
@@ -391,10 +401,10 @@ def _format_row(row: dict) -> str:
     for k in ("val_auc", "val_ap", "val_acc"):
         if k in row:
             parts.append(f"{k[4:]} {row[k]:.4f}")
-    locs = [f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("loc_") and k != "loc_uniform"]
+    locs = [f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("loc_") and not k.startswith("loc_uniform")]
     if locs:
         parts.append("loc " + " ".join(locs))
-    parts.append(f"{row['epoch_time_s']:.0f}s")
+    parts.append(f"{row['epoch_time_s']:.0f}s ({row['epoch_cpu_s']:.0f} CPU-s)")
     return " | ".join(parts)
 
 

@@ -52,8 +52,8 @@ def predict(checkpoint: str, data: str, out: str, *, attention: str | None = Non
     values = []
     with torch.no_grad():
         for x, _ in tqdm(loader, desc="predict", disable=not progress):
-            out = model(x.to(dev))
-            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            res = model(x.to(dev))
+            logits = (res[0] if isinstance(res, (tuple, list)) else res).float()
             values += torch.sigmoid(logits.view(-1)).tolist() if binary else logits.argmax(1).tolist()
     buf = io.StringIO()
     w = csv.writer(buf)
