@@ -1,0 +1,85 @@
+"""One training step (forward, loss, backward, Adam step) of the seeds' models: reference vs fused attention.
+
+Cases: AttnVGG at 224 and at the dataset's native 512, RAN-56 at 224. Recorded per case: step time
+(pytest-benchmark), peak memory of one step and, on a GPU, the largest batch that fits (doubling, then
+bisection, on ``torch.cuda.OutOfMemoryError``). GPU steps run under bf16 autocast, as ``attnfast train``
+does by default. On a CPU the cases shrink to a tiny smoke (1/8-width models at 64 px, batch 2) and the
+largest batch is not searched (recorded as None).
+"""
+import gc
+
+import pytest
+import torch
+
+import harness
+from attnfast.models import create_model
+from attnfast.train import compute_loss
+
+GPU = harness.on_gpu()
+# name -> (model, image size, batch, model kwargs, batch-search cap)
+CASES = {
+    "attnvgg-224": ("attnvgg", 224, 32, {}, 2048),
+    "attnvgg-512": ("attnvgg", 512, 8, {}, 512),
+    "ran56-224": ("ran56", 224, 32, {}, 2048),
+} if GPU else {
+    "attnvgg-64-smoke": ("attnvgg", 64, 2, {"width_mult": 0.125}, None),
+    "ran56-64-smoke": ("ran56", 64, 2, {"width": 8}, None),
+}
+
+
+def _make_step(model_name, size, batch, kwargs, attention):
+    dev = harness.device()
+    model = create_model(model_name, 1, attention=attention, **kwargs).to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.randint(0, 2, (batch,), device=dev)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if GPU else torch.autocast("cpu", enabled=False)
+
+    def step(x, y):
+        with amp:
+            out = model(x)
+        loss = compute_loss(out[0] if isinstance(out, tuple) else out, y, "binary")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step, x, y
+
+
+def _fits(model_name, size, batch, kwargs, attention) -> bool:
+    try:
+        step, x, y = _make_step(model_name, size, batch, kwargs, attention)
+        step(x, y)
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(model_name, size, kwargs, attention, cap) -> int:
+    """Largest batch (<= cap) whose training step runs without running out of GPU memory."""
+    lo, hi = 0, 1
+    while hi <= cap and _fits(model_name, size, hi, kwargs, attention):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(model_name, size, mid, kwargs, attention) else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("attention", ["reference", "fused"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_step(benchmark, case, attention):
+    model_name, size, batch, kwargs, cap = CASES[case]
+    max_batch = largest_batch(model_name, size, kwargs, attention, cap) if GPU else None
+    step, x, y = _make_step(model_name, size, batch, kwargs, attention)
+    benchmark.group = f"train step {case}"
+    # mode "fwd": the timed callable is the whole step (its backward and optimizer step run inside it)
+    harness.measure(benchmark, step, [x, y], "fwd", op="train_step", provider=attention, case=case,
+                    model=model_name, image_size=size, batch=batch, max_batch=max_batch,
+                    amp="bf16" if GPU else "off", what="forward + focal loss + backward + Adam step")

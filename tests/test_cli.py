@@ -1,0 +1,135 @@
+"""The ``attnfast`` command line: bad data and bad options give one ``error:`` line and exit status 2."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from attnfast.cli import build_parser, main
+from attnfast.data import write_dataset
+
+
+@pytest.fixture(scope="module")
+def melanoma(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("cli") / "m"), layout="marking", n=20, size=40, seed=5)
+
+
+@pytest.fixture
+def copy(melanoma, tmp_path):
+    dst = str(tmp_path / "data")
+    shutil.copytree(melanoma, dst)
+    return dst
+
+
+TINY = ["--image-size", "32", "--width-mult", "0.125", "--epochs", "1", "--batch-size", "8", "--no-progress"]
+
+
+def _edit_csv(path, fn):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(fn(rows))
+
+
+def _run_main(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def _bad_column(root):
+    _edit_csv(os.path.join(root, "marking.csv"), lambda r: [["image_id", "patient_id", "source", "benign"]] + r[1:])
+    return ("marking.csv", "'target'")
+
+
+def _missing_image(root):
+    os.remove(os.path.join(root, "512x512-dataset-melanoma", "512x512-dataset-melanoma", "ISIC_0000004.jpg"))
+    return ("marking.csv", "ISIC_0000004")
+
+
+def _label_range(root):
+    def fn(rows):
+        rows[3][3] = "7"
+        return rows
+    _edit_csv(os.path.join(root, "marking.csv"), fn)
+    return ("marking.csv", "'target'", "row 4")
+
+
+def _empty_split(root):
+    _edit_csv(os.path.join(root, "marking.csv"), lambda r: [r[0]] + [x for x in r[1:] if x[3] == "0"])
+    return ("marking.csv", "one class")
+
+
+def _corrupt_image(root):
+    # the corrupt file is found while training (decoding), not while listing
+    for name in os.listdir(os.path.join(root, "512x512-dataset-melanoma", "512x512-dataset-melanoma")):
+        with open(os.path.join(root, "512x512-dataset-melanoma", "512x512-dataset-melanoma", name), "wb") as f:
+            f.write(b"GIF89a garbage")
+    return ("ISIC_", "corrupt")
+
+
+@pytest.mark.parametrize("breaker", [_bad_column, _missing_image, _label_range, _empty_split, _corrupt_image])
+def test_bad_data_is_one_line_exit_2(copy, tmp_path, capsys, breaker):
+    expected = breaker(copy)
+    code, lines = _run_main(capsys, ["train", "--data", f"melanoma:{copy}", "--out", str(tmp_path / "o"), *TINY])
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for piece in expected:
+        assert piece in lines[0], (piece, lines[0])
+
+
+def test_bad_options(melanoma, tmp_path, capsys):
+    code, lines = _run_main(capsys, ["train", "--data", f"melanoma:{melanoma}", "--image-size", "50",
+                                     "--out", str(tmp_path / "o")])
+    assert code == 2 and lines == ["error: --image-size must be a multiple of 32 and at least 32 for attnvgg "
+                                   "(five 2x downsamplings); got 50"]
+    code, lines = _run_main(capsys, ["train", "--data", "imagenet:/x"])
+    assert code == 2 and "expected synthetic" in lines[0]
+    code, lines = _run_main(capsys, ["train", "--data", f"melanoma:{melanoma}", "--resume",
+                                     "--out", str(tmp_path / "none")])
+    assert code == 2 and "no checkpoint" in lines[0]
+    code, lines = _run_main(capsys, ["predict", "--checkpoint", str(tmp_path / "missing.pt"),
+                                     "--data", f"melanoma:{melanoma}"])
+    assert code == 2 and lines[0].startswith("error: --checkpoint")
+
+
+def test_defaults_are_the_main_job_and_the_seeds():
+    args = build_parser().parse_args(["train"])
+    assert (args.data, args.model, args.attention, args.optimizer, args.lr) == \
+        ("synthetic", "attnvgg", "fused", "adam", 1e-4)
+    from attnfast.cli import _train_config
+
+    cfg = _train_config(args).resolved()
+    assert (cfg.image_size, cfg.width_mult, cfg.epochs) == (64, 0.125, 4)
+    real = _train_config(build_parser().parse_args(["train", "--data", "melanoma:/d"])).resolved()
+    assert (real.image_size, real.batch_size, real.width_mult, real.max_benign) == (224, 100, 1.0, 6000)
+
+
+def test_console_script_train_and_predict(melanoma, tmp_path):
+    """Through the installed ``attnfast`` script: a run, a submission, and a corrupt-image error."""
+    exe = shutil.which("attnfast") or pytest.skip("attnfast console script not on PATH")
+    out = str(tmp_path / "run")
+    proc = subprocess.run([exe, "train", "--data", f"melanoma:{melanoma}", "--out", out, *TINY],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 1 |" in proc.stdout and "attention localization" in proc.stdout
+    sub = str(tmp_path / "submission.csv")
+    proc = subprocess.run([exe, "predict", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                           f"melanoma:{melanoma}", "--out", sub, "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(sub) as f:
+        assert f.readline().strip() == "image_name,target" and len(f.readlines()) == 20
+    broken = str(tmp_path / "broken")
+    shutil.copytree(melanoma, broken)
+    img = os.path.join(broken, "512x512-dataset-melanoma", "512x512-dataset-melanoma", "ISIC_0000002.jpg")
+    with open(img, "wb") as f:
+        f.write(b"\x89PNG truncated")
+    proc = subprocess.run([exe, "predict", "--checkpoint", os.path.join(out, "best.pt"), "--data",
+                           f"melanoma:{broken}", "--out", sub, "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "ISIC_0000002.jpg" in proc.stderr and "Traceback" not in proc.stderr
