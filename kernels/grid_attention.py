@@ -365,15 +365,14 @@ def precision_for(dtype: torch.dtype) -> str:
 
 
 # Tile table of the main kernels, per BLOCK_A (= A rounded up to a power of two, >= 16):
-# (BLOCK_P, BLOCK_C, num_warps, spill budget in bytes). Picked from ``python -m attnfast.kernels.aot``
-# (ptxas, sm_80 and sm_90) as the largest pixel tile that does not spill. The whole z / dz tile
-# (BLOCK_P x BLOCK_A fp32) is live with four bilinear-tap gathers, so at A >= 256 (backward) and
-# A = 512 (forward) even BLOCK_P = 16 (the tl.dot minimum) spills a little; those budgets are the
-# measured spills rounded up (a speed cost, not a correctness one; not measured on a GPU).
-_FWD_TILES = {16: (64, 64, 4, 0), 32: (64, 64, 4, 0), 64: (64, 64, 8, 0), 128: (32, 32, 8, 0),
-              256: (16, 32, 8, 0), 512: (16, 32, 8, 512)}
-_BWD_TILES = {16: (32, 32, 4, 0), 32: (32, 32, 4, 0), 64: (32, 32, 8, 0), 128: (16, 32, 8, 0),
-              256: (16, 32, 8, 1024), 512: (16, 32, 8, 4096)}
+# (BLOCK_P, BLOCK_C, num_warps). Picked from ``python -m attnfast.kernels.aot`` (ptxas, sm_80/sm_90,
+# bf16) as the largest pixel tile that does not spill. The whole z / dz tile (BLOCK_P x BLOCK_A fp32)
+# is live with four bilinear-tap gathers, so at A >= 256 (backward), A = 512 (forward) and in fp32
+# even small tiles spill a little: see _SPILL_BUDGET below.
+_FWD_TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 8), 128: (32, 32, 8), 256: (16, 32, 8),
+              512: (16, 32, 8)}
+_BWD_TILES = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8), 256: (16, 32, 8),
+              512: (16, 32, 8)}
 
 
 def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
@@ -382,11 +381,10 @@ def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
     if block_a > MAX_ATTN_FEATURES:
         raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
                          f"got {A}")
-    block_p, block_c, num_warps, spill = (_BWD_TILES if backward else _FWD_TILES)[block_a]
+    block_p, block_c, num_warps = (_BWD_TILES if backward else _FWD_TILES)[block_a]
     if dtype == torch.float32:
         block_c = min(block_c, 32)
-    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps,
-            "max_spill_bytes": spill}
+    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps}
 
 
 def weight_blocks(C: int, dtype: torch.dtype) -> dict:
@@ -491,6 +489,55 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
+# Spill budgets (bytes) of the configs that spill: ptxas's worst of sm_80/sm_90 (triton 3.9),
+# rounded up to 256. Open tuning work (fp32 and A >= 256 mostly): a speed cost, not a
+# correctness one, and not measured on a GPU. Every config not listed must not spill.
+_SPILL_BUDGET = {
+    "grid_attention.bwd[bf16,P=16,C=32,A=256]": 768,
+    "grid_attention.bwd[bf16,P=16,C=32,A=512]": 3328,
+    "grid_attention.bwd[fp16,P=16,C=32,A=256]": 768,
+    "grid_attention.bwd[fp16,P=16,C=32,A=512]": 3328,
+    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=128]": 1280,
+    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=256]": 4352,
+    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=512]": 9472,
+    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=16]": 256,
+    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=32]": 512,
+    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=64]": 512,
+    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=128]": 1024,
+    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=256]": 3328,
+    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=512]": 12032,
+    "grid_attention.bwd[fp32,tf32,P=32,C=32,A=32]": 512,
+    "grid_attention.bwd[fp32,tf32,P=32,C=32,A=64]": 256,
+    "grid_attention.bwd_weight[bf16,A2=32,C2=128]": 256,
+    "grid_attention.bwd_weight[bf16,A2=32,C2=16]": 256,
+    "grid_attention.bwd_weight[bf16,A2=32,C2=256]": 256,
+    "grid_attention.bwd_weight[bf16,A2=32,C2=64]": 256,
+    "grid_attention.bwd_weight[fp16,A2=32,C2=128]": 256,
+    "grid_attention.bwd_weight[fp16,A2=32,C2=16]": 256,
+    "grid_attention.bwd_weight[fp16,A2=32,C2=256]": 256,
+    "grid_attention.bwd_weight[fp16,A2=32,C2=64]": 256,
+    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=128]": 1024,
+    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=16]": 768,
+    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=32]": 256,
+    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=64]": 1536,
+    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=128]": 256,
+    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=16]": 256,
+    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=32]": 512,
+    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=64]": 1024,
+    "grid_attention.fwd[bf16,P=16,C=32,A=512]": 256,
+    "grid_attention.fwd[fp16,P=16,C=32,A=512]": 256,
+    "grid_attention.fwd[fp32,ieee,P=16,C=32,A=256]": 1024,
+    "grid_attention.fwd[fp32,ieee,P=16,C=32,A=512]": 3072,
+    "grid_attention.fwd[fp32,ieee,P=32,C=32,A=128]": 768,
+    "grid_attention.fwd[fp32,ieee,P=64,C=32,A=32]": 512,
+    "grid_attention.fwd[fp32,ieee,P=64,C=32,A=64]": 512,
+    "grid_attention.fwd[fp32,tf32,P=16,C=32,A=256]": 1280,
+    "grid_attention.fwd[fp32,tf32,P=16,C=32,A=512]": 3328,
+    "grid_attention.fwd[fp32,tf32,P=32,C=32,A=128]": 256,
+    "grid_attention.fwd[fp32,tf32,P=64,C=32,A=32]": 256,
+}
+
+
 def _precisions(dtype):
     return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
 
@@ -513,19 +560,20 @@ def aot_configs() -> list:
                         ptrs.update(logit_ptr="fp32", lse_ptr="fp32", k_ptr="fp32", da_ptr=dt, dp_ptr=dt,
                                     dl_ptr=dt, dgp_ptr="fp32", dc_ptr="fp32")
                         scalars = {"inv_up": "fp32", "scale": "fp32"}
+                    name = f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}]"
                     configs.append(KernelConfig(
-                        name=f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}]",
-                        kernel=kernel, signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
-                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=cfg["max_spill_bytes"]))
+                        name=name, kernel=kernel,
+                        signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
+                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=_SPILL_BUDGET.get(name, 0)))
             for c in (16, 32, 64, 128, 256):
                 cfg = weight_blocks(c, dtype)
                 if cfg["BLOCK_C2"] != c:
                     continue
                 cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A2": cfg["BLOCK_A2"],
                       "BLOCK_C2": cfg["BLOCK_C2"], "PRECISION": prec}
+                name = f"grid_attention.bwd_weight[{tag},A2={cfg['BLOCK_A2']},C2={c}]"
                 configs.append(KernelConfig(
-                    name=f"grid_attention.bwd_weight[{tag},A2={cfg['BLOCK_A2']},C2={c}]",
-                    kernel=grid_bwd_weight_kernel,
+                    name=name, kernel=grid_bwd_weight_kernel, max_spill_bytes=_SPILL_BUDGET.get(name, 0),
                     signature=signature(grid_bwd_weight_kernel,
                                         ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
                                               "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
