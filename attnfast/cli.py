@@ -25,7 +25,7 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int, default=None, help="default 32 synthetic, 100 real (the seed's)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<time>)")
     p.add_argument("--attention", default="fused", choices=("fused", "reference"))
-    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on GPU, off on CPU")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on GPU (off for attnvgg until GridAttention accepts autocast), off on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)

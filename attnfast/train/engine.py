@@ -50,7 +50,7 @@ def model_kwargs(cfg: TrainConfig) -> dict:
                 "normalize_attn": cfg.normalize_attn}
     if cfg.model.startswith("ran"):
         return {"width": max(4, int(round(64 * cfg.width_mult))), "dropout": cfg.dropout}
-    return {}
+    return {"width": max(4, int(round(32 * cfg.width_mult)))}  # sagan_resnet: 32 channels at width 1
 
 
 def build_model(name: str, num_outputs: int, attention: str, kwargs: dict):
@@ -74,7 +74,9 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torc
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
     mode = cfg.amp
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        # bf16 on a GPU, except AttnVGG: its GridAttention does not accept autocast's mixed dtypes yet
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported() and cfg.model != "attnvgg"
+        mode = "bf16" if ok else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 

@@ -31,21 +31,21 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-# (layout, --data kind, model, attention, image size): every layout, both models, both attention paths
+# (layout, --data kind, model, attention, image size, amp): every layout, both models, both attention paths
 E2E = [
-    ("marking", "melanoma", "attnvgg", "fused", 32),
-    ("siim", "melanoma", "attnvgg", "reference", 32),
-    ("cassava", "cassava", "ran56", "fused", 64),
-    ("folder", "folder", "ran56", "reference", 64),
+    ("marking", "melanoma", "attnvgg", "fused", 32, "off"),
+    ("siim", "melanoma", "attnvgg", "reference", 32, "off"),
+    ("cassava", "cassava", "ran56", "fused", 64, "bf16"),
+    ("folder", "folder", "ran56", "reference", 64, "off"),
 ]
 
 
-@pytest.mark.parametrize("layout,kind,model,attention,size", E2E)
-def test_tiny_end_to_end(data, tmp_path, layout, kind, model, attention, size):
+@pytest.mark.parametrize("layout,kind,model,attention,size,amp", E2E)
+def test_tiny_end_to_end(data, tmp_path, layout, kind, model, attention, size, amp):
     out = str(tmp_path / "run")
     logs = []
     summary = train(TrainConfig(data=f"{kind}:{data[layout]}", model=model, attention=attention, image_size=size,
-                                width_mult=0.125, out=out, **TINY), log=logs.append)
+                                width_mult=0.125, out=out, amp=amp, **TINY), log=logs.append)
     assert summary["epochs"] == 1 and os.path.isfile(os.path.join(out, "summary.json"))
     for name in ("last.pt", "best.pt", "metrics.csv", os.path.join("overlays", "epoch_001.png")):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -171,6 +171,23 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, boom, mode="w")
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="GridAttention (reference and fused) rejects bf16 activations with fp32 weights under "
+                          "autocast (check_same dtype); remove this marker when it accepts autocast")
+@pytest.mark.parametrize("attention", ["fused", "reference"])
+def test_attnvgg_under_bf16_autocast(data, tmp_path, attention):
+    train(TrainConfig(data=f"melanoma:{data['marking']}", attention=attention, image_size=32, width_mult=0.125,
+                      out=str(tmp_path / "amp"), amp="bf16", **TINY), log=lambda *_: None)
+
+
+def test_sagan_resnet_trains(data, tmp_path):
+    out = str(tmp_path / "sagan")
+    train(TrainConfig(data=f"melanoma:{data['marking']}", model="sagan_resnet", image_size=32, width_mult=0.125,
+                      out=out, **TINY), log=lambda *_: None)
+    (row,) = _rows(os.path.join(out, "metrics.csv"))
+    assert np.isfinite(float(row["val_auc"]))
 
 
 def test_summary_json_is_valid(data, tmp_path):
