@@ -2,8 +2,8 @@
 
 Cases: AttnVGG at 224 and at the dataset's native 512, RAN-56 at 224. Recorded per case: step time
 (pytest-benchmark), peak memory of one step and, on a GPU, the largest batch that fits (doubling, then
-bisection, on ``torch.cuda.OutOfMemoryError``). Steps run in fp32: GridAttention does not accept bf16
-autocast yet (see tests/train), so AttnVGG cannot be compared under autocast until it does. On a CPU the cases shrink to a tiny smoke (1/8-width models at 64 px, batch 2) and the
+bisection, on ``torch.cuda.OutOfMemoryError``). On a GPU each case runs in fp32 and under bf16 autocast
+(the training CLI's default there). On a CPU the cases shrink to a tiny fp32 smoke (1/8-width models at 64 px, batch 2) and the
 largest batch is not searched (recorded as None).
 """
 import gc
@@ -27,7 +27,11 @@ CASES = {
 }
 
 
-def _make_step(model_name, size, batch, kwargs, attention):
+AMP = {"off": None, "bf16": torch.bfloat16}
+AMP_MODES = ["off", "bf16"] if GPU else ["off"]
+
+
+def _make_step(model_name, size, batch, kwargs, attention, amp="off"):
     dev = harness.device()
     model = create_model(model_name, 1, attention=attention, **kwargs).to(dev).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -35,8 +39,9 @@ def _make_step(model_name, size, batch, kwargs, attention):
     y = torch.randint(0, 2, (batch,), device=dev)
 
     def step(x, y):
-        out = model(x)
-        loss = compute_loss(out[0] if isinstance(out, tuple) else out, y, "binary")
+        with torch.autocast(dev, dtype=AMP[amp], enabled=AMP[amp] is not None):
+            out = model(x)
+            loss = compute_loss(out[0] if isinstance(out, tuple) else out, y, "binary")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -45,9 +50,9 @@ def _make_step(model_name, size, batch, kwargs, attention):
     return step, x, y
 
 
-def _fits(model_name, size, batch, kwargs, attention) -> bool:
+def _fits(model_name, size, batch, kwargs, attention, amp) -> bool:
     try:
-        step, x, y = _make_step(model_name, size, batch, kwargs, attention)
+        step, x, y = _make_step(model_name, size, batch, kwargs, attention, amp)
         step(x, y)
         torch.cuda.synchronize()
         return True
@@ -58,26 +63,27 @@ def _fits(model_name, size, batch, kwargs, attention) -> bool:
         torch.cuda.empty_cache()
 
 
-def largest_batch(model_name, size, kwargs, attention, cap) -> int:
+def largest_batch(model_name, size, kwargs, attention, cap, amp="off") -> int:
     """Largest batch (<= cap) whose training step runs without running out of GPU memory."""
     lo, hi = 0, 1
-    while hi <= cap and _fits(model_name, size, hi, kwargs, attention):
+    while hi <= cap and _fits(model_name, size, hi, kwargs, attention, amp):
         lo, hi = hi, hi * 2
     hi = min(hi, cap + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(model_name, size, mid, kwargs, attention) else (lo, mid)
+        lo, hi = (mid, hi) if _fits(model_name, size, mid, kwargs, attention, amp) else (lo, mid)
     return lo
 
 
 @pytest.mark.parametrize("attention", ["reference", "fused"])
+@pytest.mark.parametrize("amp", AMP_MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_step(benchmark, case, attention):
+def test_train_step(benchmark, case, amp, attention):
     model_name, size, batch, kwargs, cap = CASES[case]
-    max_batch = largest_batch(model_name, size, kwargs, attention, cap) if GPU else None
-    step, x, y = _make_step(model_name, size, batch, kwargs, attention)
-    benchmark.group = f"train step {case}"
+    max_batch = largest_batch(model_name, size, kwargs, attention, cap, amp) if GPU else None
+    step, x, y = _make_step(model_name, size, batch, kwargs, attention, amp)
+    benchmark.group = f"train step {case} amp={amp}"
     # mode "fwd": the timed callable is the whole step (its backward and optimizer step run inside it)
     harness.measure(benchmark, step, [x, y], "fwd", op="train_step", provider=attention, case=case,
                     model=model_name, image_size=size, batch=batch, max_batch=max_batch,
-                    amp="off", what="forward + focal loss + backward + Adam step")
+                    amp=amp, dtype=f"amp={amp}", shape=case, what="forward + focal loss + backward + Adam step")

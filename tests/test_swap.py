@@ -11,7 +11,7 @@ import attnfast
 from attnfast.reference import GridAttention as RefGrid
 from attnfast.reference import ResidualAttentionModule as RefRAM
 from attnfast.reference import SelfAttention as RefSelf
-from attnfast.swap import Replacement, swap, unswap
+from attnfast.swapping import Replacement, swap, unswap
 
 HAS_FUSED_GRID = importlib.util.find_spec("attnfast.nn.grid_attention") is not None
 HAS_FUSED_SELF = importlib.util.find_spec("attnfast.nn.self_attention") is not None
@@ -100,7 +100,7 @@ def _assert_same_outputs(a, b, atol=1e-5, rtol=1e-4):
 
 # --- tests -------------------------------------------------------------------------------------------------
 def test_public_names_work_whichever_import_came_first():
-    # ``from attnfast.swap import swap`` above bound the submodule to ``attnfast.swap``: it must stay callable
+    # the package attribute is the function, whichever import came first
     from attnfast.models import ResidualAttentionNet
 
     model = ResidualAttentionNet(56, num_classes=2, width=8, attention="reference")

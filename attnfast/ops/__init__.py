@@ -1,4 +1,11 @@
-"""torch.library custom ops of attnfast: autograd, a PyTorch path and Triton dispatch."""
-from .residual_gate import residual_gate
+"""torch.library custom ops of attnfast: autograd, a PyTorch path and Triton dispatch.
 
-__all__ = ["residual_gate"]
+- ``grid_attention(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize_attn) -> (a, pooled)``
+- ``self_attention(q, k, v, x=None, gamma=None, ...)``: exact SAGAN attention, O(N) memory
+- ``residual_gate(mask_logits, trunk)``: ``(1 + sigmoid(m)) * t``
+"""
+from .grid_attention import grid_attention
+from .residual_gate import residual_gate
+from .self_attention import self_attention
+
+__all__ = ["grid_attention", "residual_gate", "self_attention"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor, check_up_factor
+from .._checks import check_module_inputs, check_tensor, check_up_factor
 
 
 class GridAttention(nn.Module):
@@ -49,7 +49,7 @@ class GridAttention(nn.Module):
     def check_inputs(self, l: torch.Tensor, g: torch.Tensor) -> None:
         check_tensor(l, "l", ndim=4, channels=self.in_features_l)
         check_tensor(g, "g", ndim=4, channels=self.in_features_g)
-        check_same({"l": l, "g": g, "W_l.weight": self.W_l.weight})
+        check_module_inputs({"l": l, "g": g}, self.W_l.weight, "W_l.weight")
         check_up_factor(l.shape, g.shape, self.up_factor)
 
     def forward(self, l: torch.Tensor, g: torch.Tensor):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._checks import check_same, check_tensor
+from .._checks import check_module_inputs, check_tensor
 
 
 def qk_dim(in_dim: int) -> int:
@@ -40,7 +40,7 @@ class SelfAttention(nn.Module):
 
     def check_inputs(self, x: torch.Tensor) -> None:
         check_tensor(x, "x", ndim=4, channels=self.in_dim)
-        check_same({"x": x, "query_conv.weight": self.query_conv.weight})
+        check_module_inputs({"x": x}, self.query_conv.weight, "query_conv.weight")
 
     def forward(self, x: torch.Tensor):
         self.check_inputs(x)

@@ -29,7 +29,7 @@ class TrainConfig:
     batch_size: int | None = None
     out: str | None = None  # None: runs/<model>-<data>-<timestamp>
     attention: str = "fused"
-    amp: str = "auto"  # auto: bf16 on a GPU that supports it (not yet for attnvgg), off on CPU
+    amp: str = "auto"  # auto: bf16 on a GPU that supports it, off on CPU
     compile: bool = False
     resume: bool = False
     optimizer: str = "adam"  # the seed's Adam, lr 1e-4

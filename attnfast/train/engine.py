@@ -74,8 +74,8 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torc
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
     mode = cfg.amp
     if mode == "auto":
-        # bf16 on a GPU, except AttnVGG: its GridAttention does not accept autocast's mixed dtypes yet
-        ok = device.type == "cuda" and torch.cuda.is_bf16_supported() and cfg.model != "attnvgg"
+        # bf16 on a GPU that supports it; off on CPU
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         mode = "bf16" if ok else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 

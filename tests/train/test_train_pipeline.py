@@ -173,9 +173,6 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="GridAttention (reference and fused) rejects bf16 activations with fp32 weights under "
-                          "autocast (check_same dtype); remove this marker when it accepts autocast")
 @pytest.mark.parametrize("attention", ["fused", "reference"])
 def test_attnvgg_under_bf16_autocast(data, tmp_path, attention):
     train(TrainConfig(data=f"melanoma:{data['marking']}", attention=attention, image_size=32, width_mult=0.125,

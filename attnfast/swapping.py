@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
-import types
 
 import torch
 import torch.nn as nn
@@ -237,15 +235,3 @@ def unswap(model: nn.Module, *, inplace: bool = True) -> SwapResult:
 
 
 __all__ = ["swap", "unswap", "Replacement", "SwapResult"]
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``attnfast.swap`` (the module) makes Python bind the name ``attnfast.swap`` to the module,
-    shadowing the lazily exported function; a callable module keeps ``attnfast.swap(model)`` working
-    whichever was imported first."""
-
-    def __call__(self, model, *, inplace: bool = True) -> SwapResult:
-        return swap(model, inplace=inplace)
-
-
-sys.modules[__name__].__class__ = _CallableModule
