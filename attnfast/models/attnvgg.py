@@ -15,20 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_tensor
+from ._select import attention_class
 
 POOL_INDICES = (6, 13, 23, 33, 43)
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-def grid_attention_class(attention: str):
-    """``'reference'`` -> plain PyTorch module; ``'fused'`` -> attnfast's Triton-backed module."""
-    if attention == "reference":
-        from ..reference.grid_attention import GridAttention
-        return GridAttention
-    if attention == "fused":
-        from ..nn.grid_attention import GridAttention
-        return GridAttention
-    raise ValueError(f"attention must be 'reference' or 'fused'; got {attention!r}")
 
 
 def vgg16_bn_weights_path() -> str:
@@ -92,7 +82,7 @@ class AttnVGG(nn.Module):
         self.normalize_attn = normalize_attn
         self.dpt = nn.Dropout(dropout) if dropout is not None else None
         self.cls = nn.Linear(c5 + c4 + c3, num_classes, bias=True)
-        Attn = grid_attention_class(attention)
+        Attn = attention_class(attention, "GridAttention")
         self.attn1 = Attn(c3, c5, c3, 4, normalize_attn=normalize_attn)
         self.attn2 = Attn(c4, c5, c3, 2, normalize_attn=normalize_attn)
         self.reset_parameters(self.cls)

@@ -12,19 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_tensor
+from ._select import attention_class
 from ..reference.residual_attention import ResidualUnit
 
 MODULES_PER_STAGE = {56: (1, 1, 1), 92: (1, 2, 3)}
-
-
-def residual_attention_class(attention: str):
-    if attention == "reference":
-        from ..reference.residual_attention import ResidualAttentionModule
-        return ResidualAttentionModule
-    if attention == "fused":
-        from ..nn.residual_attention import ResidualAttentionModule
-        return ResidualAttentionModule
-    raise ValueError(f"attention must be 'reference' or 'fused'; got {attention!r}")
 
 
 class ResidualAttentionNet(nn.Module):
@@ -36,7 +27,7 @@ class ResidualAttentionNet(nn.Module):
         if depth not in MODULES_PER_STAGE:
             raise ValueError(f"depth must be 56 or 92; got {depth!r}")
         self.in_channels = in_channels
-        Attn = residual_attention_class(attention)
+        Attn = attention_class(attention, "ResidualAttentionModule")
         w = width
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, w, 7, stride=2, padding=3, bias=False),
