@@ -40,7 +40,7 @@ import triton.language as tl
 from .registry import KernelConfig, signature
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-MAX_ATTN_FEATURES = 512  # the z tile keeps all A channels in registers; larger A -> PyTorch path
+MAX_ATTN_FEATURES = 512  # larger A -> PyTorch path (configs are compiled and checked up to 512)
 BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
 COMBINE_BLOCK_C = 64
 COMBINE_BLOCK_HW = 256
@@ -69,36 +69,39 @@ def _src_index(dst, inv_up, n_in):
 
 
 @triton.jit
-def _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A):
-    """Bilinear tap of Gp (B, h, w, A) fp32 at high-res pixels (y, x): a (P, BLOCK_A) fp32 tile.
+def _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A: tl.constexpr):
+    """Bilinear tap of Gp (B, h, w, A) fp32 at high-res pixels (y, x), channels a0 + [0, BLOCK_A):
+    a (P, BLOCK_A) fp32 tile.
 
-    ``gp_b`` points at this sample's Gp (h, w, A); offsets inside a sample are int32."""
+    ``gp_b`` points at this sample's Gp (h, w, A); offsets inside a sample are int32. ``a0`` goes
+    into the per-pixel offsets so that no (P, BLOCK_A) offset tile is loop-invariant in a loop over
+    A chunks (hoisting four of them out of the loop would pin them in registers)."""
     y0, y1, ly1 = _src_index(y, inv_up, h)
     x0, x1, lx1 = _src_index(x, inv_up, w)
     ly0 = 1.0 - ly1
     lx0 = 1.0 - lx1
-    a2 = offs_a[None, :]
-    g00 = tl.load(gp_b + ((y0 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
-    g01 = tl.load(gp_b + ((y0 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    a2 = tl.arange(0, BLOCK_A)[None, :]
+    g00 = tl.load(gp_b + ((y0 * w + x0) * A + a0)[:, None] + a2, mask=mask2, other=0.0)
+    g01 = tl.load(gp_b + ((y0 * w + x1) * A + a0)[:, None] + a2, mask=mask2, other=0.0)
     up = ly0[:, None] * (lx0[:, None] * g00 + lx1[:, None] * g01)
-    g10 = tl.load(gp_b + ((y1 * w + x0) * A)[:, None] + a2, mask=mask2, other=0.0)
-    g11 = tl.load(gp_b + ((y1 * w + x1) * A)[:, None] + a2, mask=mask2, other=0.0)
+    g10 = tl.load(gp_b + ((y1 * w + x0) * A + a0)[:, None] + a2, mask=mask2, other=0.0)
+    g11 = tl.load(gp_b + ((y1 * w + x1) * A + a0)[:, None] + a2, mask=mask2, other=0.0)
     up += ly1[:, None] * (lx0[:, None] * g10 + lx1[:, None] * g11)
     return up
 
 
 @triton.jit
-def _scatter_gp(dgp_b, y, x, offs_a, mask2, dz, inv_up, h, w, A):
+def _scatter_gp(dgp_b, y, x, a0, mask2, dz, inv_up, h, w, A, BLOCK_A: tl.constexpr):
     """Adjoint of ``_upsampled_gp``: atomically add the four weighted taps of dz into dGp."""
     y0, y1, ly1 = _src_index(y, inv_up, h)
     x0, x1, lx1 = _src_index(x, inv_up, w)
     ly0 = 1.0 - ly1
     lx0 = 1.0 - lx1
-    a2 = offs_a[None, :]
-    tl.atomic_add(dgp_b + ((y0 * w + x0) * A)[:, None] + a2, dz * (ly0 * lx0)[:, None], mask=mask2)
-    tl.atomic_add(dgp_b + ((y0 * w + x1) * A)[:, None] + a2, dz * (ly0 * lx1)[:, None], mask=mask2)
-    tl.atomic_add(dgp_b + ((y1 * w + x0) * A)[:, None] + a2, dz * (ly1 * lx0)[:, None], mask=mask2)
-    tl.atomic_add(dgp_b + ((y1 * w + x1) * A)[:, None] + a2, dz * (ly1 * lx1)[:, None], mask=mask2)
+    a2 = tl.arange(0, BLOCK_A)[None, :]
+    tl.atomic_add(dgp_b + ((y0 * w + x0) * A + a0)[:, None] + a2, dz * (ly0 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y0 * w + x1) * A + a0)[:, None] + a2, dz * (ly0 * lx1)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y1 * w + x0) * A + a0)[:, None] + a2, dz * (ly1 * lx0)[:, None], mask=mask2)
+    tl.atomic_add(dgp_b + ((y1 * w + x1) * A + a0)[:, None] + a2, dz * (ly1 * lx1)[:, None], mask=mask2)
 
 
 @triton.jit
@@ -138,8 +141,9 @@ def _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        lt = tl.load(l_b + row_off[:, None] + offs_c[None, :] * sl_c,
-                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        # c0 enters the per-pixel offsets: no loop-invariant (P, BLOCK_C) offset tile to hoist
+        lt = tl.load(l_b + (row_off + c0 * sl_c)[:, None] + tl.arange(0, BLOCK_C)[None, :] * sl_c,
+                     mask=(mask_p[:, None] & mask_c[None, :]), other=0.0)
         wt = tl.load(wl_ptr + offs_c[:, None] * swl_c + offs_a[None, :] * swl_a,
                      mask=mask_c[:, None] & mask_a[None, :], other=0.0)
         z = tl.dot(lt, wt, z, input_precision=PRECISION)
@@ -157,12 +161,12 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
                     C, A, HW, W, h, w, inv_up, tiles_per_split, nsplit, softmax,
                     sl_b, sl_c, sl_h, sl_w, swl_a, swl_c, sphi,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    A_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """``BLOCK_A`` is a chunk of the A channels (A_CHUNKS * BLOCK_A >= A, unrolled): c = sum over chunks of phi . relu(z[:, chunk]), so
+    only a BLOCK_P x BLOCK_A slice of z is live at a time (re-reads of the l tile hit cache)."""
     b = tl.program_id(0)
     sp = tl.program_id(1)
     b64 = b.to(tl.int64)
-    offs_a = tl.arange(0, BLOCK_A)
-    phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
     bias = tl.load(bias_ptr).to(tl.float32)
     acc_row = acc_ptr + (b64 * nsplit + sp) * C
     for c0 in range(0, C, BLOCK_C):  # zero this program's pooled partial
@@ -176,11 +180,16 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
     for t in range(t_begin, t_end):
         pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
         row_off = y * sl_h + x * sl_w
-        z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
-                          BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
-        mask2 = mask_p[:, None] & mask_a[None, :]
-        z += _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A)
-        c = tl.sum(tl.maximum(z, 0.0) * phi[None, :], axis=1) + bias
+        c = tl.zeros((BLOCK_P,), dtype=tl.float32) + bias
+        for ia in tl.static_range(A_CHUNKS):
+            a0 = ia * BLOCK_A
+            offs_a = a0 + tl.arange(0, BLOCK_A)
+            phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
+            z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
+                              BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
+            mask2 = mask_p[:, None] & mask_a[None, :]
+            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
+            c += tl.sum(tl.maximum(z, 0.0) * phi[None, :], axis=1)
         tl.store(logit_ptr + b64 * HW + pix, c, mask=mask_p)
         if softmax != 0:
             m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
@@ -256,17 +265,19 @@ def _attn_from_logit(c, lse, softmax):
 
 @triton.jit
 def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, da_ptr, dp_ptr,
-                    dl_ptr, dgp_ptr, dc_ptr,
-                    C, A, HW, W, h, w, inv_up, tiles_per_split, softmax, scale,
+                    dl_ptr, dgp_ptr, dc_ptr, dlacc_ptr,
+                    C, A, HW, W, h, w, inv_up, tiles_per_split, nsplit, softmax, scale,
                     sl_b, sl_c, sl_h, sl_w, sdl_b, sdl_c, sdl_h, sdl_w, swl_a, swl_c, sphi,
                     sda_b, sda_h, sda_w, sdp_b, sdp_c,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    A_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """``BLOCK_A`` is a chunk of the A channels (A_CHUNKS * BLOCK_A >= A, unrolled; dc does not depend on z, so each chunk of dz is
+    independent). dl = s a dpooled + sum over chunks of dz[:, chunk] W_l[chunk]; with more than one
+    chunk the partial sums go through ``dlacc``, a program-private fp32 (BLOCK_P, C) tile in global
+    memory (cache-hot), and the last chunk writes dl."""
     b = tl.program_id(0)
     sp = tl.program_id(1)
     b64 = b.to(tl.int64)
-    offs_a = tl.arange(0, BLOCK_A)
-    phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
     lse = tl.load(lse_ptr + b64)
     kb = tl.load(k_ptr + b64)
     gp_b = gp_ptr + b64 * h * w * A
@@ -274,39 +285,56 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
     l_b = l_ptr + b64 * sl_b
     dl_b = dl_ptr + b64 * sdl_b
     dp_b = dp_ptr + b64 * sdp_b
+    dlacc = dlacc_ptr + (b64 * nsplit + sp) * BLOCK_P * C
+    offs_pl = tl.arange(0, BLOCK_P)
     t_begin, t_end = _split_tiles(sp, tl.cdiv(HW, BLOCK_P), tiles_per_split)
     for t in range(t_begin, t_end):
         pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
         row_off = y * sl_h + x * sl_w
-        # z = W_l l (+ taps below) and gdot = dpooled . l_p in the same pass over l
-        z, gdot = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
-                             dp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
-        mask2 = mask_p[:, None] & mask_a[None, :]
-        z += _upsampled_gp(gp_b, y, x, offs_a, mask2, inv_up, h, w, A)
+        dl_off = y * sdl_h + x * sdl_w
         c = tl.load(logit_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
         a = _attn_from_logit(c, lse, softmax)
         da = tl.load(da_ptr + b64 * sda_b + y * sda_h + x * sda_w, mask=mask_p, other=0.0).to(tl.float32)
-        ghat = da + scale * gdot
-        if softmax != 0:
-            dc = a * (ghat - kb)
-        else:
-            dc = ghat * a * (1.0 - a)
-        dc = tl.where(mask_p, dc, 0.0)
-        tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
-        dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
-        _scatter_gp(dgp_b, y, x, offs_a, mask2, dz, inv_up, h, w, A)
-        dz_lp = dz.to(l_ptr.dtype.element_ty)
-        dl_off = y * sdl_h + x * sdl_w
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            wt = tl.load(wl_ptr + offs_a[:, None] * swl_a + offs_c[None, :] * swl_c,
-                         mask=mask_a[:, None] & mask_c[None, :], other=0.0)
-            dp = tl.load(dp_b + offs_c * sdp_c, mask=mask_c, other=0.0)
-            dlt = tl.dot(dz_lp, wt, input_precision=PRECISION)
-            dlt += (scale * a)[:, None] * dp.to(tl.float32)[None, :]
-            tl.store(dl_b + dl_off[:, None] + offs_c[None, :] * sdl_c, dlt.to(dl_ptr.dtype.element_ty),
-                     mask=mask_p[:, None] & mask_c[None, :])
+        for ia in tl.static_range(A_CHUNKS):
+            a0 = ia * BLOCK_A
+            offs_a = a0 + tl.arange(0, BLOCK_A)
+            phi, mask_a = _load_phi(phi_ptr, offs_a, A, sphi)
+            # z = W_l l (+ taps below) and gdot = dpooled . l_p in the same pass over l
+            z, gdot = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
+                                 dp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
+            mask2 = mask_p[:, None] & mask_a[None, :]
+            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
+            ghat = da + scale * gdot
+            if softmax != 0:
+                dc = a * (ghat - kb)
+            else:
+                dc = ghat * a * (1.0 - a)
+            dc = tl.where(mask_p, dc, 0.0)
+            if ia == 0:
+                tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
+            dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
+            _scatter_gp(dgp_b, y, x, a0, mask2, dz, inv_up, h, w, A, BLOCK_A)
+            dz_lp = dz.to(l_ptr.dtype.element_ty)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                mask_pc = mask_p[:, None] & mask_c[None, :]
+                wt = tl.load(wl_ptr + offs_a[:, None] * swl_a + offs_c[None, :] * swl_c,
+                             mask=mask_a[:, None] & mask_c[None, :], other=0.0)
+                dlt = tl.dot(dz_lp, wt, input_precision=PRECISION)
+                acc_off = offs_pl[:, None] * C + offs_c[None, :]
+                if ia == 0:
+                    dp = tl.load(dp_b + offs_c * sdp_c, mask=mask_c, other=0.0)
+                    dlt += (scale * a)[:, None] * dp.to(tl.float32)[None, :]
+                else:
+                    dlt += tl.load(dlacc + acc_off, mask=mask_pc, other=0.0)
+                if ia + 1 < A_CHUNKS:
+                    tl.store(dlacc + acc_off, dlt, mask=mask_pc)
+                else:
+                    tl.store(dl_b + dl_off[:, None] + offs_c[None, :] * sdl_c, dlt.to(dl_ptr.dtype.element_ty),
+                             mask=mask_pc)
+            if ia + 1 < A_CHUNKS:
+                tl.debug_barrier()  # dlacc: this chunk's stores before the next chunk's loads
 
 
 @triton.jit
@@ -336,8 +364,7 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
         z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
                           BLOCK_P, BLOCK_C, BLOCK_A2, PRECISION, False)
         mask2 = mask_p[:, None] & mask_a[None, :]
-        z += _upsampled_gp(gp_ptr + b64 * h * w * A + pid_a * BLOCK_A2, y, x, tl.arange(0, BLOCK_A2), mask2,
-                           inv_up, h, w, A)
+        z += _upsampled_gp(gp_ptr + b64 * h * w * A, y, x, pid_a * BLOCK_A2, mask2, inv_up, h, w, A, BLOCK_A2)
         dc = tl.load(dc_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
         dphi += tl.sum(dc[:, None] * tl.maximum(z, 0.0), axis=0)
         dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0).to(l_ptr.dtype.element_ty)
@@ -364,34 +391,41 @@ def precision_for(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-# Tile table of the main kernels, per BLOCK_A (= A rounded up to a power of two, >= 16):
-# (BLOCK_P, BLOCK_C, num_warps). Picked from ``python -m attnfast.kernels.aot`` (ptxas, sm_80/sm_90,
-# bf16) as the largest pixel tile that does not spill. The whole z / dz tile (BLOCK_P x BLOCK_A fp32)
-# is live with four bilinear-tap gathers, so at A >= 256 (backward), A = 512 (forward) and in fp32
-# even small tiles spill a little: see _SPILL_BUDGET below.
-_FWD_TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 8), 128: (32, 32, 8), 256: (16, 32, 8),
-              512: (16, 32, 8)}
-_BWD_TILES = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8), 256: (16, 32, 8),
-              512: (16, 32, 8)}
+# Tile table of the main kernels, per A bucket (A rounded up to a power of two, >= 16):
+# (BLOCK_P, BLOCK_C, BLOCK_A, num_warps), BLOCK_A being the chunk of A channels whose slice of z
+# is live at a time. Picked from ``python -m attnfast.kernels.aot`` (ptxas, sm_80/sm_90) as the
+# largest tiles that do not spill.
+_FWD_TILES = {16: (64, 64, 16, 4), 32: (64, 64, 32, 4), 64: (64, 64, 64, 8), 128: (32, 32, 128, 8),
+              256: (16, 32, 256, 8), 512: (16, 32, 512, 8)}
+_BWD_TILES = {16: (32, 32, 16, 4), 32: (32, 32, 32, 4), 64: (32, 32, 64, 8), 128: (16, 32, 128, 8),
+              256: (16, 32, 256, 8), 512: (16, 32, 512, 8)}
+# fp32: BLOCK_C = 16 (the operand tiles of the dots are twice as wide per element)
+_FWD_TILES_FP32 = {16: (64, 16, 16, 4), 32: (64, 16, 32, 4), 64: (32, 16, 64, 4), 128: (16, 16, 128, 8),
+                   256: (16, 16, 256, 8), 512: (16, 16, 512, 8)}
+_BWD_TILES_FP32 = {16: (32, 16, 16, 4), 32: (32, 16, 32, 4), 64: (16, 16, 64, 4), 128: (16, 16, 128, 8),
+                   256: (16, 16, 256, 8), 512: (16, 16, 512, 8)}
 
 
 def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
     """Tile sizes of the forward / backward main kernels: a function of A and the dtype."""
-    block_a = max(16, _next_pow2(A))
-    if block_a > MAX_ATTN_FEATURES:
+    bucket = max(16, _next_pow2(A))
+    if bucket > MAX_ATTN_FEATURES:
         raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
                          f"got {A}")
-    block_p, block_c, num_warps = (_BWD_TILES if backward else _FWD_TILES)[block_a]
     if dtype == torch.float32:
-        block_c = min(block_c, 32)
-    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "num_warps": num_warps}
+        table = _BWD_TILES_FP32 if backward else _FWD_TILES_FP32
+    else:
+        table = _BWD_TILES if backward else _FWD_TILES
+    block_p, block_c, block_a, num_warps = table[bucket]
+    return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "A_CHUNKS": bucket // block_a,
+            "num_warps": num_warps}
 
 
 def weight_blocks(C: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program."""
     block_c2 = min(256 if dtype != torch.float32 else 128, max(16, _next_pow2(C)))
-    return {"BLOCK_P": 64, "BLOCK_C": 32, "BLOCK_A2": BLOCK_A2, "BLOCK_C2": block_c2,
-            "num_warps": 8 if block_c2 >= 128 else 4}
+    return {"BLOCK_P": 32, "BLOCK_C": 16 if dtype == torch.float32 else 32, "BLOCK_A2": BLOCK_A2,
+            "BLOCK_C2": block_c2, "num_warps": 8 if block_c2 >= 128 else 4}
 
 
 def _target_programs(device: torch.device) -> int:
@@ -435,7 +469,7 @@ def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
         C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit, int(softmax),
         *l.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"],
-        PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
+        A_CHUNKS=cfg["A_CHUNKS"], PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
     grid_combine_kernel[(B,)](
         m, s, acc, logits, a, pooled, pooled32, lse, C, HW, nsplit, int(softmax), 1.0 / HW,
         pooled.stride(0), pooled.stride(1),
@@ -455,13 +489,16 @@ def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_fac
     cfg = main_blocks(A, l.dtype, backward=True)
     nsplit, per = _splits(triton.cdiv(HW, cfg["BLOCK_P"]), B, l.device)
     scale = 1.0 if softmax else 1.0 / HW
+    # partial dl of the A chunks (only when A needs more than one chunk)
+    n_acc = B * nsplit * cfg["BLOCK_P"] * C if cfg["A_CHUNKS"] > 1 else 1
+    dlacc = torch.empty((n_acc,), device=l.device, dtype=torch.float32)
     grid_bwd_kernel[(B, nsplit)](
-        l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, dgp, dc,
-        C, A, HW, W, h, w, 1.0 / up_factor, per, int(softmax), scale,
+        l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, dgp, dc, dlacc,
+        C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit, int(softmax), scale,
         *l.stride(), *dl.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
         da.stride(0), da.stride(2), da.stride(3), dpooled.stride(0), dpooled.stride(1),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"],
-        PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
+        A_CHUNKS=cfg["A_CHUNKS"], PRECISION=precision_for(l.dtype), num_warps=cfg["num_warps"])
 
 
 def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
@@ -489,52 +526,37 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
-# Spill budgets (bytes) of the configs that spill: ptxas's worst of sm_80/sm_90 (triton 3.9),
-# rounded up to 256. Open tuning work (fp32 and A >= 256 mostly): a speed cost, not a
-# correctness one, and not measured on a GPU. Every config not listed must not spill.
+# Spill budgets (bytes): ptxas's worst of sm_80/sm_90 (triton 3.9), rounded up to 64. What remains:
+# the full BLOCK_P x A z tile is live with the four bilinear gathers, and the backward's dz is a
+# dot operand whose K = A extent every warp holds, so A >= 256 in backward and fp32 at A >= 64
+# still spill at BLOCK_P = 16 (the smallest dot M). A-chunked variants (A_CHUNKS > 1, runtime or
+# unrolled loop) spilled more in this triton version, so every config uses one chunk. Not measured
+# on a GPU. Every config not listed must not spill.
 _SPILL_BUDGET = {
-    "grid_attention.bwd[bf16,P=16,C=32,A=256]": 768,
-    "grid_attention.bwd[bf16,P=16,C=32,A=512]": 3328,
-    "grid_attention.bwd[fp16,P=16,C=32,A=256]": 768,
-    "grid_attention.bwd[fp16,P=16,C=32,A=512]": 3328,
-    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=128]": 1280,
-    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=256]": 4352,
-    "grid_attention.bwd[fp32,ieee,P=16,C=32,A=512]": 9472,
-    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=16]": 256,
-    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=32]": 512,
-    "grid_attention.bwd[fp32,ieee,P=32,C=32,A=64]": 512,
-    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=128]": 1024,
-    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=256]": 3328,
-    "grid_attention.bwd[fp32,tf32,P=16,C=32,A=512]": 12032,
-    "grid_attention.bwd[fp32,tf32,P=32,C=32,A=32]": 512,
-    "grid_attention.bwd[fp32,tf32,P=32,C=32,A=64]": 256,
-    "grid_attention.bwd_weight[bf16,A2=32,C2=128]": 256,
-    "grid_attention.bwd_weight[bf16,A2=32,C2=16]": 256,
-    "grid_attention.bwd_weight[bf16,A2=32,C2=256]": 256,
-    "grid_attention.bwd_weight[bf16,A2=32,C2=64]": 256,
-    "grid_attention.bwd_weight[fp16,A2=32,C2=128]": 256,
-    "grid_attention.bwd_weight[fp16,A2=32,C2=16]": 256,
-    "grid_attention.bwd_weight[fp16,A2=32,C2=256]": 256,
-    "grid_attention.bwd_weight[fp16,A2=32,C2=64]": 256,
-    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=128]": 1024,
-    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=16]": 768,
-    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=32]": 256,
-    "grid_attention.bwd_weight[fp32,ieee,A2=32,C2=64]": 1536,
-    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=128]": 256,
-    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=16]": 256,
-    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=32]": 512,
-    "grid_attention.bwd_weight[fp32,tf32,A2=32,C2=64]": 1024,
-    "grid_attention.fwd[bf16,P=16,C=32,A=512]": 256,
-    "grid_attention.fwd[fp16,P=16,C=32,A=512]": 256,
-    "grid_attention.fwd[fp32,ieee,P=16,C=32,A=256]": 1024,
-    "grid_attention.fwd[fp32,ieee,P=16,C=32,A=512]": 3072,
-    "grid_attention.fwd[fp32,ieee,P=32,C=32,A=128]": 768,
-    "grid_attention.fwd[fp32,ieee,P=64,C=32,A=32]": 512,
-    "grid_attention.fwd[fp32,ieee,P=64,C=32,A=64]": 512,
-    "grid_attention.fwd[fp32,tf32,P=16,C=32,A=256]": 1280,
-    "grid_attention.fwd[fp32,tf32,P=16,C=32,A=512]": 3328,
-    "grid_attention.fwd[fp32,tf32,P=32,C=32,A=128]": 256,
-    "grid_attention.fwd[fp32,tf32,P=64,C=32,A=32]": 256,
+    "grid_attention.bwd[bf16,P=16,C=32,A=256x1,w=8]": 192,
+    "grid_attention.bwd[bf16,P=16,C=32,A=512x1,w=8]": 3008,
+    "grid_attention.bwd[fp16,P=16,C=32,A=256x1,w=8]": 192,
+    "grid_attention.bwd[fp16,P=16,C=32,A=512x1,w=8]": 3008,
+    "grid_attention.bwd[fp32,ieee,P=16,C=16,A=128x1,w=8]": 128,
+    "grid_attention.bwd[fp32,ieee,P=16,C=16,A=256x1,w=8]": 2304,
+    "grid_attention.bwd[fp32,ieee,P=16,C=16,A=512x1,w=8]": 5696,
+    "grid_attention.bwd[fp32,ieee,P=16,C=16,A=64x1,w=4]": 192,
+    "grid_attention.bwd[fp32,ieee,P=32,C=16,A=32x1,w=4]": 64,
+    "grid_attention.bwd[fp32,tf32,P=16,C=16,A=256x1,w=8]": 1344,
+    "grid_attention.bwd[fp32,tf32,P=16,C=16,A=512x1,w=8]": 4544,
+    "grid_attention.bwd_weight[bf16,P=32,C=32,A2=32,C2=16,w=4]": 64,
+    "grid_attention.bwd_weight[bf16,P=32,C=32,A2=32,C2=32,w=4]": 64,
+    "grid_attention.bwd_weight[fp16,P=32,C=32,A2=32,C2=16,w=4]": 64,
+    "grid_attention.bwd_weight[fp16,P=32,C=32,A2=32,C2=32,w=4]": 64,
+    "grid_attention.bwd_weight[fp32,ieee,P=32,C=16,A2=32,C2=16,w=4]": 64,
+    "grid_attention.bwd_weight[fp32,ieee,P=32,C=16,A2=32,C2=32,w=4]": 64,
+    "grid_attention.bwd_weight[fp32,ieee,P=32,C=16,A2=32,C2=64,w=4]": 64,
+    "grid_attention.fwd[fp32,ieee,P=16,C=16,A=256x1,w=8]": 192,
+    "grid_attention.fwd[fp32,ieee,P=16,C=16,A=512x1,w=8]": 1536,
+    "grid_attention.fwd[fp32,ieee,P=32,C=16,A=64x1,w=4]": 64,
+    "grid_attention.fwd[fp32,ieee,P=64,C=16,A=32x1,w=4]": 64,
+    "grid_attention.fwd[fp32,tf32,P=16,C=16,A=256x1,w=8]": 256,
+    "grid_attention.fwd[fp32,tf32,P=16,C=16,A=512x1,w=8]": 1600,
 }
 
 
@@ -542,49 +564,63 @@ def _precisions(dtype):
     return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
 
 
+def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
+    dt = DTYPES[dtype]
+    tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
+    cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
+          "A_CHUNKS": cfg["A_CHUNKS"], "PRECISION": prec}
+    ptrs = {"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt}
+    if kind == "fwd":
+        kernel = grid_fwd_kernel
+        ptrs.update(bias_ptr=dt, logit_ptr="fp32", m_ptr="fp32", s_ptr="fp32", acc_ptr="fp32")
+        scalars = {"inv_up": "fp32"}
+    else:
+        kernel = grid_bwd_kernel
+        ptrs.update(logit_ptr="fp32", lse_ptr="fp32", k_ptr="fp32", da_ptr=dt, dp_ptr=dt,
+                    dl_ptr=dt, dgp_ptr="fp32", dc_ptr="fp32", dlacc_ptr="fp32")
+        scalars = {"inv_up": "fp32", "scale": "fp32"}
+    name = (f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={cfg['BLOCK_A']}"
+            f"x{cfg['A_CHUNKS']},w={cfg['num_warps']}]")
+    return KernelConfig(name=name, kernel=kernel,
+                        signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
+                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=_SPILL_BUDGET.get(name, 0))
+
+
+def _weight_config(dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
+    dt = DTYPES[dtype]
+    tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
+    cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A2": cfg["BLOCK_A2"],
+          "BLOCK_C2": cfg["BLOCK_C2"], "PRECISION": prec}
+    name = (f"grid_attention.bwd_weight[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A2={cfg['BLOCK_A2']},"
+            f"C2={cfg['BLOCK_C2']},w={cfg['num_warps']}]")
+    return KernelConfig(
+        name=name, kernel=grid_bwd_weight_kernel, max_spill_bytes=_SPILL_BUDGET.get(name, 0),
+        signature=signature(grid_bwd_weight_kernel,
+                            ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
+                                  "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
+                            scalars={"inv_up": "fp32"}, constexprs=cx),
+        constexprs=cx, num_warps=cfg["num_warps"])
+
+
 def aot_configs() -> list:
-    configs = []
+    """Every config the launchers can pick: main kernels for every A bucket (16..512, deduplicated:
+    several buckets share one A-chunked config), the weight kernel for every C bucket, the combine."""
+    configs = {}
     for dtype, dt in DTYPES.items():
         for prec in _precisions(dtype):
-            tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
-            for block_a in (16, 32, 64, 128, 256, 512):
-                for kind, kernel in (("fwd", grid_fwd_kernel), ("bwd", grid_bwd_kernel)):
-                    cfg = main_blocks(block_a, dtype, backward=kind == "bwd")
-                    cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
-                          "PRECISION": prec}
-                    ptrs = {"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt}
-                    if kind == "fwd":
-                        ptrs.update(bias_ptr=dt, logit_ptr="fp32", m_ptr="fp32", s_ptr="fp32", acc_ptr="fp32")
-                        scalars = {"inv_up": "fp32"}
-                    else:
-                        ptrs.update(logit_ptr="fp32", lse_ptr="fp32", k_ptr="fp32", da_ptr=dt, dp_ptr=dt,
-                                    dl_ptr=dt, dgp_ptr="fp32", dc_ptr="fp32")
-                        scalars = {"inv_up": "fp32", "scale": "fp32"}
-                    name = f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={block_a}]"
-                    configs.append(KernelConfig(
-                        name=name, kernel=kernel,
-                        signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
-                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=_SPILL_BUDGET.get(name, 0)))
-            for c in (16, 32, 64, 128, 256):
-                cfg = weight_blocks(c, dtype)
-                if cfg["BLOCK_C2"] != c:
-                    continue
-                cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A2": cfg["BLOCK_A2"],
-                      "BLOCK_C2": cfg["BLOCK_C2"], "PRECISION": prec}
-                name = f"grid_attention.bwd_weight[{tag},A2={cfg['BLOCK_A2']},C2={c}]"
-                configs.append(KernelConfig(
-                    name=name, kernel=grid_bwd_weight_kernel, max_spill_bytes=_SPILL_BUDGET.get(name, 0),
-                    signature=signature(grid_bwd_weight_kernel,
-                                        ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
-                                              "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
-                                        scalars={"inv_up": "fp32"}, constexprs=cx),
-                    constexprs=cx, num_warps=cfg["num_warps"]))
+            for bucket in (16, 32, 64, 128, 256, 512):
+                for kind in ("fwd", "bwd"):
+                    kc = _main_config(kind, dtype, prec, main_blocks(bucket, dtype, backward=kind == "bwd"))
+                    configs.setdefault(kc.name, kc)
+            for c in (16, 32, 64, 128, 256, 512):
+                kc = _weight_config(dtype, prec, weight_blocks(c, dtype))
+                configs.setdefault(kc.name, kc)
         cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C, "BLOCK_HW": COMBINE_BLOCK_HW}
-        configs.append(KernelConfig(
+        configs[f"grid_attention.combine[{dt}]"] = KernelConfig(
             name=f"grid_attention.combine[{dt}]", kernel=grid_combine_kernel,
             signature=signature(grid_combine_kernel,
                                 ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "logit_ptr": "fp32",
                                       "a_ptr": dt, "pooled_ptr": dt, "pooled32_ptr": "fp32", "lse_ptr": "fp32"},
                                 scalars={"inv_hw": "fp32"}, constexprs=cx),
-            constexprs=cx, num_warps=4))
-    return configs
+            constexprs=cx, num_warps=4)
+    return list(configs.values())
