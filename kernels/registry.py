@@ -148,6 +148,7 @@ def compile_config(cfg: KernelConfig, cap: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     usage = _resource_usage(compiled.asm["cubin"])
+    # Always ask ptxas: the cubin's STACK/LOCAL can read 0 for a kernel that spills.
     spills = _ptxas_spills(compiled.asm["ptx"], cap)
     if spills is None:  # fall back to local memory use from the cubin
         spills = usage["LOCAL"]
