@@ -1,7 +1,7 @@
 """``attnfast`` command line: ``attnfast train`` and ``attnfast predict``.
 
 ``attnfast train`` with no arguments is the main job: synthetic lesion images, AttnVGG (1/8 width,
-64 px, 4 epochs), a few minutes on 2 CPU cores; it prints validation AUC/AP per epoch and the
+64 px, 4 epochs), about 30 s on 2 CPU cores; it prints validation AUC/AP per epoch and the
 attention localization score, and writes metrics.csv, checkpoints and attention overlays into ``--out``.
 Bad data or options print one ``error: ...`` line and exit with status 2.
 """
@@ -25,7 +25,7 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int, default=None, help="default 32 synthetic, 100 real (the seed's)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<time>)")
     p.add_argument("--attention", default="fused", choices=("fused", "reference"))
-    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on GPU (off for attnvgg until GridAttention accepts autocast), off on CPU")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on a GPU that supports it, off on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
