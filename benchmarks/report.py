@@ -17,10 +17,14 @@ import json
 import os
 import sys
 
-# Vendor peak figures (dense): HBM bytes/s, and FLOP/s by dtype (tensor cores for 16-bit, tf32 for fp32 matmul).
+# Vendor peak figures (dense): HBM bytes/s, FLOP/s by dtype (tensor cores for 16-bit, tf32 for fp32 matmul),
+# and the special-function (exp) unit: 3.9e12 exp/s on H100 SXM5 (FlashAttention-3 paper); the H200 is the
+# same GH100 chip at the same clocks.
 PEAKS = {
-    "H100": {"bw": 3.35e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 494e12},
-    "H200": {"bw": 4.8e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 494e12},
+    "H100": {"bw": 3.35e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 494e12,
+             "exp": 3.9e12},
+    "H200": {"bw": 4.8e12, "torch.bfloat16": 989e12, "torch.float16": 989e12, "torch.float32": 494e12,
+             "exp": 3.9e12},
 }
 MIB = 1024 * 1024
 
@@ -98,6 +102,23 @@ def build_markdown(path: str, data: dict, rows: list) -> str:
                 roof.append(f"| {op} | {shape} | {dtype.replace('torch.', '')} | {f['bytes'] / 1e6:.1f} MB | "
                             f"{f.get('flops', 0) / 1e9:.2f} GFLOP | {bw_share * 100:.0f}% | {fl_share * 100:.0f}% | "
                             f"{bound} |")
+    pairs_rows = []
+    for (op, shape, dtype, mode), prov in by_case.items():
+        for p in providers:
+            r = prov.get(p)
+            if not r or not r.get("pairs"):
+                continue
+            _, peaks = _peaks(str(r.get("device", "")))
+            rate = r["pairs"] / r["median"]
+            share = (f"{r['exps'] / r['median'] / peaks['exp'] * 100:.0f}%"
+                     if peaks and r.get("exps") else "—")
+            pairs_rows.append(f"| {op} | {shape} | {dtype.replace('torch.', '')} | {mode} | {p} | "
+                              f"{rate / 1e9:.1f} | {share} |")
+    if pairs_rows:
+        lines += ["", "Query-key pairs per second, and the exp unit's share where the device is a known GPU "
+                  "(one exp per pair forward, two with backward):", "",
+                  "| op | shape | dtype | mode | provider | G pairs/s | % of exp-unit peak |",
+                  "|---|---|---|---|---|---|---|"] + pairs_rows
     if roof:
         lines += ["", f"Fused forward against the roofline ({gpu}: {PEAKS[gpu]['bw'] / 1e12:.2f} TB/s HBM, "
                   "vendor dense peaks):", "",

@@ -37,3 +37,15 @@ def test_report_errors_cleanly_on_bad_file(tmp_path):
     bad.write_text("{not json")
     r = subprocess.run([sys.executable, REPORT, str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_pairs_per_second_and_exp_share(tmp_path):
+    # 8 * 4096^2 pairs in 0.1 ms = 1342 G pairs/s; fwd+bwd: 2 exps per pair -> 2684e12 / 3.9e12 = 69%
+    pairs = 8 * 4096 * 4096
+    data = {"benchmarks": [_bench("fused", "fwd+bwd", 1e-4, op="self_attention", pairs=pairs, exps=2 * pairs)]}
+    path = tmp_path / "sa.json"
+    path.write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, REPORT, str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "sa.md").read_text()
+    assert "| 1342.2 | 69% |" in md
