@@ -40,7 +40,7 @@ def test_report_errors_cleanly_on_bad_file(tmp_path):
 
 
 def test_report_pairs_per_second_and_exp_share(tmp_path):
-    # 8 * 4096^2 pairs in 0.1 ms = 1342 G pairs/s; fwd+bwd: 2 exps per pair -> 2684e12 / 3.9e12 = 69%
+    # 8 * 4096^2 pairs in 0.1 ms = 1342 G pairs/s; fwd+bwd: 2 exps per pair -> 2.68e12 exp/s / 3.9e12 = 69%
     pairs = 8 * 4096 * 4096
     data = {"benchmarks": [_bench("fused", "fwd+bwd", 1e-4, op="self_attention", pairs=pairs, exps=2 * pairs)]}
     path = tmp_path / "sa.json"
