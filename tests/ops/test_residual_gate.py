@@ -95,3 +95,18 @@ def test_fused_module_matches_reference_module():
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(2, 16, 14, 14)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_kernels_match_reference(device, dtype):
+    """Compiled kernels on CUDA (bf16 is only testable here: the interpreter's bf16 is wrong)."""
+    shape = (4, 64, 28, 28)
+    m = torch.randn(shape, dtype=torch.float64) * 3
+    t = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    ref = _run(residual_gate_reference, m, t, g)
+    to = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
+    eager = [x.cpu() for x in _run(residual_gate_reference, to(m), to(t), to(g))]
+    out = [x.cpu() for x in _run(residual_gate, to(m), to(t), to(g))]
+    assert_close_3way(out, ref, eager, name=f"residual_gate[{dtype}]")
