@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import typing
 
 import torch
 
@@ -50,3 +52,42 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     raise RuntimeError(
         "ATTNFAST_BACKEND=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
         "before attnfast.kernels is imported (or use ATTNFAST_BACKEND=torch / auto)")
+
+
+def autocast_off(fn):
+    """Run a custom op's implementation with autocast disabled on its device.
+
+    A torch.library custom op has no autocast rule, so without this the PyTorch math inside it
+    (einsum, bmm, ...) would be autocast to 16 bits while the op promises fp32 statistics."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    # custom_op infers the schema from the signature; resolve its annotations against fn's own module
+    # (they may be strings under ``from __future__ import annotations``, naming types imported there).
+    hints = typing.get_type_hints(fn)
+    sig = inspect.signature(fn)
+    wrapper.__signature__ = sig.replace(
+        parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],
+        return_annotation=hints.get("return", sig.return_annotation))
+    return wrapper
+
+
+_WARNED = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) when CUDA tensors take the slower PyTorch path."""
+    import warnings
+
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"attnfast.{op}: {reason}; using the PyTorch path on CUDA (correct, slower)", stacklevel=3)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the PyTorch paths: float64 stays float64, everything else runs in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

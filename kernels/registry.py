@@ -131,6 +131,8 @@ def _ptxas_spills(ptx: str, cap: int) -> int | None:
     finally:
         os.unlink(path)
     text = r.stdout + r.stderr
+    if r.returncode != 0:  # a silent fallback could hide spills: fail loudly
+        raise RuntimeError(f"ptxas -v failed for sm_{cap} (exit {r.returncode}): {text.strip()[-500:]}")
     stores = re.findall(r"(\d+) bytes spill stores", text)
     loads = re.findall(r"(\d+) bytes spill loads", text)
     if not stores and not loads:

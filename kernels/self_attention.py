@@ -236,7 +236,7 @@ def _prec(dtype) -> str:
 def blocks(d: int, dv: int) -> tuple:
     """(BLOCK_D, BLOCK_DV, ONE_DV) the launchers use for these dims (see ``aot_configs``)."""
     bd = block_d(d)
-    bdv = max(block_dv(dv), bd)
+    bdv = block_dv(max(dv, bd))  # a listed value tile, never narrower than the q/k tile
     return bd, bdv, dv <= bdv
 
 
@@ -269,7 +269,33 @@ def _gamma32(gamma, like):
     return gamma.reshape(1).to(torch.float32)
 
 
+MAX_GRID_Y = 65535  # CUDA limit of grid axis 1, which carries the batch (x heads) here
+
+
+def _batch_slices(B: int):
+    for b0 in range(0, B, MAX_GRID_Y):
+        yield slice(b0, min(B, b0 + MAX_GRID_Y))
+
+
+def _sl(t, bs):
+    return None if t is None else t[bs]
+
+
 def attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
+    """``_attention_fwd`` over batch slices of at most ``MAX_GRID_Y`` (views: no copies)."""
+    for bs in _batch_slices(q.shape[0]):
+        _attention_fwd(q[bs], k[bs], v[bs], _sl(x, bs), gamma, scale, out[bs], _sl(o, bs), lse[bs])
+    return out, o, lse
+
+
+def attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
+    """``_attention_bwd`` over batch slices of at most ``MAX_GRID_Y`` (views: no copies)."""
+    for bs in _batch_slices(q.shape[0]):
+        _attention_bwd(grad[bs], q[bs], k[bs], v[bs], o[bs], lse[bs], gamma, scale, dq[bs], dk[bs], dv[bs], r[bs])
+    return dq, dk, dv, r
+
+
+def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     """Write the attention (and, with ``x``, ``gamma * o + x``) into the preallocated buffers.
 
     ``out``: (B, DV, NQ) in the input dtype; ``o``: (B, DV, NQ) fp32 copy of the attention output
@@ -294,7 +320,7 @@ def attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     return out, o, lse
 
 
-def attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
+def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     """Write dq, dk, dv and ``r = rowsum(grad * o)`` ((B, NQ) fp32, contiguous like ``lse``).
 
     ``grad`` is d(loss)/d(out); with ``gamma`` the attention's own gradient is ``gamma * grad``
@@ -311,7 +337,7 @@ def attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     if NQ:
         _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
             grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
-            BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS)
+            BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if NK:
         bm, bn, warps, _ = t["dkdv"]
         _bwd_dkdv_kernel[(triton.cdiv(NK, bn), B, triton.cdiv(DV, bdv))](

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import _alloc
 from .._checks import check_same, check_tensor, check_up_factor
-from .._dispatch import use_triton
+from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
 
 # The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -63,6 +63,9 @@ def check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor) -> None:
         raise ValueError(f"up_factor must be a positive integer; got {up_factor!r}")
     check_same({"l": l, "g": g, "W_l.weight": w_l, "W_g.weight": w_g, "phi.weight": phi_w, "phi.bias": phi_b})
     check_up_factor(l.shape, g.shape, int(up_factor))
+    if max(l.shape[1] * l.shape[2] * l.shape[3], g.shape[1] * g.shape[2] * g.shape[3]) >= 2 ** 31:
+        raise ValueError(f"one sample of l or g must have fewer than 2**31 elements (32-bit offsets in the "
+                         f"kernels); got l {tuple(l.shape[1:])}, g {tuple(g.shape[1:])}")
     if l.shape[2] * l.shape[3] == 0 or l.shape[1] == 0:
         raise ValueError(f"l must have at least one channel and one pixel; got shape {tuple(l.shape)}")
 
@@ -75,16 +78,23 @@ def _w2d(wt: torch.Tensor) -> torch.Tensor:
 
 
 def _project_g(g: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
-    """Gp = W_g g at g's resolution, fp32, laid out (B, h, w, A) contiguous."""
-    return torch.einsum("bchw,ac->bhwa", g.to(torch.float32), _w2d(w_g).to(torch.float32)).contiguous()
+    """Gp = W_g g at g's resolution in the compute dtype (fp32; fp64 for fp64), (B, h, w, A) contiguous."""
+    ct = compute_dtype(g)
+    return torch.einsum("bchw,ac->bhwa", g.to(ct), _w2d(w_g).to(ct)).contiguous()
 
 
 def _kernel_path(l: torch.Tensor, w_l: torch.Tensor) -> bool:
-    if l.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
     from ..kernels.grid_attention import MAX_ATTN_FEATURES
 
-    return w_l.shape[0] <= MAX_ATTN_FEATURES
+    if l.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reason = f"no Triton kernel for {l.dtype}"
+    elif w_l.shape[0] > MAX_ATTN_FEATURES:
+        reason = f"attn_features={w_l.shape[0]} > {MAX_ATTN_FEATURES} has no Triton kernel"
+    else:
+        return True
+    if l.is_cuda:
+        warn_fallback("grid_attention", reason)
+    return False
 
 
 def _attention(logits: torch.Tensor, lse: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -102,7 +112,7 @@ def _chunks(B: int, A: int, HW: int):
 
 
 def _torch_logits(l32, gp, wl32, phi32, bias32, up):
-    """z and logits for a chunk (fp32): z (b, A, H, W), logits (b, H*W)."""
+    """z and logits for a chunk (compute dtype): z (b, A, H, W), logits (b, H*W)."""
     z = torch.einsum("bchw,ac->bahw", l32, wl32) + _upsample(gp.permute(0, 3, 1, 2), up)
     c = torch.einsum("bahw,a->bhw", torch.relu(z), phi32) + bias32
     return z, c.flatten(1)
@@ -113,32 +123,34 @@ def _torch_logits(l32, gp, wl32, phi32, bias32, up):
 # ----------------------------------------------------------------------------------------------
 def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, lse, pooled32):
     B, C, H, W = l.shape
-    wl32 = _w2d(w_l).float()
-    phi32 = _w2d(phi_w)[0].float()
-    bias32 = phi_b.float().reshape(())
+    ct = logits.dtype
+    wl32 = _w2d(w_l).to(ct)
+    phi32 = _w2d(phi_w)[0].to(ct)
+    bias32 = phi_b.to(ct).reshape(())
     for b0, b1 in _chunks(B, wl32.shape[0], H * W):
-        _, c = _torch_logits(l[b0:b1].float(), gp[b0:b1], wl32, phi32, bias32, up)
+        _, c = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)
         logits[b0:b1] = c
     if normalize:
         lse.copy_(torch.logsumexp(logits, dim=1))
     else:
         lse.zero_()
     a32 = _attention(logits, lse, normalize)
+    a.copy_(a32.view(B, 1, H, W))
     if not normalize:
         a32 = a32 / (H * W)
     for b0, b1 in _chunks(B, C, H * W):
-        pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].float(), a32[b0:b1].view(-1, H, W))
+        pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a32[b0:b1].view(-1, H, W))
     pooled.copy_(pooled32)
-    a.copy_(_attention(logits, lse, normalize).view(B, 1, H, W))
 
 
 @torch.library.custom_op("attnfast::grid_attention", mutates_args=())
+@autocast_off
 def grid_attention_op(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: torch.Tensor,
                       phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (a, pooled, logits fp32 (B, HW), lse fp32 (B,), pooled fp32 (B, C))."""
+    """Returns (a, pooled, logits (B, HW), lse (B,), pooled (B, C)); the last three in fp32 (fp64 for fp64)."""
     B, C, H, W = l.shape
-    f32 = dict(device=l.device, dtype=torch.float32)
+    f32 = dict(device=l.device, dtype=compute_dtype(l))
     a = _alloc.empty((B, 1, H, W), device=l.device, dtype=l.dtype)
     pooled = _alloc.empty((B, C), device=l.device, dtype=l.dtype)
     logits = _alloc.empty((B, H * W), **f32)
@@ -157,27 +169,28 @@ def grid_attention_op(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: 
 @grid_attention_op.register_fake
 def _(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize):
     B, C, H, W = l.shape
+    ct = compute_dtype(l)
     return (l.new_empty((B, 1, H, W)), l.new_empty((B, C)),
-            l.new_empty((B, H * W), dtype=torch.float32), l.new_empty((B,), dtype=torch.float32),
-            l.new_empty((B, C), dtype=torch.float32))
+            l.new_empty((B, H * W), dtype=ct), l.new_empty((B,), dtype=ct), l.new_empty((B, C), dtype=ct))
 
 
 # ----------------------------------------------------------------------------------------------
 # backward op
 # ----------------------------------------------------------------------------------------------
 def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
-    """dl (written), and fp32 (dW_l, dphi, dGp (B, h, w, A)) by recomputing z over batch chunks."""
+    """dl (written), and (dW_l, dphi, dGp (B, h, w, A)) in the compute dtype, recomputing z over batch chunks."""
     B, C, H, W = l.shape
-    wl32 = _w2d(w_l).float()
-    phi32 = _w2d(phi_w)[0].float()
+    ct = gp.dtype
+    wl32 = _w2d(w_l).to(ct)
+    phi32 = _w2d(phi_w)[0].to(ct)
     A = wl32.shape[0]
     scale = 1.0 if normalize else 1.0 / (H * W)
-    dwl = torch.zeros((A, C), device=l.device, dtype=torch.float32)
-    dphi = torch.zeros((A,), device=l.device, dtype=torch.float32)
-    dgp = torch.empty((B, A) + tuple(gp.shape[1:3]), device=l.device, dtype=torch.float32)
-    dp32 = dpooled.float()
+    dwl = torch.zeros((A, C), device=l.device, dtype=ct)
+    dphi = torch.zeros((A,), device=l.device, dtype=ct)
+    dgp = torch.empty((B, A) + tuple(gp.shape[1:3]), device=l.device, dtype=ct)
+    dp32 = dpooled.to(ct)
     for b0, b1 in _chunks(B, A, H * W):
-        l32 = l[b0:b1].float()
+        l32 = l[b0:b1].to(ct)
         z, _ = _torch_logits(l32, gp[b0:b1], wl32, phi32, 0.0, up)
         dcc = dc[b0:b1].view(-1, 1, H, W)
         dphi += torch.einsum("bhw,bahw->a", dcc[:, 0], torch.relu(z))
@@ -196,6 +209,7 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
 
 
 @torch.library.custom_op("attnfast::grid_attention_backward", mutates_args=())
+@autocast_off
 def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch.Tensor, g: torch.Tensor,
                                w_l: torch.Tensor, w_g: torch.Tensor, phi_w: torch.Tensor, phi_b: torch.Tensor,
                                logits: torch.Tensor, lse: torch.Tensor, pooled32: torch.Tensor,
@@ -205,13 +219,14 @@ def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch
     """Gradients (dl, dg, dW_l, dW_g, dphi.weight, dphi.bias) from upstream (da, dpooled)."""
     B, C, H, W = l.shape
     gp = _project_g(g, w_g)
+    ct = gp.dtype
     a32 = _attention(logits, lse, normalize)
-    da32 = da.float().reshape(B, H * W)
-    dp32 = dpooled.float()
+    da32 = da.to(ct).reshape(B, H * W)
+    dp32 = dpooled.to(ct)
     if normalize:  # K = sum_q a_q ghat_q, per sample
         kvec = (a32 * da32).sum(1) + (dp32 * pooled32).sum(1)
     else:
-        kvec = torch.zeros((B,), device=l.device, dtype=torch.float32)
+        kvec = torch.zeros((B,), device=l.device, dtype=ct)
     dl = _alloc.empty_like(l)
     if use_triton(da, dpooled, l, g, w_l, w_g, phi_w, phi_b) and _kernel_path(l, w_l):
         from ..kernels.grid_attention import grid_attention_bwd, grid_attention_bwd_weight
@@ -223,12 +238,12 @@ def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch
         dwl, dphi = grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor)
     else:
         scale = 1.0 if normalize else 1.0 / (H * W)
-        ghat = da32 + scale * torch.einsum("bc,bchw->bhw", dp32, l.float()).flatten(1)
+        ghat = da32 + scale * torch.einsum("bc,bchw->bhw", dp32, l.to(ct)).flatten(1)
         dc = a32 * (ghat - kvec[:, None]) if normalize else ghat * a32 * (1 - a32)
         dwl, dphi, dgp = _torch_backward(l, gp, w_l, phi_w, dc, up_factor, normalize, a32, dpooled, dl)
-    g32 = g.float()
+    g32 = g.to(ct)
     dg = _alloc.empty_like(g)
-    dg.copy_(torch.einsum("bhwa,ac->bchw", dgp, _w2d(w_g).float()))
+    dg.copy_(torch.einsum("bhwa,ac->bchw", dgp, _w2d(w_g).to(ct)))
     dw_l = _alloc.empty_like(w_l)
     dw_l.copy_(dwl.view(w_l.shape))
     dw_g = _alloc.empty_like(w_g)

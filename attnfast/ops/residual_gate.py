@@ -10,7 +10,7 @@ import torch
 
 from .. import _alloc
 from .._checks import check_same, check_tensor
-from .._dispatch import use_triton
+from .._dispatch import autocast_off, compute_dtype, use_triton
 
 
 def _check(m: torch.Tensor, t: torch.Tensor) -> None:
@@ -30,14 +30,24 @@ def _out_like(t: torch.Tensor) -> torch.Tensor:
     return _alloc.empty_like(t)
 
 
+def _kernel_ok(*tensors) -> bool:
+    if not use_triton(*tensors):
+        return False
+    from ..kernels.residual_gate import DTYPES
+
+    return tensors[0].dtype in DTYPES
+
+
 @torch.library.custom_op("attnfast::residual_gate", mutates_args=())
+@autocast_off
 def residual_gate_op(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if use_triton(m, t):
+    if _kernel_ok(m, t):
         from ..kernels.residual_gate import residual_gate_fwd
 
         return residual_gate_fwd(m, t, _out_like(t))
+    ct = compute_dtype(t)
     out = _out_like(t)
-    return out.copy_((1 + torch.sigmoid(m.float())) * t.float())
+    return out.copy_((1 + torch.sigmoid(m.to(ct))) * t.to(ct))
 
 
 @residual_gate_op.register_fake
@@ -46,16 +56,18 @@ def _(m, t):
 
 
 @torch.library.custom_op("attnfast::residual_gate_backward", mutates_args=())
+@autocast_off
 def residual_gate_backward_op(grad: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dm = _out_like(t)
     dt = _alloc.empty_like(dm)
-    if use_triton(grad, m, t):
+    if _kernel_ok(m, t, grad):
         from ..kernels.residual_gate import residual_gate_bwd
 
         return residual_gate_bwd(grad, m, t, dm, dt)
-    s = torch.sigmoid(m.float())
-    g = grad.float()
-    dm.copy_(g * t.float() * s * (1 - s))
+    ct = compute_dtype(t)
+    s = torch.sigmoid(m.to(ct))
+    g = grad.to(ct)
+    dm.copy_(g * t.to(ct) * s * (1 - s))
     dt.copy_(g * (1 + s))
     return dm, dt
 

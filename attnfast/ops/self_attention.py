@@ -28,7 +28,7 @@ import torch
 
 from .. import _alloc
 from .._checks import check_tensor
-from .._dispatch import use_triton
+from .._dispatch import autocast_off, use_triton, warn_fallback
 
 # Score-matrix elements per chunk of the PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB, and
 # the backward holds two such blocks. ATTNFAST_SA_CHUNK_ELEMS overrides it.
@@ -50,7 +50,15 @@ def _triton_ok(q: torch.Tensor, *tensors) -> bool:
         return False
     from ..kernels import self_attention as K
 
-    return q.dtype in K.DTYPES and K.supported(q.shape[1])
+    if q.dtype not in K.DTYPES:
+        reason = f"no Triton kernel for {q.dtype}"
+    elif not K.supported(q.shape[1]):
+        reason = f"query/key dim {q.shape[1]} per head > {K.MAX_D} has no Triton kernel"
+    else:
+        return True
+    if q.is_cuda:
+        warn_fallback("self_attention", reason)
+    return False
 
 
 def _check(q, k, v, x, gamma) -> None:
@@ -79,6 +87,12 @@ def _check(q, k, v, x, gamma) -> None:
         raise ValueError(f"v must be (B={b}, DV, NK={k.shape[2]}) to match k; got v {tuple(v.shape)}")
     if x is not None and tuple(x.shape) != (b, v.shape[1], nq):
         raise ValueError(f"x must be (B, DV, NQ) = {(b, v.shape[1], nq)}; got {tuple(x.shape)}")
+    if k.shape[2] == 0 and nq > 0:
+        raise ValueError("k and v must have at least one key position (NK >= 1); got NK = 0")
+    big = max(t.shape[1] * t.shape[2] for t in named.values())
+    if big >= 2 ** 31:
+        raise ValueError(f"one sample of q, k, v or x must have fewer than 2**31 elements (32-bit offsets in "
+                         f"the kernels); got {big}")
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -147,11 +161,12 @@ def _out_buffers(q, v, x, need_o):
         out = _alloc.empty((b, v.shape[1], nq), dtype=q.dtype, device=q.device)
     shape = (b, v.shape[1], nq) if need_o else (0,)
     o = _alloc.empty(shape, dtype=_compute_dtype(q), device=q.device)
-    lse = _alloc.empty((b, nq), dtype=torch.float32, device=q.device)
+    lse = _alloc.empty((b, nq), dtype=_compute_dtype(q), device=q.device)
     return out, o, lse
 
 
 @torch.library.custom_op("attnfast::self_attention", mutates_args=())
+@autocast_off
 def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Optional[torch.Tensor],
                       gamma: Optional[torch.Tensor], scale: float, need_o: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,17 +188,18 @@ def _(q, k, v, x, gamma, scale, need_o):
     b, _, nq = q.shape
     out = torch.empty_like(x) if x is not None else q.new_empty((b, v.shape[1], nq))
     o = q.new_empty((b, v.shape[1], nq) if need_o else (0,), dtype=_compute_dtype(q))
-    return out, o, q.new_empty((b, nq), dtype=torch.float32)
+    return out, o, q.new_empty((b, nq), dtype=_compute_dtype(q))
 
 
 @torch.library.custom_op("attnfast::self_attention_backward", mutates_args=())
+@autocast_off
 def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                o: torch.Tensor, lse: torch.Tensor, gamma: Optional[torch.Tensor],
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dgamma)`` given d(loss)/d(out); ``o`` is the forward's fp32 attention output.
     ``dgamma`` is empty when ``gamma`` is None."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
-    r = _alloc.empty(lse.shape, dtype=torch.float32, device=q.device)
+    r = _alloc.empty(lse.shape, dtype=lse.dtype, device=q.device)
     if _triton_ok(q, k, v):
         from ..kernels.self_attention import attention_bwd
 
@@ -210,6 +226,7 @@ def _setup_context(ctx, inputs, output):
     ctx.need_o = need_o
     ctx.scale = scale
     ctx.save_for_backward(q, k, v, o, lse, gamma)
+    ctx.mark_non_differentiable(o, lse)
 
 
 def _backward(ctx, grad_out, grad_o, grad_lse):
