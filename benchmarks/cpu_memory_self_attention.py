@@ -112,6 +112,8 @@ def main(argv=None):
     info = dict(harness.device_info())
     info["date_time_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     info["load_average_at_start"] = os.getloadavg()
+    info["command"] = " ".join(["python", "benchmarks/cpu_memory_self_attention.py"] + list(
+        sys.argv[1:] if argv is None else argv))
     compare = [run_child(pr, b, c, s, args.repeats, 0, 3 * args.step_limit_s)
                for s in args.compare_sizes for pr in ("eager", "chunked")]
     largest = {}
@@ -129,11 +131,13 @@ def main(argv=None):
     res = {"info": info, "note": args.note, "budget_gib": args.budget_gib, "step_limit_s": args.step_limit_s,
            "compare": compare, "largest_map": largest, "attempts": attempts}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+    with open(args.out + ".json.tmp", "w") as f:
         json.dump(res, f, indent=1)
+    os.replace(args.out + ".json.tmp", args.out + ".json")
     lines = [f"# SAGAN self-attention on CPU ({info['device']})", "",
              f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date_time_utc']} UTC. "
              f"Load average start/end: {info['load_average_at_start']} / {info['load_average_at_end']}. {args.note}", "",
+             f"Command: `{info['command']}`", "",
              f"## Forward+backward, B={b}, C={c} (median of {args.repeats})", "",
              "| map | N | provider | time (s) | peak RSS growth (MiB) |", "|---|---|---|---|---|"]
     for r in compare:
@@ -148,8 +152,9 @@ def main(argv=None):
         lg = largest[pr]
         first = f"{fail['H']}x{fail['W']}: {fail['error']}" if fail else "none (largest size tried)"
         lines.append(f"| {pr} | {f'{lg}x{lg}' if lg else 'none'} | {first} |")
-    with open(args.out + ".md", "w") as f:
+    with open(args.out + ".md.tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(args.out + ".md.tmp", args.out + ".md")
     print("\n".join(lines))
 
 

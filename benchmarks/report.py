@@ -77,6 +77,9 @@ def build_markdown(path: str, data: dict, rows: list) -> str:
     if "fused" in providers:
         head += [f"fused vs {p}" for p in providers if p != "fused"]
     head += [f"{p} peak MiB" for p in providers] + [f"{p} saved MiB" for p in providers]
+    has_batch = any(r.get("max_batch") is not None for r in rows)
+    if has_batch:
+        head += [f"{p} max batch" for p in providers]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     roof = []
     for (op, shape, dtype, mode), prov in by_case.items():
@@ -90,6 +93,8 @@ def build_markdown(path: str, data: dict, rows: list) -> str:
                 cells.append(f"{prov[p]['median'] / f['median']:.2f}×" if f and p in prov else "—")
         cells += [_fmt_mib(prov[p].get("peak_mem_bytes")) if p in prov else "—" for p in providers]
         cells += [_fmt_mib(prov[p].get("saved_bytes")) if p in prov else "—" for p in providers]
+        if has_batch:
+            cells += [str(prov[p].get("max_batch", "—")) if p in prov else "—" for p in providers]
         lines.append("| " + " | ".join(cells) + " |")
         f = prov.get("fused")
         if f and mode == "fwd" and f.get("bytes"):
@@ -175,6 +180,9 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError, KeyError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
+        if "benchmarks" not in data:  # e.g. saved_memory_cpu.json: another script's result, with its own .md
+            print(f"skipped {path}: not a pytest-benchmark result")
+            continue
         out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         md = build_markdown(path, data, rows)

@@ -4,6 +4,14 @@
 bottom-up/top-down soft-mask branch of encoder depth 1-3, combined as ``(1 + M) * T`` where
 ``M = sigmoid(mask_logits)``, then ``p`` post-processing units. The mask is upsampled to the
 skip's actual size at every level, so any input size works (no fixed 224 sizes).
+
+Seed 004's article text and the RAN paper are followed where its Keras listing differs:
+
+- mask upsampling is bilinear ("a linear interpolation up samples the output"), not ``UpSampling2D``'s
+  nearest neighbour, and pooling is 3x3/2 (the paper's Caffe model) rather than 2x2;
+- the mask head is pre-activated (BN-ReLU-1x1, BN-ReLU-1x1, then the sigmoid in the gate), and the
+  residual units' projection shortcut takes the pre-activated input, as in pre-activation ResNets;
+  the listing has plain conv, conv, sigmoid and a shortcut on the raw input.
 """
 from __future__ import annotations
 

@@ -49,3 +49,17 @@ def test_report_pairs_per_second_and_exp_share(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "sa.md").read_text()
     assert "| 1342.2 | 69% |" in md
+
+
+def test_report_skips_other_json_and_shows_max_batch(tmp_path):
+    other = tmp_path / "saved_memory_cpu.json"
+    other.write_text(json.dumps({"rows": []}))
+    (tmp_path / "saved_memory_cpu.md").write_text("keep me")
+    data = {"benchmarks": [_bench("reference", "fwd", 2e-3, max_batch=48), _bench("fused", "fwd", 1e-3, max_batch=160)]}
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, REPORT, str(other), str(tmp_path / "train.json")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "saved_memory_cpu.md").read_text() == "keep me"
+    md = (tmp_path / "train.md").read_text()
+    assert "reference max batch" in md and "| 48 | 160 |" in md
