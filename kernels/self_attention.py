@@ -130,6 +130,14 @@ def _bwd_rowsum_kernel(g_ptr, o_ptr, r_ptr, NQ, DV, sgb, sgc, sgn, sob, soc, son
 
 
 @triton.jit
+def _dk_step(pt, dpt, qt, r_ptr, offs_m, NQ, PREC: tl.constexpr):
+    """dS^T = P^T * (dP^T - r) and its contribution dS^T Q^T to dK (N, D)."""
+    r = tl.load(r_ptr + offs_m, mask=offs_m < NQ, other=0.0)
+    dst = pt * (dpt - r[None, :])
+    return tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_ptr, dv_ptr,
                      scale, NQ, NK, D, DV,
                      sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sgb, sgc, sgn, slb,
@@ -162,17 +170,15 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
         pt = tl.where((offs_m[None, :] < NQ) & (offs_n[:, None] < NK), pt, 0.0)
         gt = _load_tile(g_ptr, offs_c, offs_m, sgc, sgn, DV, NQ, 0.0)  # (DV, M) dout
         dv += tl.dot(pt.to(gt.dtype), tl.trans(gt), input_precision=PREC)
-        if ONE_DV:
-            dpt = tl.dot(v, gt, input_precision=PREC)  # (N, M)
-        else:
+        if ONE_DV:  # one channel tile: this program owns dK
+            dk += _dk_step(pt, tl.dot(v, gt, input_precision=PREC), qt, r_ptr, offs_m, NQ, PREC)
+        elif pid_c == 0:  # dK needs dP over all DV channels: only the first channel tile computes it
             dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for c0 in range(0, DV, BLOCK_DV):
                 vc = _load_tile(v_ptr, offs_n, c0 + offs_c0, svn, svc, NK, DV, 0.0)
                 gc = _load_tile(g_ptr, c0 + offs_c0, offs_m, sgc, sgn, DV, NQ, 0.0)
                 dpt += tl.dot(vc, gc, input_precision=PREC)
-        r = tl.load(r_ptr + offs_m, mask=offs_m < NQ, other=0.0)
-        dst = pt * (dpt - r[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+            dk += _dk_step(pt, dpt, qt, r_ptr, offs_m, NQ, PREC)
     gm = tl.load(gamma_ptr).to(tl.float32)
     dv_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < DV)
     tl.store(dv_ptr + b * sdvb + offs_n[:, None] * sdvn + offs_c[None, :] * sdvc,
