@@ -76,7 +76,12 @@ def _read_csv(path: str, required: tuple) -> list:
                 raise AttnfastDataError(
                     f"{path}: missing column {', '.join(repr(c) for c in missing)} "
                     f"(found columns: {', '.join(header) or 'none'})")
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for i, row in enumerate(reader, start=2):  # row numbers as a spreadsheet shows them
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise AttnfastDataError(f"{path}: row {i}: {len(header) + len(row[None])} cells but the header "
+                                            f"has {len(header)} columns")
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
     except UnicodeDecodeError as e:
         raise AttnfastDataError(f"{path}: not a UTF-8 CSV file ({e.reason})") from None
     except csv.Error as e:
@@ -92,7 +97,7 @@ def _int_label(value: str, path: str, column: str, row: int, allowed: range) -> 
         label = int(number)
         if label != number:
             raise ValueError
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise AttnfastDataError(f"{path}: row {row}: column {column!r} must be an integer; got {value!r}") from None
     if label not in allowed:
         raise AttnfastDataError(f"{path}: row {row}: column {column!r} value {label} is out of range "
@@ -115,16 +120,26 @@ def _index_images(folder: str) -> dict:
     return index
 
 
-def _pick_image_dir(root: str, subdirs: tuple, first_id: str) -> str:
+def _pick_image_dir(root: str, subdirs: tuple, first_id: str) -> tuple:
+    """``(folder, its index)``: the first of ``subdirs`` that holds ``first_id`` (each folder scanned once)."""
     for sub in subdirs:
         folder = os.path.join(root, sub)
-        if os.path.isdir(folder) and first_id in _index_images(folder):
-            return folder
+        if os.path.isdir(folder):
+            index = _index_images(folder)
+            if first_id in index:
+                return folder, index
     for sub in subdirs:  # none holds the first image: report against the most specific existing folder
         folder = os.path.join(root, sub)
         if os.path.isdir(folder) and sub:
-            return folder
-    return root
+            return folder, _index_images(folder)
+    return root, _index_images(root)
+
+
+def submission_id(image_id: str, id_column: str) -> str:
+    """The id as Kaggle's sample submissions write it: melanoma's ``image_name`` without the file extension
+    (``ISIC_0052060``), cassava's ``image_id`` with it (``2216849948.jpg``)."""
+    stem, ext = os.path.splitext(image_id)
+    return stem if id_column == "image_name" and ext.lower() in IMAGE_EXTS else image_id
 
 
 def _resolve(index: dict, folder: str, image_id: str, csv_path: str, row: int) -> str:
@@ -144,8 +159,7 @@ def _mask_for(mask_index: dict, mask_dir: str, image_id: str):
 def _csv_samples(root: str, csv_path: str, id_col: str, label_col: str, subdirs: tuple,
                  allowed: range, require_label: bool = True) -> list:
     rows = _read_csv(csv_path, (id_col, label_col) if require_label else (id_col,))
-    image_dir = _pick_image_dir(root, subdirs, rows[0][id_col])
-    index = _index_images(image_dir)
+    image_dir, index = _pick_image_dir(root, subdirs, rows[0][id_col])
     mask_dir = os.path.join(root, "masks")
     mask_index = _index_images(mask_dir) if os.path.isdir(mask_dir) else {}
     samples = []
@@ -239,10 +253,8 @@ def read_folder(root: str) -> DatasetInfo:
     for label, cls in enumerate(classes):
         folder = os.path.join(root, cls)
         for name in sorted(os.listdir(folder)):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                stem = os.path.splitext(name)[0]
-                samples.append(Sample(os.path.join(folder, name), label, stem,
-                                      _mask_for(mask_index, mask_dir, stem)))
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTS:  # id: the file name (see submission_id)
+                samples.append(Sample(os.path.join(folder, name), label, name, _mask_for(mask_index, mask_dir, name)))
     if not samples:
         raise AttnfastDataError(f"{root}: no images in the class folders {', '.join(classes)}")
     task = "binary" if len(classes) == 2 else "multiclass"
@@ -259,7 +271,7 @@ def list_images(root: str) -> DatasetInfo:
         dirnames[:] = sorted(d for d in dirnames if d != "masks" and not d.startswith("."))
         for name in sorted(filenames):
             if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
-                samples.append(Sample(os.path.join(dirpath, name), -1, os.path.splitext(name)[0]))
+                samples.append(Sample(os.path.join(dirpath, name), -1, name))  # id: the file name (submission_id)
     if not samples:
         raise AttnfastDataError(f"{root}: no images found")
     return DatasetInfo("folder", root, samples, [], "unknown", "image_id", "label", root)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attnfast.data import (AttnfastDataError, Preprocessing, build_datasets, ensure_synthetic, list_images,
-                           load_image, parse_spec, read_layout, stratified_split, subsample, write_dataset)
+                           load_image, parse_spec, read_layout, stratified_split, submission_id, subsample,
+                           write_dataset)
 from attnfast.data.errors import one_line
 from attnfast.data.synthetic import lesion_image
 
@@ -176,6 +177,27 @@ def test_label_out_of_range(layouts, tmp_path, layout, kind, column, value):
     _rewrite_csv(os.path.join(root, name), edit)
     msg = _err(lambda: read_layout(kind, root))
     assert name in msg and "row 5" in msg and repr(column) in msg
+
+
+@pytest.mark.parametrize("layout,kind,edit,expected", [
+    ("marking", "melanoma", lambda r: r[:3] + [r[3] + ["surplus"]] + r[4:], ("row 4", "5 cells", "4 columns")),
+    ("marking", "melanoma", lambda r: r[:5] + [r[5][:3] + ["inf"]] + r[6:], ("row 6", "'target'", "'inf'")),
+    ("cassava", "cassava", lambda r: r[:2] + [[r[2][0], "-inf"]] + r[3:], ("row 3", "'label'", "'-inf'")),
+])
+def test_surplus_cells_and_infinite_labels(layouts, tmp_path, layout, kind, edit, expected):
+    root = _copy(layouts, layout, tmp_path)
+    name = "marking.csv" if layout == "marking" else "train.csv"
+    _rewrite_csv(os.path.join(root, name), edit)
+    msg = _err(lambda: read_layout(kind, root))
+    assert name in msg and all(piece in msg for piece in expected), msg
+
+
+def test_submission_ids_follow_kaggle(layouts):
+    assert submission_id("ISIC_0052060.jpg", "image_name") == "ISIC_0052060"  # melanoma: no extension
+    assert submission_id("ISIC_0052060", "image_name") == "ISIC_0052060"
+    assert submission_id("2216849948.jpg", "image_id") == "2216849948.jpg"  # cassava: with it
+    assert submission_id("a.b", "image_name") == "a.b"  # only image extensions are dropped
+    assert all(s.image_id.endswith(".jpg") for s in list_images(layouts["cassava"]).samples)
 
 
 def test_bad_class_map(layouts, tmp_path):
