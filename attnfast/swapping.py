@@ -8,7 +8,8 @@
 - SAGAN self-attention: 1x1 ``query_conv`` / ``key_conv`` (``in_dim // 8`` channels) and ``value_conv``
   (``in_dim``) with biases, a scalar ``gamma`` (attnfast.reference.SelfAttention or the forum's
   ``Self_Attn`` / ``SelfAttention``) -> ``attnfast.nn.SelfAttention2d``;
-- attnfast.reference.ResidualAttentionModule -> ``attnfast.nn.ResidualAttentionModule``.
+- attnfast.reference.ResidualAttentionModule (that exact class) -> ``attnfast.nn.ResidualAttentionModule``.
+  A user's subclass of it is left alone: its overrides would be lost in the fused class.
 
 A candidate must have exactly those parameters (same names and shapes, nothing else), so a module that
 merely shares a name is left alone. The new module gets the old one's weights (``load_state_dict``), device,
@@ -127,8 +128,8 @@ def _classify(m: nn.Module, fused: bool):
     from .reference.residual_attention import ResidualAttentionModule as RefRAM
 
     if isinstance(m, RefRAM):  # the fused RAM subclasses the reference: decide by exact class
-        fused_ram = _KINDS["residual_attention"][1]()
-        return "residual_attention" if (type(m) is fused_ram) == fused else None
+        exact = _KINDS["residual_attention"][1 if fused else 2]()
+        return "residual_attention" if type(m) is exact else None  # subclasses (user overrides) stay as they are
     for kind in ("grid", "self_attention"):
         spec, fused_cls, _ = _KINDS[kind]
         try:

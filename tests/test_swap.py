@@ -128,6 +128,27 @@ def test_ran_reference_modules_swap_and_back():
     _assert_same_outputs(before, _outputs(model, x))
 
 
+class ScaledRAM(RefRAM):
+    """A user's subclass with its own forward: the fused class would drop the override."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def test_user_subclass_of_the_reference_ram_is_left_alone():
+    from attnfast.models import ResidualAttentionNet
+
+    model = ResidualAttentionNet(56, num_classes=2, width=8, attention="reference").eval()
+    model.stage2[1] = ScaledRAM(model.stage2[1].channels, encoder_depth=2)
+    x = torch.randn(1, 3, 64, 64)
+    before = _outputs(model, x)
+    assert [r.name for r in swap(model)] == ["stage1.1", "stage3.1"]
+    assert type(model.stage2[1]) is ScaledRAM
+    _assert_same_outputs(before, _outputs(model, x))
+    assert [r.name for r in unswap(model)] == ["stage1.1", "stage3.1"]
+    assert type(model.stage2[1]) is ScaledRAM and type(model.stage1[1]) is RefRAM
+
+
 def test_inplace_false_leaves_the_original_alone():
     from attnfast.models import ResidualAttentionNet
 
