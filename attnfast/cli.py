@@ -34,17 +34,18 @@ def _add_train(sub):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     p.add_argument("--scheduler", default="none", choices=SCHEDULERS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 CPU, 4 GPU)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers, 0 or more (default 0 CPU, 4 GPU)")
     p.add_argument("--width-mult", type=float, default=None,
                    help="channel multiplier (default 0.125 synthetic, 1.0 real; RAN stem = 64*W)")
     p.add_argument("--pretrained", action="store_true", help="AttnVGG: ImageNet vgg16_bn weights from the torch hub cache")
-    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None, help="dropout probability in [0, 1)")
     p.add_argument("--sigmoid-attn", action="store_true", help="AttnVGG: sigmoid attention + average pooling")
     p.add_argument("--max-benign", type=int, default=6000, help="melanoma: keep at most N benign images (0: all)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=1234)
-    p.add_argument("--synthetic-n", type=int, default=2000, help="images in the synthetic set")
-    p.add_argument("--synthetic-size", type=int, default=128, help="side of the synthetic images")
+    p.add_argument("--synthetic-n", type=int, default=2000,
+                   help="images in the synthetic set (at least 20; synthetic-cassava at --val-fraction 0.2: 25)")
+    p.add_argument("--synthetic-size", type=int, default=128, help="side of the synthetic images (at least 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -95,6 +95,33 @@ def test_bad_options(melanoma, tmp_path, capsys):
     assert code == 2 and lines[0].startswith("error: --checkpoint")
 
 
+@pytest.mark.parametrize("option,value,expected", [
+    ("--max-benign", "-1", "--max-benign must be 0 (keep all) or more; got -1"),
+    ("--synthetic-n", "5", "--synthetic-n must be at least 20 for --data synthetic with --val-fraction 0.2"),
+    ("--dropout", "1", "--dropout must be in [0, 1); got 1.0"),
+    ("--dropout", "-0.1", "--dropout must be in [0, 1); got -0.1"),
+    ("--workers", "-2", "--workers must be 0 or more; got -2"),
+    ("--synthetic-size", "0", "--synthetic-size must be at least 32 pixels; got 0"),
+])
+def test_bad_numbers_are_one_line(tmp_path, capsys, option, value, expected):
+    # rejected before any data is generated or read
+    code, lines = _run_main(capsys, ["train", "--out", str(tmp_path / "o"), option, value])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: " + expected), lines
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_synthetic_minimum_is_enough_for_the_split(tmp_path):
+    from attnfast.data import Preprocessing, build_datasets, ensure_synthetic, read_layout
+    from attnfast.train.config import synthetic_min_n
+
+    for kind, classes in (("melanoma", 2), ("cassava", 5)):
+        n = synthetic_min_n("synthetic" if kind == "melanoma" else "synthetic-cassava", 0.2)
+        info = read_layout(kind, ensure_synthetic(kind, n=n, size=32, root=str(tmp_path)))
+        train_ds, val_ds = build_datasets(info, Preprocessing(image_size=32))
+        for part in (train_ds, val_ds):
+            assert len({s.label for s in part.samples}) == classes
+
+
 def test_defaults_are_the_main_job_and_the_seeds():
     args = build_parser().parse_args(["train"])
     assert (args.data, args.model, args.attention, args.optimizer, args.lr) == \

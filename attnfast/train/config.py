@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -43,7 +44,7 @@ class TrainConfig:
     pretrained: bool = False
     dropout: float | None = None
     normalize_attn: bool = True
-    max_benign: int = 6000  # melanoma: keep at most this many benign images (the seed's balancing); 0 = all
+    max_benign: int | None = 6000  # melanoma: keep at most this many benign images (the seed's); 0 or None = all
     val_fraction: float = 0.2
     split_seed: int = 1234
     synthetic_n: int = 2000
@@ -85,3 +86,24 @@ class TrainConfig:
              f"(five 2x downsamplings); got {self.image_size}")
         need(self.width_mult > 0, f"--width-mult must be positive; got {self.width_mult}")
         need(not (self.pretrained and self.width_mult != 1.0), "--pretrained needs --width-mult 1.0")
+        need(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
+        need(self.workers is None or self.workers >= 0, f"--workers must be 0 or more; got {self.workers}")
+        need(self.max_benign is None or self.max_benign >= 0,
+             f"--max-benign must be 0 (keep all) or more; got {self.max_benign}")
+        need(self.synthetic_size >= SYNTHETIC_MIN_SIZE,
+             f"--synthetic-size must be at least {SYNTHETIC_MIN_SIZE} pixels; got {self.synthetic_size}")
+        if self.data.startswith("synthetic"):
+            low = synthetic_min_n(self.data, self.val_fraction)
+            need(self.synthetic_n >= low,
+                 f"--synthetic-n must be at least {low} for --data {self.data} with --val-fraction "
+                 f"{self.val_fraction} (every class needs images in both splits); got {self.synthetic_n}")
+
+
+SYNTHETIC_MIN_SIZE = 32  # smaller lesions/leaves lose the shape cues the labels follow
+
+
+def synthetic_min_n(data: str, val_fraction: float) -> int:
+    """Smallest synthetic set whose stratified split puts every class in train and in validation
+    (5 leaf classes for synthetic-cassava, 2 for the lesions; 20 at least)."""
+    classes = 5 if data == "synthetic-cassava" else 2
+    return max(20, math.ceil(classes / min(val_fraction, 1 - val_fraction)))
