@@ -60,17 +60,13 @@ class ResidualAttentionNet(nn.Module):
         return self.fc(x)
 
 
-def ran56(num_classes: int = 1000, **kwargs) -> ResidualAttentionNet:
-    return ResidualAttentionNet(56, num_classes, **kwargs)
-
-
-def ran92(num_classes: int = 1000, **kwargs) -> ResidualAttentionNet:
-    return ResidualAttentionNet(92, num_classes, **kwargs)
-
-
-def build_ran56(num_classes: int, attention: str = "fused", **kwargs) -> ResidualAttentionNet:
+def ran56(num_classes: int = 1000, attention: str = "reference", **kwargs) -> ResidualAttentionNet:
     return ResidualAttentionNet(56, num_classes, attention=attention, **kwargs)
 
 
-def build_ran92(num_classes: int, attention: str = "fused", **kwargs) -> ResidualAttentionNet:
+def ran92(num_classes: int = 1000, attention: str = "reference", **kwargs) -> ResidualAttentionNet:
     return ResidualAttentionNet(92, num_classes, attention=attention, **kwargs)
+
+
+# the names attnfast.models.MODEL_BUILDERS looks up (create_model always passes ``attention``)
+build_ran56, build_ran92 = ran56, ran92

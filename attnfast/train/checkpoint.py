@@ -18,6 +18,7 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
@@ -27,6 +28,12 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(state: dict, path: str) -> None:

@@ -24,9 +24,16 @@ from . import distributed as dist_utils
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .metrics import attention_mass_inside, binary_metrics, mask_area, multiclass_metrics
-from .visualize import forward_with_maps, overlay_png
+from .visualize import forward_with_maps, overlay_png, split_output
 
-FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the seed's FocalLoss
+# The seeds' FocalLoss: alpha * (1 - pt)**gamma * BCE with the same alpha for EVERY sample. torchvision's
+# alpha weights positives alpha and negatives 1 - alpha, so it is called with alpha=-1 (no class weighting)
+# and the constant alpha applied outside.
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
+
+# Options a resumed run may change: where/how it runs, not what it trains.
+RUN_CONTROL_FIELDS = frozenset({"out", "resume", "epochs", "progress", "workers", "device", "compile", "amp",
+                                "overlay_count"})
 
 
 def load_data_info(spec: str, cfg: TrainConfig | None = None, *, test: bool = False, rank: int = 0):
@@ -36,10 +43,10 @@ def load_data_info(spec: str, cfg: TrainConfig | None = None, *, test: bool = Fa
         sub = "cassava" if kind == "synthetic-cassava" else "melanoma"
         n = cfg.synthetic_n if cfg else TrainConfig.synthetic_n
         size = cfg.synthetic_size if cfg else TrainConfig.synthetic_size
-        if rank == 0:
+        root = ensure_synthetic(sub, n=n, size=size, root=path) if rank == 0 else None
+        dist_utils.barrier()  # rank 0 generated it; the others find it in place
+        if root is None:
             root = ensure_synthetic(sub, n=n, size=size, root=path)
-        dist_utils.barrier()
-        root = ensure_synthetic(sub, n=n, size=size, root=path)  # already there: returns its path
         return read_layout(sub, root)
     return read_layout(kind, path, test=test)
 
@@ -59,16 +66,25 @@ def build_model(name: str, num_outputs: int, attention: str, kwargs: dict):
     return create_model(name, num_outputs, attention=attention, **kwargs)
 
 
-def _logits(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def build_from_checkpoint(meta: dict, attention: str | None = None):
+    """The checkpoint's architecture with ``pretrained=False``: the checkpoint holds every weight, so the
+    ImageNet file in the hub cache (which a training run may have started from) is not needed."""
+    kwargs = dict(meta["model_kwargs"])
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False
+    return build_model(meta["model"], meta["num_outputs"], attention or meta["attention"], kwargs)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The seeds' FocalLoss on logits: ``alpha * (1 - pt)**gamma * BCE``, alpha the same for every sample."""
+    return FOCAL_ALPHA * sigmoid_focal_loss(logits.float().view(-1), targets.float().view(-1), alpha=-1,
+                                            gamma=FOCAL_GAMMA, reduction=reduction)
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    logits = logits.float()
-    if task == "binary":  # focal loss on the single logit, torchvision's implementation
-        return sigmoid_focal_loss(logits.view(-1), targets.float().view(-1), alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
-                                  reduction="mean")
-    return F.cross_entropy(logits, targets.long())
+    if task == "binary":
+        return focal_loss(logits, targets)
+    return F.cross_entropy(logits.float(), targets.long())
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
@@ -100,10 +116,12 @@ class Trainer:
     """Holds everything one run needs; :meth:`fit` runs the epochs."""
 
     def __init__(self, cfg: TrainConfig, log=print):
-        self.cfg = cfg = cfg.resolved()
-        self.log = log
         self.rank, self.world, local_rank = dist_utils.setup()
         self.is_main = self.rank == 0
+        self.cfg = cfg = cfg.resolved()
+        if self.world > 1:  # the default --out holds a timestamp: every rank uses rank 0's
+            cfg.out = dist_utils.broadcast_object(cfg.out)
+        self.log = log
         if cfg.device == "auto":
             self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         else:
@@ -113,11 +131,16 @@ class Trainer:
         self.out = cfg.out
         self.last_path = os.path.join(self.out, "last.pt")
         self.best_path = os.path.join(self.out, "best.pt")
-        if self.is_main and os.path.exists(self.last_path) and not cfg.resume:
+        # decided on rank 0 and shared, so every rank stops with the same one-line error (none is left waiting)
+        has_run = dist_utils.broadcast_object(os.path.exists(self.last_path) if self.is_main else None)
+        if has_run and not cfg.resume:
             raise ConfigError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
                               "or choose another --out")
-        if cfg.resume and not os.path.exists(self.last_path):
+        if cfg.resume and not has_run:
             raise ConfigError(f"--resume: no checkpoint at {self.last_path}")
+        resume_from = load_checkpoint(self.last_path) if cfg.resume else None
+        if resume_from is not None:
+            self._check_same_run(resume_from.get("config", {}))
 
         info = load_data_info(cfg.data, cfg, rank=self.rank)
         self.info = info
@@ -133,7 +156,10 @@ class Trainer:
         np.random.seed(cfg.seed)
         self.model_kwargs = model_kwargs(cfg)
         try:
-            model = build_model(cfg.model, self.num_outputs, cfg.attention, self.model_kwargs)
+            if cfg.resume:  # every weight comes from last.pt: no ImageNet file needed
+                model = build_from_checkpoint(self._meta())
+            else:
+                model = build_model(cfg.model, self.num_outputs, cfg.attention, self.model_kwargs)
         except (FileNotFoundError, ImportError) as e:
             raise ConfigError(f"cannot build --model {cfg.model} --attention {cfg.attention}: {e}") from None
         self.raw_model = model.to(self.device)
@@ -146,8 +172,8 @@ class Trainer:
         self.best = -math.inf
         self.best_epoch = -1
         self.history: list = []
-        if cfg.resume:
-            self._restore(load_checkpoint(self.last_path))
+        if resume_from is not None:
+            self._restore(resume_from)
         model = self.raw_model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -177,17 +203,23 @@ class Trainer:
                 "best_epoch": self.best_epoch, "history": self.history, "config": dataclasses.asdict(self.cfg),
                 "meta": self._meta(), "attnfast_checkpoint": 1}
 
+    def _check_same_run(self, old: dict) -> None:
+        """A resume continues the same run: every option but the run-control ones must match."""
+        now = dataclasses.asdict(self.cfg)
+        diff = [f"{_option(k)} {old[k]!r} (now {now[k]!r})" for k in now
+                if k not in RUN_CONTROL_FIELDS and k in old and old[k] != now[k]]
+        if diff:
+            raise ConfigError(f"--resume: {self.last_path} was trained with other options: {'; '.join(diff)}. "
+                              "Resume with the same options (only --epochs, --device, --workers, --amp, --compile "
+                              "and progress may change) or choose another --out")
+
     def _restore(self, ck: dict) -> None:
-        old = ck.get("config", {})
-        for key in ("model", "data", "width_mult", "image_size"):
-            if key in old and old[key] != getattr(self.cfg, key):
-                raise ConfigError(f"--resume: {self.last_path} was trained with {key}={old[key]!r}, "
-                                  f"not {getattr(self.cfg, key)!r}")
         self.raw_model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.scheduler is not None and ck.get("scheduler"):
             self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
+        if ck.get("scaler") and self.scaler.is_enabled():  # --amp may have changed: a disabled scaler has no state
+            self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch = ck["epoch"]
         self.best, self.best_epoch = ck["best"], ck["best_epoch"]
         self.history = list(ck["history"])
@@ -218,7 +250,7 @@ class Trainer:
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = _logits(self.model(x))
+                logits = split_output(self.model(x))[0]
             loss = compute_loss(logits, y, self.task)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -250,8 +282,7 @@ class Trainer:
             pos += n
             if self.task == "binary":
                 scores.append(torch.sigmoid(logits.view(-1)).cpu())
-                losses.append(sigmoid_focal_loss(logits.view(-1), y.float(), alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA,
-                                                 reduction="none").cpu())
+                losses.append(focal_loss(logits, y, reduction="none").cpu())
             else:
                 scores.append(logits.argmax(1).cpu())
                 losses.append(F.cross_entropy(logits, y.long(), reduction="none").cpu())
@@ -394,6 +425,11 @@ class Trainer:
         return [name for name, _ in maps]
 
 
+def _option(field: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--sigmoid-attn (inverted)" if field == "normalize_attn" else "--" + field.replace("_", "-")
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.replace(" attention", "").replace(" mask", "")).strip("_")
 
@@ -418,5 +454,5 @@ def train(cfg: TrainConfig, log=print) -> dict:
         dist_utils.cleanup()
 
 
-__all__ = ["train", "Trainer", "TrainConfig", "ConfigError", "AttnfastDataError", "compute_loss",
-           "load_data_info", "build_model"]
+__all__ = ["train", "Trainer", "TrainConfig", "ConfigError", "AttnfastDataError", "compute_loss", "focal_loss",
+           "load_data_info", "build_model", "build_from_checkpoint"]

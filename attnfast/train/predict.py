@@ -9,10 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data import AttnfastDataError, ImageDataset, Preprocessing, eval_transform, list_images, parse_spec
+from ..data import (AttnfastDataError, ImageDataset, Preprocessing, eval_transform, list_images, parse_spec,
+                    submission_id)
 from .checkpoint import atomic_write, load_checkpoint
 from .config import ConfigError
-from .engine import build_model, load_data_info
+from .engine import build_from_checkpoint, load_data_info
+from .visualize import split_output
 
 
 def _load(checkpoint: str) -> dict:
@@ -32,8 +34,10 @@ def predict(checkpoint: str, data: str, out: str, *, attention: str | None = Non
             device: str = "auto", progress: bool = True) -> int:
     """Predict every image of ``data`` and write ``out``; returns the number of rows written.
 
-    Binary models write ``image_name,target`` (the malignant probability); multi-class ones
-    ``image_id,label`` (the arg-max class), as the Kaggle competitions expect.
+    Binary models write ``image_name,target`` (the malignant probability, ``image_name`` without the file
+    extension); multi-class ones ``image_id,label`` (the arg-max class, ``image_id`` the file name with its
+    extension, e.g. ``2216849948.jpg``), as the Kaggle sample submissions of the melanoma and cassava
+    competitions have them.
     """
     ck = _load(checkpoint)
     meta = ck["meta"]
@@ -42,7 +46,7 @@ def predict(checkpoint: str, data: str, out: str, *, attention: str | None = Non
     if not info.samples:
         raise AttnfastDataError(f"{info.source}: no images to predict")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model = build_model(meta["model"], meta["num_outputs"], attention or meta["attention"], meta["model_kwargs"])
+    model = build_from_checkpoint(meta, attention)
     model.load_state_dict(ck["model"])
     model.to(dev).eval()
     prep = Preprocessing(**{k: v for k, v in meta["preprocessing"].items() if k in Preprocessing.__dataclass_fields__})
@@ -52,13 +56,12 @@ def predict(checkpoint: str, data: str, out: str, *, attention: str | None = Non
     values = []
     with torch.no_grad():
         for x, _ in tqdm(loader, desc="predict", disable=not progress):
-            res = model(x.to(dev))
-            logits = (res[0] if isinstance(res, (tuple, list)) else res).float()
+            logits = split_output(model(x.to(dev)))[0].float()
             values += torch.sigmoid(logits.view(-1)).tolist() if binary else logits.argmax(1).tolist()
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for s, v in zip(info.samples, values):
-        w.writerow((s.image_id, f"{v:.6f}" if binary else int(v)))
+        w.writerow((submission_id(s.image_id, header[0]), f"{v:.6f}" if binary else int(v)))
     atomic_write(out, lambda f: f.write(buf.getvalue()), mode="w")
     return len(values)

@@ -37,18 +37,24 @@ def _mask_hooks(model, store: list):
             h.remove()
 
 
+def split_output(out):
+    """``(logits, extras)`` of a model's output: AttnVGG's ``(logits, a1, a2)`` or plain logits."""
+    if isinstance(out, (tuple, list)):
+        return out[0], list(out[1:])
+    return out, []
+
+
 def forward_with_maps(model, x: torch.Tensor, want_maps: bool = True):
     """``(logits, [(name, map (B, 1, h, w)), ...])``."""
     hooked: list = []
     ctx = _mask_hooks(model, hooked) if want_maps else contextlib.nullcontext()
     with ctx:
-        out = model(x)
-    if isinstance(out, (tuple, list)):
-        logits, extra = out[0], list(out[1:])
+        logits, extra = split_output(model(x))
+    if extra:
         names = VGG_MAP_NAMES if len(extra) == 2 else [f"attention {i + 1}" for i in range(len(extra))]
         maps = [(n, a.detach()) for n, a in zip(names, extra) if isinstance(a, torch.Tensor) and a.dim() == 4]
         return logits, maps
-    return out, hooked
+    return logits, hooked
 
 
 def _jet(a: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """attnfast.train: tiny end-to-end runs in every layout, resume equivalence, 2-process DDP, metrics, overlays."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import sigmoid_focal_loss
 
 from attnfast.data import write_dataset
 from attnfast.train import TrainConfig, compute_loss, predict, train
+from attnfast.train.config import ConfigError
 from attnfast.train.checkpoint import atomic_write, load_checkpoint
 from attnfast.train.metrics import attention_mass_inside, binary_metrics, mask_area, multiclass_metrics
 
@@ -73,6 +74,10 @@ def test_tiny_end_to_end(data, tmp_path, layout, kind, model, attention, size, a
     else:
         assert list(rows[0]) == ["image_id", "label"] and rows[0]["image_id"].endswith(".jpg")
         assert 0 <= int(rows[0]["label"]) < 5
+    # unlabeled folder: ids as Kaggle's sample submissions write them (melanoma ISIC_x, cassava NNN.jpg)
+    predict(os.path.join(out, "best.pt"), f"folder:{data[layout]}", sub, progress=False)
+    ids = [r["image_name" if binary else "image_id"] for r in _rows(sub)]
+    assert len(ids) == 25 and all(i.endswith(".jpg") != binary for i in ids), ids[:3]
 
 
 class _Interrupt(Exception):
@@ -96,9 +101,12 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     with pytest.raises(_Interrupt):
         train(TrainConfig(out=part, **base), log=_stop_after_epoch(1))
     assert load_checkpoint(os.path.join(part, "last.pt"))["epoch"] == 1
-    from attnfast.train.config import ConfigError
     with pytest.raises(ConfigError, match="--resume"):  # no silent overwrite of a run
         train(TrainConfig(out=part, **base), log=lambda *_: None)
+    other = dict(base, split_seed=7, attention="reference", max_benign=3)
+    with pytest.raises(ConfigError) as e:  # another split or model is another run, not a continuation
+        train(TrainConfig(out=part, resume=True, **other), log=lambda *_: None)
+    assert all(f"--{k}" in str(e.value) for k in ("split-seed", "attention", "max-benign")), str(e.value)
     train(TrainConfig(out=part, resume=True, **base), log=lambda *_: None)
     a, b = load_checkpoint(os.path.join(full, "last.pt")), load_checkpoint(os.path.join(part, "last.pt"))
     assert a["epoch"] == b["epoch"] == 3
@@ -130,12 +138,22 @@ def test_ddp_two_cpu_processes(data, tmp_path):
     ck = load_checkpoint(os.path.join(out, "last.pt"))
     assert not any(k.startswith("module.") for k in ck["model"])  # saved unwrapped
     assert sorted(os.listdir(os.path.join(out, "overlays"))) == ["epoch_001.png", "epoch_002.png"]
+    # the same --out again: every rank stops with the one-line error (not rank 0 alone)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("already holds a run" in line for line in errors), proc.stderr[-3000:]
 
 
-def test_focal_loss_is_torchvisions_and_ce_for_multiclass():
-    logits, y = torch.randn(6, 1), torch.tensor([0, 1, 1, 0, 0, 1])
-    ref = sigmoid_focal_loss(logits.view(-1), y.float(), alpha=0.25, gamma=2.0, reduction="mean")
-    torch.testing.assert_close(compute_loss(logits, y, "binary"), ref)
+def test_focal_loss_is_the_seeds_and_ce_for_multiclass():
+    def seed_focal(x, t):  # the seeds' FocalLoss, alpha=0.25 for every sample: alpha * (1 - pt)**2 * BCE
+        bce = math.log1p(math.exp(-x)) if t else math.log1p(math.exp(x))
+        return 0.25 * (1 - math.exp(-bce)) ** 2 * bce
+    xs, ts = [0.0, 0.0, 2.0, -1.0, 3.0], [1, 0, 0, 1, 1]
+    assert seed_focal(0.0, 0) == pytest.approx(0.0625 * math.log(2))  # a negative is weighted 0.25, not 0.75
+    got = compute_loss(torch.tensor(xs).view(-1, 1), torch.tensor(ts), "binary")
+    assert got.item() == pytest.approx(sum(map(seed_focal, xs, ts)) / len(xs), rel=1e-6)
+    y = torch.tensor([0, 1, 1, 0, 0, 1])
     logits5 = torch.randn(6, 5)
     torch.testing.assert_close(compute_loss(logits5, y, "multiclass"), torch.nn.functional.cross_entropy(logits5, y))
 
@@ -159,6 +177,32 @@ def test_localization_score():
     torch.testing.assert_close(attention_mass_inside(uniform, mask), mask_area(mask))
     outside = 1 - inside
     assert (attention_mass_inside(outside, mask) < 0.2).all()
+
+
+def test_atomic_write_gives_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "m.csv"), lambda f: f.write("x"), mode="w")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.csv").st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+
+
+def test_checkpoint_of_a_pretrained_run_needs_no_imagenet_file(data, tmp_path, monkeypatch):
+    # an offline machine without the hub's vgg16_bn file: predict and --resume rebuild with pretrained=False
+    from attnfast.train import Trainer
+    from attnfast.train.checkpoint import save_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    cfg = dict(data=f"melanoma:{data['marking']}", image_size=32, width_mult=1.0, out=str(tmp_path / "pre"),
+               **dict(TINY, batch_size=32))
+    trainer = Trainer(TrainConfig(**cfg), log=lambda *_: None)
+    state = trainer._state(1)  # as the pretrained run would have saved it after its only epoch
+    state["config"]["pretrained"] = state["meta"]["model_kwargs"]["pretrained"] = True
+    save_checkpoint(state, os.path.join(cfg["out"], "last.pt"))
+    train(TrainConfig(pretrained=True, resume=True, **cfg), log=lambda *_: None)
+    assert predict(os.path.join(cfg["out"], "last.pt"), f"melanoma:{data['marking']}", str(tmp_path / "s.csv"),
+                   progress=False) == 25
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
