@@ -99,7 +99,8 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
             print(f"wrote {n} predictions to {args.out}")
     except (AttnfastDataError, ConfigError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.stderr.write(f"error: {one_line(e)}\n")  # one write: DDP ranks sharing stderr don't interleave
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (the last completed epoch is in last.pt; rerun with --resume)", file=sys.stderr)
