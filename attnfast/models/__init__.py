@@ -13,8 +13,8 @@ from .ran import ResidualAttentionNet, ran56, ran92
 # name -> (module, builder). Each builder takes (num_classes, attention=..., **kwargs).
 MODEL_BUILDERS = {
     "attnvgg": ("attnfast.models.attnvgg", "build"),
-    "ran56": ("attnfast.models.ran", "build_ran56"),
-    "ran92": ("attnfast.models.ran", "build_ran92"),
+    "ran56": ("attnfast.models.ran", "ran56"),
+    "ran92": ("attnfast.models.ran", "ran92"),
     "sagan_resnet": ("attnfast.models.sagan", "build"),
 }
 

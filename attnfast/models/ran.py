@@ -66,7 +66,3 @@ def ran56(num_classes: int = 1000, attention: str = "reference", **kwargs) -> Re
 
 def ran92(num_classes: int = 1000, attention: str = "reference", **kwargs) -> ResidualAttentionNet:
     return ResidualAttentionNet(92, num_classes, attention=attention, **kwargs)
-
-
-# the names attnfast.models.MODEL_BUILDERS looks up (create_model always passes ``attention``)
-build_ran56, build_ran92 = ran56, ran92
