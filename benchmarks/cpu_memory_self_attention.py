@@ -107,6 +107,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sys.path.insert(0, HERE)
     import harness
+    from attnfast.train.checkpoint import atomic_write
 
     b, c = args.batch, args.channels
     info = dict(harness.device_info())
@@ -131,9 +132,7 @@ def main(argv=None):
     res = {"info": info, "note": args.note, "budget_gib": args.budget_gib, "step_limit_s": args.step_limit_s,
            "compare": compare, "largest_map": largest, "attempts": attempts}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json.tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(args.out + ".json.tmp", args.out + ".json")
+    atomic_write(args.out + ".json", lambda f: json.dump(res, f, indent=1), mode="w")
     lines = [f"# SAGAN self-attention on CPU ({info['device']})", "",
              f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date_time_utc']} UTC. "
              f"Load average start/end: {info['load_average_at_start']} / {info['load_average_at_end']}. {args.note}", "",
@@ -152,9 +151,7 @@ def main(argv=None):
         lg = largest[pr]
         first = f"{fail['H']}x{fail['W']}: {fail['error']}" if fail else "none (largest size tried)"
         lines.append(f"| {pr} | {f'{lg}x{lg}' if lg else 'none'} | {first} |")
-    with open(args.out + ".md.tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(args.out + ".md.tmp", args.out + ".md")
+    atomic_write(args.out + ".md", lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     print("\n".join(lines))
 
 

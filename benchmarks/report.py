@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from attnfast.train.checkpoint import atomic_write
+
 # Vendor peak figures (dense): HBM bytes/s, FLOP/s by dtype (tensor cores for 16-bit, tf32 for fp32 matmul),
 # and the special-function (exp) unit: 3.9e12 exp/s on H100 SXM5 (FlashAttention-3 paper); the H200 is the
 # same GH100 chip at the same clocks.
@@ -158,10 +160,8 @@ def plot(path_png: str, rows: list) -> bool:
     dev = rows[0].get("device", "")
     ax.set_title(f"{rows[0].get('op', '')} — {dev} — {rows[0].get('date', '')}", fontsize=9)
     fig.tight_layout()
-    tmp = path_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path_png, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path_png)
     return True
 
 
@@ -186,9 +186,7 @@ def main(argv=None) -> int:
         out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         md = build_markdown(path, data, rows)
-        with open(stem + ".md.tmp", "w") as f:
-            f.write(md)
-        os.replace(stem + ".md.tmp", stem + ".md")
+        atomic_write(stem + ".md", lambda f: f.write(md), mode="w")
         made_png = plot(stem + ".png", rows) if rows else False
         print(f"wrote {stem}.md" + (f" and {stem}.png" if made_png else ""))
     return 0

@@ -31,6 +31,7 @@ from attnfast.reference import GridAttention as RefGrid  # noqa: E402
 from attnfast.reference import ResidualAttentionModule as RefRAM  # noqa: E402
 from attnfast.reference import SelfAttention as RefSelf  # noqa: E402
 from attnfast.reference import residual_gate_reference  # noqa: E402
+from attnfast.train.checkpoint import atomic_write  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -108,9 +109,7 @@ def main(argv=None) -> int:
                   f"({r['ratio_beyond_inputs'] or 0:.4f})", flush=True)
     info = harness.device_info()
     doc = {"info": info, "command": "python benchmarks/saved_memory.py", "rows": rows}
-    with open(args.out + ".json.tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(args.out + ".json.tmp", args.out + ".json")
+    atomic_write(args.out + ".json", lambda f: json.dump(doc, f, indent=1), mode="w")
     lines = [f"# Activation memory saved for backward ({info['device']})", "",
              f"torch {info['torch']}, triton {info['triton']}, {info['date']}. Command: `{doc['command']}`. "
              "Bytes autograd keeps between forward and backward (saved_tensors_hooks), module weights excluded. "
@@ -125,9 +124,7 @@ def main(argv=None) -> int:
                      f"{r['attnfast_saved_bytes'] / MIB:.1f} | {r['ratio']:.3f} | "
                      f"{r['eager_beyond_inputs_bytes'] / MIB:.1f} | {r['attnfast_beyond_inputs_bytes'] / MIB:.2f} | "
                      f"{'—' if rb is None else f'{rb:.4f}'} |")
-    with open(args.out + ".md.tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(args.out + ".md.tmp", args.out + ".md")
+    atomic_write(args.out + ".md", lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     print(f"wrote {args.out}.json and .md")
     return 0
 

@@ -380,10 +380,6 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
 # ----------------------------------------------------------------------------------------------
 # launch heuristics and launchers
 # ----------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def precision_for(dtype: torch.dtype) -> str:
     """fp32 dots: IEEE unless PyTorch allows TF32 for convolutions (what the eager 1x1 convs use)."""
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and torch.cuda.is_available():
@@ -408,7 +404,7 @@ _BWD_TILES_FP32 = {16: (32, 16, 16, 4), 32: (32, 16, 32, 4), 64: (16, 16, 64, 4)
 
 def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
     """Tile sizes of the forward / backward main kernels: a function of A and the dtype."""
-    bucket = max(16, _next_pow2(A))
+    bucket = max(16, triton.next_power_of_2(A))
     if bucket > MAX_ATTN_FEATURES:
         raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
                          f"got {A}")
@@ -423,7 +419,7 @@ def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
 
 def weight_blocks(C: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program."""
-    block_c2 = min(256 if dtype != torch.float32 else 128, max(16, _next_pow2(C)))
+    block_c2 = min(256 if dtype != torch.float32 else 128, max(16, triton.next_power_of_2(C)))
     return {"BLOCK_P": 32, "BLOCK_C": 16 if dtype == torch.float32 else 32, "BLOCK_A2": BLOCK_A2,
             "BLOCK_C2": block_c2, "num_warps": 8 if block_c2 >= 128 else 4}
 

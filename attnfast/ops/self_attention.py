@@ -28,7 +28,7 @@ import torch
 
 from .. import _alloc
 from .._checks import check_tensor
-from .._dispatch import autocast_off, use_triton, warn_fallback
+from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
 
 # Score-matrix elements per chunk of the PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB, and
 # the backward holds two such blocks. ATTNFAST_SA_CHUNK_ELEMS overrides it.
@@ -39,10 +39,6 @@ def chunk_rows(b: int, nq: int, nk: int) -> int:
     """Query rows per chunk of the PyTorch path: B * rows * NK <= CHUNK_ELEMS (at least 1 row)."""
     budget = int(os.environ.get("ATTNFAST_SA_CHUNK_ELEMS", CHUNK_ELEMS))
     return max(1, min(nq, budget // max(1, b * nk)))
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _triton_ok(q: torch.Tensor, *tensors) -> bool:
@@ -98,7 +94,7 @@ def _check(q, k, v, x, gamma) -> None:
 # ----------------------------------------------------------------------------- PyTorch path
 
 def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     b, _, nq = q.shape
     nk = k.shape[2]
     kf, vf = k.to(ct), v.to(ct)
@@ -124,7 +120,7 @@ def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
 
 
 def _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r):
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     b, d, nq = q.shape
     nk = k.shape[2]
     kf, vf = k.to(ct), v.to(ct)
@@ -160,8 +156,8 @@ def _out_buffers(q, v, x, need_o):
     else:
         out = _alloc.empty((b, v.shape[1], nq), dtype=q.dtype, device=q.device)
     shape = (b, v.shape[1], nq) if need_o else (0,)
-    o = _alloc.empty(shape, dtype=_compute_dtype(q), device=q.device)
-    lse = _alloc.empty((b, nq), dtype=_compute_dtype(q), device=q.device)
+    o = _alloc.empty(shape, dtype=compute_dtype(q), device=q.device)
+    lse = _alloc.empty((b, nq), dtype=compute_dtype(q), device=q.device)
     return out, o, lse
 
 
@@ -187,8 +183,8 @@ def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Opti
 def _(q, k, v, x, gamma, scale, need_o):
     b, _, nq = q.shape
     out = torch.empty_like(x) if x is not None else q.new_empty((b, v.shape[1], nq))
-    o = q.new_empty((b, v.shape[1], nq) if need_o else (0,), dtype=_compute_dtype(q))
-    return out, o, q.new_empty((b, nq), dtype=_compute_dtype(q))
+    o = q.new_empty((b, v.shape[1], nq) if need_o else (0,), dtype=compute_dtype(q))
+    return out, o, q.new_empty((b, nq), dtype=compute_dtype(q))
 
 
 @torch.library.custom_op("attnfast::self_attention_backward", mutates_args=())
