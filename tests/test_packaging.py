@@ -57,3 +57,23 @@ def test_editable_install(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     f = _check_in(py, env, str(tmp_path))
     assert os.path.samefile(os.path.dirname(f), os.path.join(REPO, "kernels"))
+
+
+def test_setup_py_develop_is_refused(tmp_path):
+    """Legacy ``setup.py develop`` (an egg-link) cannot map kernels/ to attnfast.kernels: it must refuse,
+    saying what to use instead, before it installs anything."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "setup.py"), "develop", "--install-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0
+    assert "setup.py develop" in r.stderr and "pip install -e ." in r.stderr, r.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be installed"
+
+
+def test_build_backend_requires_pep660_setuptools():
+    """pip's isolated build gets setuptools >= 64 (PEP 660 editable wheels keep package_dir)."""
+    import re
+
+    text = open(os.path.join(REPO, "pyproject.toml")).read()
+    m = re.search(r'requires\s*=\s*\[([^\]]*)\]', text)
+    assert m and re.search(r'"setuptools>=(\d+)', m.group(1)), text
+    assert int(re.search(r'"setuptools>=(\d+)', m.group(1)).group(1)) >= 64
