@@ -1,60 +1,76 @@
 """Test harness shared by every attnfast test.
 
-- ``TRITON_INTERPRET=1`` is set here, before any ``attnfast.kernels`` import, when no GPU is present,
-  so the Triton kernels run on the CPU.
-- ``ATTNFAST_NAN_FILL=1``: every output buffer attnfast allocates starts as NaN, so an element a
-  kernel does not write fails the comparison.
+- Device: CUDA when PyTorch sees a GPU, else the CPU. On the CPU, ``TRITON_INTERPRET=1`` is set
+  here, before any ``attnfast.kernels`` import, so the Triton kernels run in the interpreter.
+- The ``device`` fixture is that device. A test that takes it builds its tensors and modules there,
+  so the same parametrized matrix runs on CUDA (compiled kernels) on a GPU machine and on the CPU
+  (interpreter) elsewhere.
+- ``triton_backend`` forces the Triton kernels. On a GPU machine a test that uses it without the
+  ``device`` fixture feeds CPU tensors, which need the interpreter: it is skipped there, at
+  collection, with the reason. ``@pytest.mark.gpu`` tests (bf16, real model shapes, CUDA memory)
+  are skipped without a GPU.
+- On CUDA every test runs with TF32 off (cuDNN convolutions and matmuls), so fp32 means IEEE fp32
+  in eager PyTorch and in the kernels; tests of the TF32 path turn it on (``op_checks.tf32``).
+- ``ATTNFAST_NAN_FILL=1``: every output buffer attnfast allocates starts as NaN (on any device), so an
+  element a kernel does not write fails the comparison.
 - Every test is seeded.
+- ``ATTNFAST_TEST_FAKE_CUDA=1`` makes collection behave as on a GPU machine without one (for
+  ``--collect-only`` only: tests/test_gpu_matrix.py checks what a GPU run would collect and skip);
+  running a test that way fails at once.
 """
 import os
 import random
-import shutil
-import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/seed_modules.py and friends
-
-
-def _gpu_present() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    if shutil.which("nvidia-smi") is None:
-        return False
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
-    except Exception:
-        return False
-
-
-HAS_GPU = _gpu_present()
-if not HAS_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-os.environ["ATTNFAST_NAN_FILL"] = "1"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/seed_modules.py, tests/op_checks.py
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-DEVICE = "cuda" if (HAS_GPU and torch.cuda.is_available()) else "cpu"
+FAKE_CUDA = os.environ.get("ATTNFAST_TEST_FAKE_CUDA", "0") == "1"
+DEVICE = "cuda" if (FAKE_CUDA or torch.cuda.is_available()) else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["ATTNFAST_NAN_FILL"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+COMPILED_KERNELS = DEVICE == "cuda" and not INTERPRET  # what gpu-marked tests need
+NEEDS_INTERPRETER = "runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (the device-taking tests cover CUDA)"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and compiled kernels (skipped otherwise)")
     config.addinivalue_line("markers", "slow: long-running test")
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def uses_triton_on_cpu_tensors(item) -> bool:
+    """A test that forces the Triton backend (fixture, or ``backend="triton_backend"`` parameter) but does
+    not take ``device``: its tensors are CPU tensors, which only the interpreter can run."""
+    names = getattr(item, "fixturenames", ())
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    forced = "triton_backend" in names or params.get("backend") == "triton_backend"
+    return forced and "device" not in names
 
 
 def pytest_collection_modifyitems(config, items):
-    if DEVICE == "cuda" and not INTERPRET:
+    if COMPILED_KERNELS:
+        skip = pytest.mark.skip(reason=NEEDS_INTERPRETER)
+        for item in items:
+            if uses_triton_on_cpu_tensors(item):
+                item.add_marker(skip)
         return
     reason = "needs a CUDA GPU" if DEVICE != "cuda" else "needs compiled kernels: unset TRITON_INTERPRET"
     skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if FAKE_CUDA:
+        pytest.fail("ATTNFAST_TEST_FAKE_CUDA=1 is for --collect-only (there is no GPU to run on)")
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +81,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _cuda_ieee_fp32():
+    """On CUDA: no TF32 unless a test asks for it, and the flags restored afterwards."""
+    if DEVICE != "cuda":
+        yield
+        return
+    from op_checks import tf32
+
+    with tf32(False):
+        yield
+
+
 @pytest.fixture
 def device():
     return DEVICE
@@ -72,13 +100,12 @@ def device():
 
 @pytest.fixture
 def triton_backend(monkeypatch, request):
-    """Force the Triton kernels (interpreted on CPU).
+    """Force the Triton kernels: compiled on CUDA tensors, interpreted on CPU tensors.
 
-    These tests feed CPU tensors, so they need the interpreter. On a GPU machine (where this conftest
-    leaves TRITON_INTERPRET unset so the GPU-marked tests run compiled kernels) they are skipped; run
-    ``TRITON_INTERPRET=1 pytest`` there to include them."""
-    if not INTERPRET and "gpu" not in request.keywords:
-        pytest.skip("runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (GPU-marked tests cover CUDA)")
+    A test without the ``device`` fixture feeds CPU tensors; on a GPU machine (no interpreter) it is
+    skipped (normally at collection; this covers a dynamic ``request.getfixturevalue``)."""
+    if COMPILED_KERNELS and "device" not in request.fixturenames:
+        pytest.skip(NEEDS_INTERPRETER)
     monkeypatch.setenv("ATTNFAST_BACKEND", "triton")
     return "triton"
 
@@ -88,3 +115,18 @@ def torch_backend(monkeypatch):
     """Force the PyTorch path of every op."""
     monkeypatch.setenv("ATTNFAST_BACKEND", "torch")
     return "torch"
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """CUDA tensors must run the Triton kernels: the default dispatch, and a fallback to the PyTorch
+    path (attnfast warns once per reason; the record is emptied here) fails the test."""
+    import warnings
+
+    from attnfast import _dispatch
+
+    monkeypatch.delenv("ATTNFAST_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*using the PyTorch path on CUDA")
+        yield

@@ -1,8 +1,10 @@
-"""attnfast::self_attention (SAGAN) against the float64 reference, both paths (Triton interpreted on CPU).
+"""attnfast::self_attention (SAGAN) against the float64 reference, both paths, on the test device.
 
 Forward and every gradient (x, query/key/value conv weights and biases, gamma) of
-``SelfAttention2d`` versus ``attnfast.reference.SelfAttention``, three-way tolerance, fp32 and fp16,
-32 randomized shapes (N = 1, N not a block multiple, non-square maps, more than 128 channels).
+``SelfAttention2d`` versus ``attnfast.reference.SelfAttention``, three-way tolerance, fp32 and fp16
+(bf16 on a GPU), 32 randomized shapes (N = 1, N not a block multiple, non-square maps, more than 128
+channels). The tests take the ``device`` fixture: Triton interpreted on a CPU, compiled on CUDA on a
+GPU machine. SAGAN's real shapes are in tests/gpu/test_real_shapes.py.
 """
 import random
 
@@ -13,7 +15,8 @@ from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.ops.self_attention import (chunk_rows, self_attention, self_attention_backward_op,
                                          self_attention_op)
 from attnfast.reference.self_attention import SelfAttention
-from attnfast.testing import BASE_ATOL, assert_close_3way
+from attnfast.testing import assert_close_3way
+from op_checks import check_sagan, dtype_params
 
 BACKENDS = ["triton_backend", "torch_backend"]
 
@@ -32,54 +35,12 @@ def _random_shapes(n=32, seed=1234):
 SHAPES = _random_shapes()
 
 
-def _layers(c, gamma, dtype):
-    ref64 = SelfAttention(c).double()
-    with torch.no_grad():
-        ref64.gamma.fill_(gamma)
-        for conv in (ref64.query_conv, ref64.key_conv):  # logits of order 10: a peaked softmax
-            conv.weight.mul_(3.0)
-    eager = SelfAttention(c).to(dtype)
-    eager.load_state_dict(ref64.state_dict())
-    fused = SelfAttention2d(c).to(dtype)
-    fused.load_state_dict(ref64.state_dict())
-    return ref64, eager, fused
-
-
-def _run(layer, x, grad):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    out, _ = layer(x)
-    out.backward(grad)
-    return [out.detach(), x.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
-
-
-def _check_module(shape, dtype, gamma=0.7):
-    b, c, h, w = shape
-    ref64, eager, fused = _layers(c, gamma, dtype)
-    x = torch.randn(shape, dtype=torch.float64)
-    g = torch.randn(shape, dtype=torch.float64)
-    ref = _run(ref64, x, g)
-    e = _run(eager, x.to(dtype), g.to(dtype))
-    out = _run(fused, x.to(dtype), g.to(dtype))
-    assert out[0].dtype == dtype
-    names = ["out", "x.grad"] + [n + ".grad" for n, _ in sorted(fused.named_parameters())]
-    for n, o, r, ee in zip(names, out, ref, e):
-        # The key bias adds q_i^T b to a whole softmax row, so its exact gradient is 0 and the
-        # computed one is pure rounding noise (a sum over N positions of rounded dK).
-        # Compare it with factor 4 at the scale of the key weight gradient.
-        if n == "key_conv.bias.grad":
-            scale = max(1.0, ref[names.index("key_conv.weight.grad")].abs().max().item())
-            assert_close_3way(o, r, ee, name=f"{n} {shape}", factor=4.0, atol=BASE_ATOL[dtype] * scale)
-        else:
-            assert_close_3way(o, r, ee, name=f"{n} {shape}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_module_matches_reference(request, backend, dtype, shape):
+def test_module_matches_reference(request, backend, dtype, shape, device):
     request.getfixturevalue(backend)
-    _check_module(shape, dtype)
+    check_sagan(shape, dtype, device=device)
 
 
 def test_shapes_cover_edge_cases():
@@ -90,12 +51,12 @@ def test_shapes_cover_edge_cases():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_multiple_chunks_and_blocks(request, backend, monkeypatch):
+def test_multiple_chunks_and_blocks(request, backend, monkeypatch, device):
     """Several query chunks (PyTorch path) / several key and query blocks (Triton)."""
     request.getfixturevalue(backend)
     monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "3000")
     assert chunk_rows(2, 200, 200) == 7
-    _check_module((2, 16, 20, 10), torch.float32)
+    check_sagan((2, 16, 20, 10), torch.float32, device=device)
 
 
 def _math64(q, k, v, x, gamma, scale):
@@ -118,18 +79,18 @@ def _op_grads(fn, tensors, grad):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual", [True, False])
-def test_large_logits(request, backend, residual):
+def test_large_logits(request, backend, residual, device):
     """No scale, |q^T k| ~ 1e3: finite and as accurate as eager fp32."""
     request.getfixturevalue(backend)
     b, d, dv, n = 2, 4, 24, 70
-    q = torch.randn(b, d, n, dtype=torch.float64) * 16
-    k = torch.randn(b, d, n, dtype=torch.float64) * 16
-    v = torch.randn(b, dv, n, dtype=torch.float64)
-    x = torch.randn(b, dv, n, dtype=torch.float64) if residual else None
-    gamma = torch.tensor([0.9], dtype=torch.float64) if residual else None
+    q = torch.randn(b, d, n, dtype=torch.float64, device=device) * 16
+    k = torch.randn(b, d, n, dtype=torch.float64, device=device) * 16
+    v = torch.randn(b, dv, n, dtype=torch.float64, device=device)
+    x = torch.randn(b, dv, n, dtype=torch.float64, device=device) if residual else None
+    gamma = torch.tensor([0.9], dtype=torch.float64, device=device) if residual else None
     logits = (q.transpose(1, 2) @ k).abs()
     assert logits.max() > 1e3
-    grad = torch.randn(b, dv, n, dtype=torch.float64)
+    grad = torch.randn(b, dv, n, dtype=torch.float64, device=device)
     tensors = (q, k, v, x, gamma)
     ref = _op_grads(lambda *t: _math64(*t, 1.0), tensors, grad)
     f32 = [t.float() if t is not None else None for t in tensors]
@@ -141,30 +102,31 @@ def test_large_logits(request, backend, residual):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_scale_and_pooled_keys(request, backend):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16, torch.bfloat16))
+def test_scale_and_pooled_keys(request, backend, dtype, device):
     """Fewer keys than queries (the pooled variant) and a non-default scale, at op level."""
     request.getfixturevalue(backend)
     b, d, dv, nq, nk = 2, 5, 40, 90, 23
-    tensors = (torch.randn(b, d, nq, dtype=torch.float64), torch.randn(b, d, nk, dtype=torch.float64),
-               torch.randn(b, dv, nk, dtype=torch.float64), torch.randn(b, dv, nq, dtype=torch.float64),
-               torch.tensor([-0.4], dtype=torch.float64))
-    grad = torch.randn(b, dv, nq, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
+    tensors = (torch.randn(b, d, nq, **f64), torch.randn(b, d, nk, **f64), torch.randn(b, dv, nk, **f64),
+               torch.randn(b, dv, nq, **f64), torch.tensor([-0.4], **f64))
+    grad = torch.randn(b, dv, nq, **f64)
     ref = _op_grads(lambda *t: _math64(*t, 0.3), tensors, grad)
-    for dtype in (torch.float32, torch.float16):
-        ts = [t.to(dtype) for t in tensors]
-        eager = _op_grads(lambda *t: _math_eager(*t, 0.3), ts, grad.to(dtype))
-        out = _op_grads(lambda *t: self_attention(*t, scale=0.3), ts, grad.to(dtype))
-        assert_close_3way(out, ref, eager, name=f"scale/pooled {dtype}")
+    ts = [t.to(dtype) for t in tensors]
+    eager = _op_grads(lambda *t: _math_eager(*t, 0.3), ts, grad.to(dtype))
+    out = _op_grads(lambda *t: self_attention(*t, scale=0.3), ts, grad.to(dtype))
+    assert_close_3way(out, ref, eager, name=f"scale/pooled {dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_views_and_stride0_grad(request, backend):
+def test_strided_views_and_stride0_grad(request, backend, device):
     """q/k/v as channel slices of one conv output, x channels_last, gradient from .sum() (stride 0)."""
     request.getfixturevalue(backend)
     b, c, h, w = 2, 16, 6, 7
-    qkv = torch.randn(b, 2 * 2 + c, h, w, dtype=torch.float64).requires_grad_()
-    x = torch.randn(b, c, h, w, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
-    gamma = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(b, 2 * 2 + c, h, w, dtype=torch.float64, device=device).requires_grad_()
+    x = torch.randn(b, c, h, w, dtype=torch.float64, device=device)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    gamma = torch.tensor([0.5], dtype=torch.float64, device=device, requires_grad=True)
 
     def run(dtype, fn):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (qkv, x, gamma)]
@@ -182,40 +144,40 @@ def test_strided_views_and_stride0_grad(request, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual", [True, False])
-def test_opcheck(request, backend, residual):
+def test_opcheck(request, backend, residual, device):
     request.getfixturevalue(backend)
     b, d, dv, n = 2, 3, 20, 13
-    q = torch.randn(b, d, n, requires_grad=True)
-    k = torch.randn(b, d, n, requires_grad=True)
-    v = torch.randn(b, dv, n, requires_grad=True)
-    x = torch.randn(b, dv, n, requires_grad=True) if residual else None
-    gamma = torch.tensor([0.6], requires_grad=True) if residual else None
+    q = torch.randn(b, d, n, requires_grad=True, device=device)
+    k = torch.randn(b, d, n, requires_grad=True, device=device)
+    v = torch.randn(b, dv, n, requires_grad=True, device=device)
+    x = torch.randn(b, dv, n, requires_grad=True, device=device) if residual else None
+    gamma = torch.tensor([0.6], requires_grad=True, device=device) if residual else None
     torch.library.opcheck(self_attention_op, (q, k, v, x, gamma, 0.8, True))
     out, o, lse = self_attention_op(q, k, v, x, gamma, 0.8, True)
     saved = o if residual else out
-    args = (torch.randn(b, dv, n), q.detach(), k.detach(), v.detach(), saved.detach(), lse.detach(),
-            gamma.detach() if residual else None, 0.8)
+    args = (torch.randn(b, dv, n, device=device), q.detach(), k.detach(), v.detach(), saved.detach(),
+            lse.detach(), gamma.detach() if residual else None, 0.8)
     torch.library.opcheck(self_attention_backward_op, args)
 
 
-def test_no_grad_skips_saved_output(torch_backend):
-    q, k, v = torch.randn(1, 2, 9), torch.randn(1, 2, 9), torch.randn(1, 4, 9)
-    x, gamma = torch.randn(1, 4, 9), torch.tensor([0.3])
+def test_no_grad_skips_saved_output(torch_backend, device):
+    q, k, v = (torch.randn(1, c, 9, device=device) for c in (2, 2, 4))
+    x, gamma = torch.randn(1, 4, 9, device=device), torch.tensor([0.3], device=device)
     out, o, lse = self_attention_op(q, k, v, x, gamma, 1.0, False)
     assert o.numel() == 0 and lse.shape == (1, 9)
     torch.testing.assert_close(out, _math_eager(q, k, v, x, gamma, 1.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(request, backend):
+def test_torch_compile_fullgraph(request, backend, device):
     request.getfixturevalue(backend)
     torch._dynamo.reset()
-    layer = SelfAttention2d(16, tuple_output=False)
+    layer = SelfAttention2d(16, tuple_output=False).to(device)
     with torch.no_grad():
         layer.gamma.fill_(0.5)
-    ref = SelfAttention(16)
+    ref = SelfAttention(16).to(device)
     ref.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 16, 5, 6, requires_grad=True)
+    x = torch.randn(2, 16, 5, 6, requires_grad=True, device=device)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     out.sum().backward()
@@ -245,17 +207,3 @@ def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         self_attention(**args)
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (1, 256, 17, 23), (2, 128, 64, 64)], ids=str)
-def test_bf16_gpu(shape, device):
-    """bf16 (wrong in the interpreter): the Triton kernels on a GPU only."""
-    b, c, h, w = shape
-    ref64, eager, fused = _layers(c, 0.7, torch.bfloat16)
-    ref64, eager, fused = ref64.to(device), eager.to(device), fused.to(device)
-    x = torch.randn(shape, dtype=torch.float64, device=device)
-    g = torch.randn(shape, dtype=torch.float64, device=device)
-    ref = _run(ref64, x, g)
-    e = _run(eager, x.bfloat16(), g.bfloat16())
-    out = _run(fused, x.bfloat16(), g.bfloat16())
-    assert_close_3way(out, ref, e, name=f"bf16 {shape}")

@@ -1,0 +1,130 @@
+"""Every op at the seeds' real model shapes on CUDA, in every dtype, forward and all gradients vs float64.
+
+GPU-marked (skipped without a GPU). The CPU/interpreter matrix of tests/ops and tests/nn runs on
+CUDA too on a GPU machine (its tests take the ``device`` fixture); this file adds the shapes the
+models really run, which the interpreter is too slow for:
+
+- grid attention: AttnVGG's two attention blocks (attnfast/models/attnvgg.py: ``attn1`` on pool-3 and
+  ``attn2`` on pool-4, both guided by pool-5, A = 256) at 224 and 512 inputs, softmax and sigmoid;
+- SAGAN self-attention: C = 64..512 up to 128x128, the seed's layer and the pooled-key, multi-head
+  and value_dim variants;
+- residual gate: the three attention stages of RAN-56 at 224 (attnfast/models/ran.py).
+
+tests/test_gpu_matrix.py checks on the CPU that these tables match the models and that a GPU run
+collects every case below. Each case runs the kernels (``kernels_only``: a fallback to the PyTorch
+path on CUDA fails the test) and builds its float64 reference on the GPU; the largest, SAGAN at
+128x128 (N = 16384), materializes B * heads * N^2 float64 scores (2 GiB per sample and head) a few
+times over, so those cases use B = 1.
+
+Precisions: fp32 is IEEE (TF32 off: the conftest), fp16 and bf16 compare with eager PyTorch in the
+same dtype. Grid attention also runs ``tf32``: fp32 with TF32 allowed for convolutions and matmuls
+(PyTorch's default for cuDNN), the kernels' dots in TF32 then; its yardstick is eager fp16, whose
+inputs carry the same 10-bit mantissa (eager fp32 may or may not use TF32 for a 1x1 conv).
+
+Adding an op: a ``<OP>_REAL`` table, a ``check_real_<op>(case, precision, device)`` and an entry in
+``OPS``; tests/test_gpu_matrix.py derives its expected counts from ``OPS``.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from op_checks import check_gate, check_grid, check_sagan, check_sagan_variant, tf32
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# AttnVGG (width 1): (name, B, C_l, C_g, A, H = W of l, up_factor); g is pool-5 at H / up.
+GRID_REAL = [
+    ("pool3@224", 8, 256, 512, 256, 28, 4),
+    ("pool4@224", 8, 512, 512, 256, 14, 2),
+    ("pool3@512", 2, 256, 512, 256, 64, 4),
+    ("pool4@512", 2, 512, 512, 256, 32, 2),
+]
+# SAGAN: (B, C, H, W, SelfAttention2d options); {} is the seed's layer (checked against the reference).
+SAGAN_REAL = [
+    (1, 64, 128, 128, {}),
+    (1, 128, 128, 128, {}),
+    (4, 128, 64, 64, {}),
+    (2, 256, 64, 64, {}),
+    (4, 512, 32, 32, {}),
+    (1, 64, 128, 128, {"pool": True}),
+    (1, 256, 128, 128, {"pool": True}),
+    (2, 512, 64, 64, {"pool": True}),
+    (2, 256, 64, 64, {"heads": 2}),
+    (2, 128, 64, 64, {"value_dim": 64}),
+    (2, 512, 32, 32, {"heads": 4, "value_dim": 256}),
+    (1, 128, 128, 128, {"pool": True, "heads": 2, "value_dim": 64}),
+]
+# RAN-56 at 224, B = 32 (the benchmark batch): the gate's (mask, trunk) shape per stage; + channels_last.
+GATE_REAL = [
+    ("stage1", (32, 256, 56, 56), False),
+    ("stage2", (32, 512, 28, 28), False),
+    ("stage3", (32, 1024, 14, 14), False),
+    ("stage1-channels_last", (32, 256, 56, 56), True),
+]
+
+
+def check_real_grid(case, precision, device):
+    name, B, C, Cg, A, H, up = case
+    for normalize in (True, False):
+        if precision == "tf32":
+            with tf32(True):
+                check_grid(B, C, Cg, A, H, H, up, normalize, torch.float32, device=device,
+                           eager_dtype=torch.float16)
+        else:
+            check_grid(B, C, Cg, A, H, H, up, normalize, DTYPES[precision], device=device)
+
+
+def check_real_sagan(case, precision, device):
+    b, c, h, w, options = case
+    if options:
+        check_sagan_variant((b, c, h, w), options, DTYPES[precision], device=device)
+    else:  # default init (logits of order sqrt(d)), as a model starts
+        check_sagan((b, c, h, w), DTYPES[precision], device=device, qk_mult=1.0)
+
+
+def check_real_gate(case, precision, device):
+    _, shape, channels_last = case
+    check_gate(shape, DTYPES[precision], device=device, channels_last=channels_last)
+
+
+def _sagan_id(case):
+    b, c, h, w, options = case
+    opts = "".join(f"-{k}{'' if v is True else v}" for k, v in options.items())
+    return f"B{b}C{c}-{h}x{w}{opts or '-seed'}"
+
+
+# op -> (cases, case id, precisions, check)
+OPS = {
+    "grid_attention": (GRID_REAL, lambda c: c[0], ("fp32", "tf32", "fp16", "bf16"), check_real_grid),
+    "self_attention": (SAGAN_REAL, _sagan_id, ("fp32", "fp16", "bf16"), check_real_sagan),
+    "residual_gate": (GATE_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_gate),
+}
+
+
+def matrix():
+    params = []
+    for op, (cases, case_id, precisions, _) in OPS.items():
+        for case in cases:
+            for precision in precisions:
+                params.append(pytest.param(op, case, precision, id=f"{op}-{case_id(case)}-{precision}"))
+    return params
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, case, precision", matrix())
+def test_real_shape(op, case, precision, device, kernels_only):
+    failure = None
+    try:
+        OPS[op][3](case, precision, device)
+        torch.cuda.synchronize()
+    except (AssertionError, torch.OutOfMemoryError) as e:
+        # Report the message only: a traceback kept by pytest would hold this case's GPU tensors
+        # (GiBs at these shapes) and starve the cases after it.
+        failure = f"{type(e).__name__}: {e}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    if failure:
+        pytest.fail(failure, pytrace=False)
