@@ -1,4 +1,4 @@
-"""CBAM channel + spatial gates (Woo et al., 2018), plain PyTorch.
+"""CBAM channel + spatial gates (Woo et al., 2018) and timm's light variant, plain PyTorch.
 
 Arguments and parameter names follow timm's ``CbamModule`` (``channel.fc1``, ``channel.fc2``,
 ``spatial.conv.conv``, ``spatial.conv.bn``) so timm checkpoints of the block load.
@@ -62,15 +62,45 @@ class SpatialAttn(nn.Module):
 class CBAM(nn.Module):
     """Channel gate then spatial gate; same arguments as timm's ``CbamModule``."""
 
+    channel_attn = ChannelAttn
+    spatial_attn = SpatialAttn
+
     def __init__(self, channels: int, rd_ratio: float = 1.0 / 16, rd_channels: int | None = None,
                  rd_divisor: int = 1, spatial_kernel_size: int = 7, act_layer=nn.ReLU,
                  mlp_bias: bool = False):
         super().__init__()
         self.channels = channels
-        self.channel = ChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
-                                   rd_divisor=rd_divisor, act_layer=act_layer, mlp_bias=mlp_bias)
-        self.spatial = SpatialAttn(spatial_kernel_size)
+        self.channel = self.channel_attn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                         rd_divisor=rd_divisor, act_layer=act_layer, mlp_bias=mlp_bias)
+        self.spatial = self.spatial_attn(spatial_kernel_size)
 
     def forward(self, x):
         check_tensor(x, "x", ndim=4, channels=self.channels)
         return self.spatial(self.channel(x))
+
+
+class LightChannelAttn(ChannelAttn):
+    """``x * sigmoid(mlp(avgpool(x) / 2 + maxpool(x) / 2))``: timm's ``LightChannelAttn``."""
+
+    def forward(self, x):
+        x_pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(x_pool))))
+
+
+class LightSpatialAttn(nn.Module):
+    """``x * sigmoid(bn(conv(mean_c(x) / 2 + max_c(x) / 2)))``: timm's ``LightSpatialAttn``."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = _ConvNorm(1, 1, kernel_size)
+
+    def forward(self, x):
+        x_attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        return x * torch.sigmoid(self.conv(x_attn))
+
+
+class LightCBAM(CBAM):
+    """Light channel gate then light spatial gate; same arguments as timm's ``LightCbamModule``."""
+
+    channel_attn = LightChannelAttn
+    spatial_attn = LightSpatialAttn

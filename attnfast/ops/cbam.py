@@ -1,0 +1,427 @@
+"""``attnfast::cbam``: fused CBAM (channel gate, then spatial gate) as torch.library custom ops.
+
+``cbam(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var, training, momentum,
+eps, light)`` computes exactly timm's ``CbamModule`` (``light=False``; ``attnfast.reference.CBAM``) or
+``LightCbamModule`` (``light=True``; ``attnfast.reference.LightCBAM``) with a ReLU MLP and sigmoid gates::
+
+    s_c = sigmoid(fc2(relu(fc1(avg_p x))) + fc2(relu(fc1(max_p x))))        light: fc2(relu(fc1(avg/2 + max/2)))
+    s_p = sigmoid(bn(conv([mean_c(x s_c), max_c(x s_c)])))                 light: conv(mean/2 + max/2)
+    y   = x s_c s_p
+
+The full-map work is five passes (``attnfast.kernels.cbam``): per-channel sum/max, per-pixel channel
+mean/max of ``x s_c`` (``x s_c`` is never written), and ``y`` in the forward; in the backward, one pass
+for the spatial gate's gradient, one for the channel gate's, one writing ``dx``. The MLP, the k x k
+conv and the BatchNorm act on (B, C) and (B, 2, H, W) maps and run in torch (fp32; fp64 for fp64).
+Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run the Triton kernels, CPU tensors a PyTorch
+path over batch chunks with the same memory behaviour. float64 always takes the PyTorch path.
+
+Saved for backward: ``x`` (the input, already alive) and small fp32 tensors only: the channel gate and
+pooled statistics (B, C), the spatial gate and the channel-pooled map (B, 3, H, W in all), and the
+BatchNorm mean/variance used. Nothing of size C x H x W besides ``x``.
+
+Max pooling: the gradient of a maximum is split evenly among the elements equal to it (ties), exactly
+as eager ``amax`` does (``grad * (x == max) / count``); timm's and the reference's CBAM use ``amax``, so
+their gradients match ours tie for tie.
+
+BatchNorm: with ``training`` (or without running statistics) the batch mean and biased variance
+normalise, and ``running_mean`` / ``running_var`` are updated in place with the unbiased variance and
+``momentum`` as ``F.batch_norm`` does; otherwise the running statistics normalise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _alloc
+from .._checks import check_same, check_tensor
+from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+
+# The PyTorch path processes this many map elements (B_chunk x C x H x W) at a time (cache-sized).
+TORCH_CHUNK_ELEMENTS = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var,
+                      light: bool) -> None:
+    """ValueError for anything the op cannot compute (what was expected is in the message)."""
+    check_tensor(x, "x", ndim=4)
+    B, C, H, W = x.shape
+    if B == 0 or C == 0 or H * W == 0:
+        raise ValueError(f"x must have at least one sample, channel and pixel; got shape {tuple(x.shape)}")
+    if C * H * W >= 2 ** 31:
+        raise ValueError(f"one sample of x must have fewer than 2**31 elements (32-bit offsets in the kernels); "
+                         f"got {tuple(x.shape[1:])}")
+    named = {"channel.fc1.weight": fc1_w, "channel.fc2.weight": fc2_w, "spatial.conv.conv.weight": conv_w,
+             "spatial.conv.bn.weight": bn_w, "spatial.conv.bn.bias": bn_b}
+    for name, t in (("channel.fc1.bias", fc1_b), ("channel.fc2.bias", fc2_b),
+                    ("spatial.conv.bn.running_mean", running_mean), ("spatial.conv.bn.running_var", running_var)):
+        if t is not None:
+            named[name] = t
+    for name, t in named.items():
+        check_tensor(t, name)
+    check_same(named, dtype=False)
+    check_same({"x": x, "channel.fc1.weight": fc1_w}, dtype=False)
+    R = fc1_w.shape[0]
+    if fc1_w.dim() != 4 or tuple(fc1_w.shape[1:]) != (C, 1, 1):
+        raise ValueError(f"channel.fc1.weight must be a 1x1 conv weight ({R}, {C}, 1, 1) for x with {C} channels; "
+                         f"got {tuple(fc1_w.shape)}")
+    if tuple(fc2_w.shape) != (C, R, 1, 1):
+        raise ValueError(f"channel.fc2.weight must be ({C}, {R}, 1, 1); got {tuple(fc2_w.shape)}")
+    if fc1_b is not None and tuple(fc1_b.shape) != (R,):
+        raise ValueError(f"channel.fc1.bias must have shape ({R},); got {tuple(fc1_b.shape)}")
+    if fc2_b is not None and tuple(fc2_b.shape) != (C,):
+        raise ValueError(f"channel.fc2.bias must have shape ({C},); got {tuple(fc2_b.shape)}")
+    cin = 1 if light else 2
+    k = conv_w.shape[-1]
+    if conv_w.dim() != 4 or tuple(conv_w.shape[:3]) != (1, cin, k) or k % 2 == 0:
+        raise ValueError(f"spatial.conv.conv.weight must be (1, {cin}, k, k) with an odd k; got {tuple(conv_w.shape)}")
+    for name, t in (("spatial.conv.bn.weight", bn_w), ("spatial.conv.bn.bias", bn_b),
+                    ("spatial.conv.bn.running_mean", running_mean), ("spatial.conv.bn.running_var", running_var)):
+        if t is not None and t.numel() != 1:
+            raise ValueError(f"{name} must have one element (one BatchNorm channel); got shape {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+
+
+# ----------------------------------------------------------------------------------------------
+# small pieces in torch: the channel MLP, the spatial conv + BatchNorm (compute dtype)
+# ----------------------------------------------------------------------------------------------
+def _mat(w: torch.Tensor, ct) -> torch.Tensor:
+    return w.reshape(w.shape[0], w.shape[1]).to(ct)
+
+
+def _vec(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(n) if b is None else b.to(like.dtype)
+
+
+def _mlp_forward(avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light: bool):
+    """Channel gate s_c (B, C) from the pooled statistics (compute dtype)."""
+    ct = avg.dtype
+    w1, w2 = _mat(fc1_w, ct), _mat(fc2_w, ct)
+    b1, b2 = _vec(fc1_b, w1.shape[0], avg), _vec(fc2_b, w2.shape[0], avg)
+    if light:
+        return torch.sigmoid(torch.relu((0.5 * avg + 0.5 * cmax) @ w1.T + b1) @ w2.T + b2)
+    h = torch.relu(avg @ w1.T + b1) + torch.relu(cmax @ w1.T + b1)
+    return torch.sigmoid(h @ w2.T + 2 * b2)
+
+
+def _mlp_backward(ds_c, s_c, avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light: bool):
+    """(d avg, d cmax, d fc1_w (R, C), d fc1_b, d fc2_w (C, R), d fc2_b) from d s_c (compute dtype)."""
+    ct = avg.dtype
+    w1, w2 = _mat(fc1_w, ct), _mat(fc2_w, ct)
+    b1 = _vec(fc1_b, w1.shape[0], avg)
+    do = ds_c * s_c * (1 - s_c)
+    dh = do @ w2
+    if light:
+        v = 0.5 * avg + 0.5 * cmax
+        pre = v @ w1.T + b1
+        dpre = torch.where(pre > 0, dh, 0.0)
+        dv = dpre @ w1
+        return (0.5 * dv, 0.5 * dv, dpre.T @ v, dpre.sum(0), do.T @ torch.relu(pre), do.sum(0))
+    pre_a, pre_m = avg @ w1.T + b1, cmax @ w1.T + b1
+    dpre_a, dpre_m = torch.where(pre_a > 0, dh, 0.0), torch.where(pre_m > 0, dh, 0.0)
+    dw1 = dpre_a.T @ avg + dpre_m.T @ cmax
+    dw2 = do.T @ (torch.relu(pre_a) + torch.relu(pre_m))
+    return dpre_a @ w1, dpre_m @ w1, dw1, (dpre_a + dpre_m).sum(0), dw2, 2 * do.sum(0)
+
+
+def _conv_input(smap: torch.Tensor, H: int, W: int, light: bool) -> torch.Tensor:
+    """The conv's input from smap = (channel mean, channel max) of x s_c, (B, 2, P)."""
+    B = smap.shape[0]
+    if light:
+        return (0.5 * smap[:, 0] + 0.5 * smap[:, 1]).view(B, 1, H, W)
+    return smap.view(B, 2, H, W)
+
+
+def _conv(inp, conv_w):
+    return F.conv2d(inp, conv_w.to(inp.dtype), padding=conv_w.shape[-1] // 2)
+
+
+def _bn_stats(z, running_mean, running_var, batch_stats: bool):
+    if batch_stats:
+        var, mean = torch.var_mean(z, unbiased=False)
+        return torch.stack([mean, var])
+    return torch.stack([running_mean.to(z.dtype).reshape(()), running_var.to(z.dtype).reshape(())])
+
+
+# ----------------------------------------------------------------------------------------------
+# the full-map passes: Triton kernels or the PyTorch path (batch chunks, compute dtype)
+# ----------------------------------------------------------------------------------------------
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when H and W flatten to one pixel stride (NCHW, channels_last, stride 0), else a copy."""
+    from ..kernels.cbam import map_strides
+
+    return t if map_strides(t) is not None else t.contiguous()
+
+
+def _kernel_path(x: torch.Tensor, *others) -> bool:
+    if not use_triton(x, *others):
+        return False
+    from ..kernels.cbam import DTYPES
+
+    if x.dtype in DTYPES:
+        return True
+    if x.is_cuda:
+        warn_fallback("cbam", f"no Triton kernel for {x.dtype}")
+    return False
+
+
+def _chunks(x: torch.Tensor):
+    B = x.shape[0]
+    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, x[0].numel()))
+    for b0 in range(0, B, step):
+        yield b0, min(B, b0 + step)
+
+
+def _bc(v):  # (b, C) -> (b, C, 1, 1)
+    return v[:, :, None, None]
+
+
+def _bp(v, H, W):  # (b, P) -> (b, 1, H, W)
+    return v.view(v.shape[0], 1, H, W)
+
+
+def _torch_channel_pool(x, ct):
+    B, C = x.shape[:2]
+    sums = x.new_empty((B, C), dtype=ct)
+    cmax = x.new_empty((B, C), dtype=ct)
+    for b0, b1 in _chunks(x):
+        xc = x[b0:b1].to(ct)
+        sums[b0:b1] = xc.sum((2, 3))
+        cmax[b0:b1] = xc.amax((2, 3))
+    return sums, cmax
+
+
+def _torch_spatial_pool(x, s_c):
+    B, C, H, W = x.shape
+    psum = s_c.new_empty((B, H * W))
+    pmax = s_c.new_empty((B, H * W))
+    for b0, b1 in _chunks(x):
+        xs = x[b0:b1].to(s_c.dtype) * _bc(s_c[b0:b1])
+        psum[b0:b1] = xs.sum(1).flatten(1)
+        pmax[b0:b1] = xs.amax(1).flatten(1)
+    return psum, pmax
+
+
+def _torch_gate(x, s_c, s_p, y):
+    H, W = x.shape[2:]
+    for b0, b1 in _chunks(x):
+        y[b0:b1] = x[b0:b1].to(s_c.dtype) * _bc(s_c[b0:b1]) * _bp(s_p[b0:b1], H, W)
+    return y
+
+
+def _torch_backward_spatial(g, x, s_c, pmax):
+    """(sum_c g x s_c, tie count of max_c x s_c), (B, P) each. The channel-gate sum is left to
+    ``_torch_backward_rest``, which forms the whole d(x s_c) anyway."""
+    B, C, H, W = x.shape
+    ct = s_c.dtype
+    dsp, pcnt = s_c.new_empty((B, H * W)), s_c.new_empty((B, H * W))
+    for b0, b1 in _chunks(x):
+        xs = x[b0:b1].to(ct) * _bc(s_c[b0:b1])
+        dsp[b0:b1] = (g[b0:b1].to(ct) * xs).sum(1).flatten(1)
+        pcnt[b0:b1] = (xs == _bp(pmax[b0:b1], H, W)).sum(1).flatten(1)
+    return dsp, pcnt
+
+
+def _torch_backward_rest(g, x, s_c, s_p, cm, cw, pmax, cstat, P, mlp_args, light, dx):
+    """The channel-gate pass and the dx pass, fused per batch chunk (the MLP backward is per sample).
+    Returns the MLP weight gradients (summed over chunks)."""
+    B, C, H, W = x.shape
+    ct = s_c.dtype
+    wgrads = None
+    for b0, b1 in _chunks(x):
+        sl = slice(b0, b1)
+        xc = x[sl].to(ct)  # may be x itself: never written
+        sc = _bc(s_c[sl])
+        tie_p = (xc * sc) == _bp(pmax[sl], H, W)
+        dxs = g[sl].to(ct) * _bp(s_p[sl], H, W) + _bp(cm[sl], H, W) + tie_p * _bp(cw[sl], H, W)
+        del tie_p
+        ds_c = (dxs * xc).sum((2, 3))
+        cmax = cstat[sl, 1]
+        tie_c = xc == _bc(cmax)
+        ccnt = tie_c.sum((2, 3)).to(ct)
+        davg, dcmax, *wg = _mlp_backward(ds_c, s_c[sl], cstat[sl, 0], cmax, *mlp_args, light)
+        wgrads = wg if wgrads is None else [a + b for a, b in zip(wgrads, wg)]
+        dx[sl] = dxs.mul_(sc).add_(_bc(davg / P)).add_(tie_c * _bc(dcmax / ccnt))
+    return wgrads
+
+
+# ----------------------------------------------------------------------------------------------
+# forward op
+# ----------------------------------------------------------------------------------------------
+def _small_shapes(x):
+    B, C, H, W = x.shape
+    return (B, C), (B, 2, C), (B, H * W), (B, 2, H * W), (2,)
+
+
+@torch.library.custom_op("attnfast::cbam", mutates_args=())
+@autocast_off
+def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor], fc2_w: torch.Tensor,
+            fc2_b: Optional[torch.Tensor], conv_w: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor,
+            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float,
+            batch_stats: bool, light: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, s_c (B, C), cstat (B, 2, C) = [avg, max] over pixels, s_p (B, P),
+    smap (B, 2, P) = [mean, max] over channels of x s_c, bnstat (2,) = [mean, var] the BatchNorm used);
+    all but y in the compute dtype (fp32; fp64 for fp64)."""
+    x = _flat(x)
+    B, C, H, W = x.shape
+    P = H * W
+    ct = compute_dtype(x)
+    triton_path = _kernel_path(x, fc1_w, fc2_w, conv_w, bn_w, bn_b)
+    if triton_path:
+        from ..kernels import cbam as K
+
+        sums, cmax = K.channel_pool(x)
+    else:
+        sums, cmax = _torch_channel_pool(x, ct)
+    avg = sums / P
+    s_c = _mlp_forward(avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light).contiguous()
+    psum, pmax = K.spatial_pool(x, s_c) if triton_path else _torch_spatial_pool(x, s_c)
+    smap = torch.stack([psum / C, pmax], 1)
+    z = _conv(_conv_input(smap, H, W, light), conv_w)
+    bnstat = _bn_stats(z, running_mean, running_var, batch_stats)
+    zn = (z - bnstat[0]) * torch.rsqrt(bnstat[1] + eps) * bn_w.to(ct).reshape(()) + bn_b.to(ct).reshape(())
+    s_p = torch.sigmoid(zn).view(B, P)
+    y = _alloc.empty_like(x)
+    if triton_path:
+        K.gate(x, s_c, s_p, y)
+    else:
+        _torch_gate(x, s_c, s_p, y)
+    return y, s_c, torch.stack([avg, cmax], 1), s_p, smap, bnstat
+
+
+@cbam_op.register_fake
+def _(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var, eps, batch_stats, light):
+    ct = compute_dtype(x)
+    y = torch.empty_like(_flat(x))
+    return (y, *(x.new_empty(s, dtype=ct) for s in _small_shapes(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward op
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("attnfast::cbam_backward", mutates_args=())
+@autocast_off
+def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
+                     fc2_w: torch.Tensor, fc2_b: Optional[torch.Tensor], conv_w: torch.Tensor, bn_w: torch.Tensor,
+                     s_c: torch.Tensor, cstat: torch.Tensor, s_p: torch.Tensor, smap: torch.Tensor,
+                     bnstat: torch.Tensor, eps: float, batch_stats: bool, light: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, d fc1_w, d fc1_b, d fc2_w, d fc2_b, d conv_w, d bn_w, d bn_b); the bias gradients
+    are zeros of the bias shape when a bias is None."""
+    x = _flat(x)
+    g = _flat(grad)
+    B, C, H, W = x.shape
+    P = H * W
+    ct = s_c.dtype
+    mlp_args = (fc1_w, fc1_b, fc2_w, fc2_b)
+    triton_path = _kernel_path(x, g, fc1_w, fc2_w, conv_w, bn_w)
+    pmax = smap[:, 1].contiguous()
+    if triton_path:
+        from ..kernels import cbam as K
+
+        dsp, pcnt, dsc_gate = K.backward_spatial(g, x, s_c, s_p, pmax)
+    else:
+        dsp, pcnt = _torch_backward_spatial(g, x, s_c, pmax)
+
+    # spatial gate: sigmoid -> BatchNorm -> conv, on (B, 1, H, W) maps
+    da = (dsp * s_p * (1 - s_p)).view(B, 1, H, W)
+    inp = _conv_input(smap, H, W, light)
+    z = _conv(inp, conv_w)
+    invstd = torch.rsqrt(bnstat[1] + eps)
+    zhat = (z - bnstat[0]) * invstd
+    dbn_w, dbn_b = (da * zhat).sum(), da.sum()
+    dzhat = da * bn_w.to(ct).reshape(())
+    if batch_stats:
+        dz = invstd * (dzhat - dzhat.mean() - zhat * (dzhat * zhat).mean())
+    else:
+        dz = dzhat * invstd
+    dinp, dconv_w, _ = torch.ops.aten.convolution_backward(
+        dz, inp, conv_w.to(ct), None, [1, 1], [conv_w.shape[-1] // 2] * 2, [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    dinp = dinp.view(B, -1, P)
+    if light:
+        dmean_p = dmax_p = 0.5 * dinp[:, 0]
+    else:
+        dmean_p, dmax_p = dinp[:, 0], dinp[:, 1]
+    cm = (dmean_p / C).contiguous()
+    cw = (dmax_p / pcnt).contiguous()
+
+    dx = _alloc.empty_like(x)
+    if triton_path:
+        dsc_sp, ccnt = K.backward_channel(x, s_c, cstat[:, 1].contiguous(), cm, cw, pmax)
+        avg, cmax = cstat[:, 0], cstat[:, 1]
+        davg, dcmax, *wgrads = _mlp_backward(dsc_gate + dsc_sp, s_c, avg, cmax, *mlp_args, light)
+        K.backward_input(g, x, s_c, s_p, cm, cw, pmax, (davg / P).contiguous(), (dcmax / ccnt).contiguous(),
+                         cmax.contiguous(), dx)
+    else:
+        wgrads = _torch_backward_rest(g, x, s_c, s_p, cm, cw, pmax, cstat, P, mlp_args, light, dx)
+    dw1, db1, dw2, db2 = wgrads
+    outs = [dx]
+    for grad_v, like in ((dw1, fc1_w), (db1, fc1_b), (dw2, fc2_w), (db2, fc2_b), (dconv_w, conv_w),
+                         (dbn_w, bn_w), (dbn_b, bn_w)):
+        shape = grad_v.shape if like is None else like.shape
+        dtype = fc1_w.dtype if like is None else like.dtype
+        out = _alloc.empty(shape, device=x.device, dtype=dtype)
+        outs.append(out.copy_(grad_v.reshape(shape)))
+    return tuple(outs)
+
+
+@cbam_backward_op.register_fake
+def _(grad, x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, s_c, cstat, s_p, smap, bnstat, eps, batch_stats, light):
+    R, C = fc1_w.shape[0], fc1_w.shape[1]
+    b1 = fc1_w.new_empty((R,)) if fc1_b is None else torch.empty_like(fc1_b)
+    b2 = fc2_w.new_empty((C,)) if fc2_b is None else torch.empty_like(fc2_b)
+    return (torch.empty_like(_flat(x)), torch.empty_like(fc1_w), b1, torch.empty_like(fc2_w), b2,
+            torch.empty_like(conv_w), torch.empty_like(bn_w), torch.empty_like(bn_w))
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var, eps, batch_stats, light = inputs
+    _, s_c, cstat, s_p, smap, bnstat = output
+    ctx.save_for_backward(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, s_c, cstat, s_p, smap, bnstat)
+    ctx.has_bias = (fc1_b is not None, fc2_b is not None)
+    ctx.args = (eps, batch_stats, light)
+    ctx.mark_non_differentiable(s_c, cstat, s_p, smap, bnstat)
+
+
+def _backward(ctx, dy, *_unused):
+    x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, s_c, cstat, s_p, smap, bnstat = ctx.saved_tensors
+    if dy is None:  # absent upstream gradient: a stride-0 zero, no memory
+        dy = x.new_zeros(()).expand(x.shape)
+    dx, dw1, db1, dw2, db2, dconv, dbn_w, dbn_b = cbam_backward_op(
+        dy, x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, s_c, cstat, s_p, smap, bnstat, *ctx.args)
+    db1 = db1 if ctx.has_bias[0] else None
+    db2 = db2 if ctx.has_bias[1] else None
+    return dx, dw1, db1, dw2, db2, dconv, dbn_w, dbn_b, None, None, None, None, None
+
+
+cbam_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cbam(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor], fc2_w: torch.Tensor,
+         fc2_b: Optional[torch.Tensor], conv_w: torch.Tensor, bn_w: torch.Tensor, bn_b: torch.Tensor,
+         running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+         training: bool = False, momentum: float = 0.1, eps: float = 1e-5, light: bool = False) -> torch.Tensor:
+    """Fused CBAM; see the module docstring. Arguments follow ``F.batch_norm`` for the BatchNorm: with
+    ``training`` (or no running statistics) the batch statistics normalise and the running ones (if
+    given) are updated in place with ``momentum``. Validates its inputs (ValueError)."""
+    check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var, light)
+    batch_stats = bool(training) or running_mean is None
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    if batch_stats and n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+                         "(the spatial gate's BatchNorm has one value: use eval mode or a larger input)")
+    y, _, _, _, _, bnstat = cbam_op(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var,
+                                    float(eps), batch_stats, bool(light))
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(bnstat[0].to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((bnstat[1] * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return y
