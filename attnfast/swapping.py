@@ -1,47 +1,163 @@
-"""``attnfast.swap`` / ``attnfast.unswap``: put the fused attention modules into any model, keeping the weights.
+"""``attnfast.swap`` / ``attnfast.unswap``: put the fused attention modules into a model without changing its maths.
 
-``swap(model)`` walks the model and replaces, by *structure* rather than class name:
+What is a candidate (by structure, not by class name):
 
-- grid attention: a module with 1x1 convolutions ``W_l``, ``W_g`` (no bias) and ``phi`` (to one channel,
-  with bias) and attributes ``up_factor`` / ``normalize_attn`` (attnfast.reference.GridAttention or the
-  tutorial's ``AttentionBlock``) -> ``attnfast.nn.GridAttention``;
-- SAGAN self-attention: 1x1 ``query_conv`` / ``key_conv`` (``in_dim // 8`` channels) and ``value_conv``
-  (``in_dim``) with biases, a scalar ``gamma`` (attnfast.reference.SelfAttention or the forum's
-  ``Self_Attn`` / ``SelfAttention``) -> ``attnfast.nn.SelfAttention2d``;
-- attnfast.reference.ResidualAttentionModule (that exact class) -> ``attnfast.nn.ResidualAttentionModule``.
-  A user's subclass of it is left alone: its overrides would be lost in the fused class.
+- grid attention: children ``W_l``, ``W_g`` (1x1 ``nn.Conv2d`` without bias) and ``phi`` (1x1 to one
+  channel, with bias) and attributes ``up_factor`` / ``normalize_attn`` (attnfast.reference.GridAttention,
+  the seeds' ``AttentionBlock``, Learn to Pay Attention's ``GridAttentionBlock``) -> ``attnfast.nn.GridAttention``;
+- SAGAN self-attention: 1x1 ``query_conv`` / ``key_conv`` (``max(in_dim // 8, 1)`` channels) and ``value_conv``
+  (``in_dim``) with biases and a ``gamma`` of shape (1,) (attnfast.reference.SelfAttention, the forum's
+  ``SelfAttention`` / ``Self_Attn``) -> ``attnfast.nn.SelfAttention2d``;
+- residual attention: an ``attnfast.reference.ResidualAttentionModule`` -> ``attnfast.nn.ResidualAttentionModule``.
 
-A candidate must have exactly those parameters (same names and shapes, nothing else), so a module that
-merely shares a name is left alone. The new module gets the old one's weights (``load_state_dict``), device,
-dtype, ``requires_grad`` flags and train/eval mode. ``unswap(model)`` does the reverse; a user's own class
-swapped in earlier comes back as that class (with the current weights). Both return a list of
-:class:`Replacement` (qualified name, old type, new type) that also carries ``.model``: the model that
-holds the replacements (a copy when ``inplace=False``; the new module when the root itself was replaced).
+A candidate must have exactly the parameters and buffers of the fused module (names and shapes), no
+public methods of its own besides ``forward``, and no hooks on children that the fused module does not run
+(the fused grid op reads ``W_l``/``W_g``/``phi``'s weights without calling them; nothing calls a SAGAN
+layer's ``softmax``).
+
+**The probe.** Before replacing a module, swap runs it and each fused configuration that could express
+it (grid: ``a`` or the logits ``c``; SAGAN: tuple or tensor output times ``scale`` in 1, 1/sqrt(d),
+1/sqrt(in_dim)) on a small random input (batch 2, maps of 4x6 to 16x18; for grid attention ``l`` is
+``up_factor`` times ``g``), in the module's dtype and on its device (on CUDA that runs the kernels), twice:
+with the module's own parameters in its current train/eval mode, then with randomly perturbed parameters
+(SAGAN's ``gamma = 0`` would hide the attention) in the other mode; forward, then backward with random
+output gradients. The output structure must be the same (tensor, tuple or list, the
+same length and shapes) and every output, input gradient and parameter gradient must agree:
+``max|new - old| <= rtol * max(max|old|, 0.01 * M)`` per tensor (M: the largest
+``max|old|`` among the outputs, or among the gradients), with rtol 1e-5 for float64, 2e-3 for
+float32 (TF32 on CUDA), 1e-2 for float16 and 5e-2 for bfloat16. The closest passing configuration is
+used; if none passes the module is left alone. One difference is deliberate: where a SAGAN layer returned
+``(out, attention)`` the fused layer returns ``(out, None)`` (attnfast never builds the N x N matrix;
+``attnfast.nn.self_attention.attention_maps(layer, x, queries)`` computes chosen rows of it). The probe
+leaves the module as it was: it calls ``forward`` directly (the module's own hooks do not run; its
+children's do), on copies of the buffers (BatchNorm statistics and ``num_batches_tracked`` unchanged),
+takes gradients with ``torch.autograd.grad`` (no ``.grad`` is touched), restores every train/eval flag and
+the CPU and CUDA random states. A forward that assigns attributes on the module (e.g. keeps its last
+attention map) is a side effect the fused module would drop: left alone.
+
+**The swap.** The fused module adopts the original's children (its ``nn.Conv2d`` objects, so their hooks
+stay), Parameter objects and buffers themselves: nothing is copied or moved, ``state_dict()`` keys are
+unchanged and an optimizer built before ``swap`` trains the swapped model. The module's own hooks (forward,
+pre-forward, backward, state-dict) are carried over, and its public attributes that the fused class lacks
+are copied. The original module is kept on the fused one; ``unswap`` puts it back, exactly as it was, with
+the same Parameters (re-adopting any the fused module was given meanwhile). A fused module built directly
+(``attention="fused"``) is unswapped into the reference class by the same adoption and probe.
+
+**The report.** Both return a :class:`SwapResult`: a list of :class:`Replacement` (qualified name, old and
+new type, the chosen options, notes such as the ``(out, None)`` difference or carried hooks), ``.skipped``
+(:class:`Skipped`: name, type, reason for each candidate left alone) and ``.model`` (the model that holds the
+replacements: a copy when ``inplace=False``, the new module when the root itself was replaced). Skips are
+also reported in one :class:`SwapWarning` listing path, class and reason. ``dry_run=True`` returns the same
+report and changes nothing; ``strict=True`` raises ``ValueError`` with that list (changing nothing) instead of
+skipping. The probe runs the original forward a few times on tiny inputs, so forwards with outside side
+effects (logging, counters in globals) see those calls.
+
+``torch.compile``: swap the model before compiling it. Given an ``OptimizedModule``, swap changes the
+module it wraps (``_orig_mod``) and resets that wrapper's compiled code, so the next call recompiles.
+``DistributedDataParallel``: swap before or after wrapping; the Parameters DDP registered are the ones the
+fused modules use.
+
+Adding a kind is one :class:`Kind` entry in ``KINDS`` and its spec function.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import itertools
+import math
+import warnings
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 _ORIGINAL = "_attnfast_swapped_from"
+_PROBE_SEED = 20240917
 
 
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Replacement:
     name: str  # qualified name in the model ("" for the root)
     old_type: str
     new_type: str
+    options: tuple = ()  # (name, value) pairs of the new module's configuration chosen by the probe
+    notes: tuple = ()  # what a user should know (deliberate differences, carried hooks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    name: str
+    type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name or '<root>'} ({self.type}): {self.reason}"
 
 
 class SwapResult(list):
-    """A list of :class:`Replacement`; ``.model`` is the model that holds them."""
+    """A list of :class:`Replacement`; ``.skipped`` lists candidates left alone, ``.model`` holds the result."""
 
-    def __init__(self, items=(), model=None):
+    def __init__(self, items=(), model=None, skipped=(), dry_run: bool = False):
         super().__init__(items)
         self.model = model
+        self.skipped = list(skipped)
+        self.dry_run = dry_run
+
+    def summary(self) -> str:
+        verb = "would replace" if self.dry_run else "replaced"
+        lines = [f"{verb} {len(self)} module(s), left {len(self.skipped)} alone"]
+        for r in self:
+            opts = ", ".join(f"{k}={v!r}" for k, v in r.options)
+            lines.append(f"  {r.name or '<root>'}: {r.old_type} -> {r.new_type}" + (f" ({opts})" if opts else ""))
+            lines += [f"    note: {n}" for n in r.notes]
+        lines += [f"  skipped {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+class SwapWarning(UserWarning):
+    """Emitted once per swap/unswap call that left candidates alone."""
+
+
+class NotSwappable(Exception):
+    """Raised by a spec function: the module looks like the kind but cannot be replaced (the reason)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the table of kinds
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration of the target class to probe."""
+
+    kwargs: dict
+    dropped: tuple = ()  # output positions where one side may return None for the other's tensor
+    note: str = ""  # reported when a dropped position held a tensor
+
+
+@dataclasses.dataclass
+class Spec:
+    args: tuple  # positional constructor arguments of the target class
+    candidates: list  # of Candidate (keyword arguments on top of ``args``)
+    inputs: Callable  # (generator, dtype, device) -> tuple of probe inputs (batch 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    fused: str  # "module.Class" of the fused module
+    reference: str  # "module.Class" of the plain-PyTorch module
+    looks_like: Callable  # (module) -> bool: a candidate to check (and report if it cannot be swapped)
+    spec: Callable  # (module) -> Spec; raises NotSwappable(reason)
+    fused_runs: frozenset | None = None  # children whose forward the fused module calls (None: all)
+
+
+def _cls(path: str):
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def _type_name(obj) -> str:
@@ -49,190 +165,681 @@ def _type_name(obj) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def _is_conv1x1(m, bias: bool, out_channels: int | None = None) -> bool:
-    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-            and m.dilation == (1, 1) and m.groups == 1 and (m.bias is not None) == bias
-            and (out_channels is None or m.out_channels == out_channels))
+def _require_conv1x1(m, name: str, bias: bool, out_channels: int | None = None) -> nn.Conv2d:
+    if type(m) is not nn.Conv2d:
+        raise NotSwappable(f"{name} is {type(m).__name__}, not an nn.Conv2d")
+    if (m.kernel_size, m.stride, m.padding, m.dilation, m.groups) != ((1, 1), (1, 1), (0, 0), (1, 1), 1):
+        raise NotSwappable(f"{name} is not a plain 1x1 convolution (kernel {m.kernel_size}, stride {m.stride}, "
+                           f"padding {m.padding}, dilation {m.dilation}, groups {m.groups})")
+    if (m.bias is not None) != bias:
+        raise NotSwappable(f"{name} {'has no' if bias else 'has a'} bias; the fused module's {name} "
+                           f"{'has one' if bias else 'has none'}")
+    if out_channels is not None and m.out_channels != out_channels:
+        raise NotSwappable(f"{name} has {m.out_channels} output channels; expected {out_channels}")
+    return m
 
 
-def _param_names(m: nn.Module) -> set:
-    return {name for name, _ in m.named_parameters()} | {name for name, _ in m.named_buffers()}
+def _require_tensors(m: nn.Module, expected: set) -> None:
+    names = {n for n, _ in m.named_parameters()} | {n for n, _ in m.named_buffers()}
+    if names != expected:
+        extra, missing = sorted(names - expected), sorted(expected - names)
+        parts = ([f"extra {', '.join(extra)}"] if extra else []) + ([f"missing {', '.join(missing)}"] if missing else [])
+        raise NotSwappable(f"parameters/buffers differ from the fused module's: {'; '.join(parts)}")
 
 
-# ----------------------------------------------------------------------------- grid attention
-_GRID_PARAMS = {"W_l.weight", "W_g.weight", "phi.weight", "phi.bias"}
+def _randn(gen, dtype, device, *shape):
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
 
 
-def _grid_spec(m: nn.Module):
-    W_l, W_g, phi = (getattr(m, k, None) for k in ("W_l", "W_g", "phi"))
-    up, norm = getattr(m, "up_factor", None), getattr(m, "normalize_attn", None)
-    if not (_is_conv1x1(W_l, False) and _is_conv1x1(W_g, False) and _is_conv1x1(phi, True, 1)):
-        return None
+# --- grid attention --------------------------------------------------------------------------
+_GRID_TENSORS = {"W_l.weight", "W_g.weight", "phi.weight", "phi.bias"}
+
+
+def _grid_looks_like(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, None), nn.Module) for k in ("W_l", "W_g", "phi"))
+
+
+def _grid_spec(m: nn.Module) -> Spec:
+    W_l = _require_conv1x1(m.W_l, "W_l", bias=False)
+    W_g = _require_conv1x1(m.W_g, "W_g", bias=False)
+    phi = _require_conv1x1(m.phi, "phi", bias=True, out_channels=1)
     if W_l.out_channels != W_g.out_channels or phi.in_channels != W_l.out_channels:
-        return None
+        raise NotSwappable(f"W_l, W_g and phi disagree on attn_features ({W_l.out_channels}, {W_g.out_channels}, "
+                           f"{phi.in_channels})")
+    up, norm = getattr(m, "up_factor", None), getattr(m, "normalize_attn", None)
     if isinstance(up, bool) or not isinstance(up, (int, float)) or int(up) != up or up < 1:
-        return None
-    if not isinstance(norm, bool) or _param_names(m) != _GRID_PARAMS:
-        return None
-    return (W_l.in_channels, W_g.in_channels, W_l.out_channels, int(up)), {"normalize_attn": norm}
+        raise NotSwappable(f"up_factor must be a positive integer attribute; got {up!r}")
+    if not isinstance(norm, bool):
+        raise NotSwappable(f"normalize_attn must be a bool attribute; got {norm!r}")
+    _require_tensors(m, _GRID_TENSORS)
+    up = int(up)
+    known = getattr(m, "return_logits", None) if isinstance(m, _cls(KINDS_BY_NAME["grid"].reference)) else None
+    logits_note = "returns the logits c (before the softmax/sigmoid) like the original"
+    candidates = [Candidate({"normalize_attn": norm, "return_logits": rl}, note=logits_note if rl else "")
+                  for rl in ([known] if known is not None else [False, True])]
+    side = max(1, 8 // up)  # g is side x (side + 1), l is up_factor times that
+
+    def inputs(gen, dtype, device):
+        return (_randn(gen, dtype, device, 2, W_l.in_channels, side * up, (side + 1) * up),
+                _randn(gen, dtype, device, 2, W_g.in_channels, side, side + 1))
+
+    return Spec((W_l.in_channels, W_g.in_channels, W_l.out_channels, up), candidates, inputs)
 
 
-# ----------------------------------------------------------------------------- SAGAN self-attention
-_SELF_PARAMS = {"query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
-                "value_conv.weight", "value_conv.bias", "gamma"}
+# --- SAGAN self-attention ----------------------------------------------------------------------
+_SELF_TENSORS = {"query_conv.weight", "query_conv.bias", "key_conv.weight", "key_conv.bias",
+                 "value_conv.weight", "value_conv.bias", "gamma"}
+_ATTENTION_NOTE = ("returns (out, None) where the original returned (out, attention): attnfast does not build "
+                   "the N x N attention matrix; attnfast.nn.self_attention.attention_maps(layer, x, queries) "
+                   "computes chosen rows of it")
 
 
-def _self_attn_spec(m: nn.Module):
+def _self_attention_looks_like(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, None), nn.Module) for k in ("query_conv", "key_conv", "value_conv"))
+
+
+def _self_attention_spec(m: nn.Module) -> Spec:
     from .reference.self_attention import qk_dim
 
-    q, k, v, gamma = (getattr(m, name, None) for name in ("query_conv", "key_conv", "value_conv", "gamma"))
-    if not (_is_conv1x1(q, True) and _is_conv1x1(k, True) and _is_conv1x1(v, True)):
-        return None
-    c = v.in_channels
-    if not (q.in_channels == k.in_channels == c and v.out_channels == c
-            and q.out_channels == k.out_channels == qk_dim(c)):
-        return None
-    if not isinstance(gamma, nn.Parameter) or gamma.numel() != 1 or _param_names(m) != _SELF_PARAMS:
-        return None
-    return (c,), {"activation": getattr(m, "activation", None)}
+    v = _require_conv1x1(m.value_conv, "value_conv", bias=True)
+    c, d = v.in_channels, qk_dim(v.in_channels)
+    if getattr(m, "pool", False) or getattr(m, "heads", 1) != 1 or getattr(m, "out_conv", None) is not None:
+        raise NotSwappable("pool, heads or value_dim options have no plain-PyTorch reference equivalent")
+    q = _require_conv1x1(m.query_conv, "query_conv", bias=True, out_channels=d)
+    k = _require_conv1x1(m.key_conv, "key_conv", bias=True, out_channels=d)
+    _require_conv1x1(v, "value_conv", bias=True, out_channels=c)
+    if q.in_channels != c or k.in_channels != c:
+        raise NotSwappable(f"query_conv/key_conv/value_conv input channels differ ({q.in_channels}, "
+                           f"{k.in_channels}, {c})")
+    gamma = getattr(m, "gamma", None)
+    if not isinstance(gamma, nn.Parameter) or tuple(gamma.shape) != (1,):
+        raise NotSwappable(f"gamma must be an nn.Parameter of shape (1,); got "
+                           f"{tuple(gamma.shape) if isinstance(gamma, torch.Tensor) else type(gamma).__name__}")
+    _require_tensors(m, _SELF_TENSORS)
+    ours = (_cls(KINDS_BY_NAME["self_attention"].reference), _cls(KINDS_BY_NAME["self_attention"].fused))
+    if isinstance(m, ours):
+        options = [(m.tuple_output, m.scale)]
+    else:
+        scales = list(dict.fromkeys([1.0, 1.0 / math.sqrt(d), 1.0 / math.sqrt(c)]))
+        options = list(itertools.product([True, False], scales))
+    candidates = [Candidate({"activation": getattr(m, "activation", None), "tuple_output": t, "scale": s},
+                            dropped=(1,) if t else (), note=_ATTENTION_NOTE if t else "") for t, s in options]
+
+    def inputs(gen, dtype, device):
+        return (_randn(gen, dtype, device, 2, c, 4, 6),)
+
+    return Spec((c,), candidates, inputs)
 
 
-# ----------------------------------------------------------------------------- residual attention
-def _ram_spec(m: nn.Module):
-    return (m.channels,), {"encoder_depth": m.encoder_depth, "p": len(m.first), "t": len(m.trunk),
-                           "r": len(m.down[0])}
+# --- residual attention ---------------------------------------------------------------------------
+def _ram_looks_like(m: nn.Module) -> bool:
+    return isinstance(m, _cls(KINDS_BY_NAME["residual_attention"].reference))
 
 
-def _fused(name):
-    def get():
-        import importlib
+def _ram_spec(m: nn.Module) -> Spec:
+    channels = m.channels
+    kwargs = {"encoder_depth": m.encoder_depth, "p": len(m.first), "t": len(m.trunk), "r": len(m.down[0])}
 
-        module, cls = name.rsplit(".", 1)
-        return getattr(importlib.import_module(module), cls)
-    return get
+    def inputs(gen, dtype, device):
+        return (_randn(gen, dtype, device, 2, channels, 8, 8),)
 
-
-# kind -> (spec(module) or None, fused class getter, reference class getter)
-_KINDS = {
-    "grid": (_grid_spec, _fused("attnfast.nn.grid_attention.GridAttention"),
-             _fused("attnfast.reference.grid_attention.GridAttention")),
-    "self_attention": (_self_attn_spec, _fused("attnfast.nn.self_attention.SelfAttention2d"),
-                       _fused("attnfast.reference.self_attention.SelfAttention")),
-    "residual_attention": (_ram_spec, _fused("attnfast.nn.residual_attention.ResidualAttentionModule"),
-                           _fused("attnfast.reference.residual_attention.ResidualAttentionModule")),
-}
+    return Spec((channels,), [Candidate(kwargs)], inputs)
 
 
-def _classify(m: nn.Module, fused: bool):
-    """The attention kind of ``m`` if it is a fused module (``fused=True``) or a swappable one."""
-    from .reference.residual_attention import ResidualAttentionModule as RefRAM
+KINDS = (
+    Kind("grid", "attnfast.nn.grid_attention.GridAttention", "attnfast.reference.grid_attention.GridAttention",
+         _grid_looks_like, _grid_spec, fused_runs=frozenset()),
+    Kind("self_attention", "attnfast.nn.self_attention.SelfAttention2d",
+         "attnfast.reference.self_attention.SelfAttention", _self_attention_looks_like, _self_attention_spec,
+         fused_runs=frozenset({"query_conv", "key_conv", "value_conv"})),
+    Kind("residual_attention", "attnfast.nn.residual_attention.ResidualAttentionModule",
+         "attnfast.reference.residual_attention.ResidualAttentionModule", _ram_looks_like, _ram_spec),
+)
+KINDS_BY_NAME = {k.name: k for k in KINDS}
 
-    if isinstance(m, RefRAM):  # the fused RAM subclasses the reference: decide by exact class
-        exact = _KINDS["residual_attention"][1 if fused else 2]()
-        return "residual_attention" if type(m) is exact else None  # subclasses (user overrides) stay as they are
-    for kind in ("grid", "self_attention"):
-        spec, fused_cls, _ = _KINDS[kind]
-        try:
-            cls = fused_cls()
-        except ImportError:  # that fused module is not installed in this build
-            if fused:
+
+# ----------------------------------------------------------------------------------------------
+# building a candidate: adopt the original's children, Parameters and buffers
+# ----------------------------------------------------------------------------------------------
+_KEEP_METHODS = {"forward", "extra_repr"}
+
+
+def _own_methods(m: nn.Module) -> list:
+    """Public methods/properties that the user's classes (not torch's, not attnfast's) define."""
+    names = []
+    for klass in type(m).__mro__:
+        if klass.__module__.split(".")[0] in ("torch", "attnfast", "builtins"):
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or name in _KEEP_METHODS or name in names:
                 continue
-            cls = None
-        if fused:
-            if cls is not None and isinstance(m, cls):
+            if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
+                names.append(name)
+    return names
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, attr, None) for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                   "_backward_pre_hooks"))
+
+
+def _hook_dicts(m: nn.Module) -> list:
+    return [k for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict)]
+
+
+def _is_ours(m: nn.Module) -> bool:
+    return type(m).__module__.split(".")[0] == "attnfast"
+
+
+def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | None) -> nn.Module:
+    """``cls(*args, **kwargs)`` holding ``old``'s children, Parameters and buffers (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            new = cls(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise NotSwappable(f"{cls.__name__}{args} does not accept these options: {e}") from None
+    adopted = set()
+    for name, child in new._modules.items():
+        theirs = old._modules.get(name)
+        if child is None or theirs is None:
+            continue
+        if type(theirs) is not type(child):
+            raise NotSwappable(f"child {name} is {type(theirs).__name__}; the fused module has {type(child).__name__}")
+        new._modules[name] = theirs
+        adopted.add(name)
+    for store in ("_parameters", "_buffers"):
+        mine, theirs = getattr(new, store), getattr(old, store)
+        for name in mine:
+            if name in theirs:
+                mine[name] = theirs[name]
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set) & set(new._buffers)
+    old_names = {n for n, _ in old.named_parameters()} | {n for n, _ in old.named_buffers()}
+    new_named = dict(new.named_parameters())
+    new_named.update(new.named_buffers())
+    if set(new_named) != old_names:
+        raise NotSwappable(f"parameters/buffers differ from the fused module's: "
+                           f"{sorted(set(new_named) ^ old_names)}")
+    old_named = dict(old.named_parameters())
+    old_named.update(old.named_buffers())
+    if any(new_named[n] is not old_named[n] for n in old_names):
+        raise NotSwappable("its parameters could not be adopted as they are")
+    if set(new.state_dict().keys()) != set(old.state_dict().keys()):
+        raise NotSwappable("its state_dict keys would change")
+    # hooks on children that the new module never calls would silently stop running
+    not_run = [n for n in old._modules if n not in adopted or (runs is not None and n not in runs)]
+    for name in not_run:
+        child = old._modules[name]
+        for sub_name, sub in (child.named_modules(prefix=name) if child is not None else ()):
+            if _has_hooks(sub):
+                raise NotSwappable(f"{sub_name} has hooks, which would not run: the {cls.__name__} does not "
+                                   f"call {name}")
+    new.training = old.training
+    for name, child in new._modules.items():
+        if name not in adopted and child is not None:
+            child.train(old.training)
+    if not _is_ours(old):
+        for key, value in vars(old).items():
+            if not key.startswith("_") and key != "training" and not hasattr(new, key):
+                new.__dict__[key] = value
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# the probe
+# ----------------------------------------------------------------------------------------------
+_RTOL = {torch.float64: 1e-5, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_RELATIVE_FLOOR = 1e-2  # a tensor's scale is at least this share of the largest in its group
+_TINY = 1e-30
+
+
+class _Direct(nn.Module):
+    """Calls ``m.forward`` itself: the module's own hooks stay out of the probe."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, *args):
+        return self.m.forward(*args)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _leaves(out, where="output"):
+    """(path, value) for every leaf of a nested tuple/list output, with structure markers."""
+    if isinstance(out, (tuple, list)):
+        yield where, (type(out).__name__, len(out))
+        for i, o in enumerate(out):
+            yield from _leaves(o, f"{where}[{i}]")
+    else:
+        yield where, out
+
+
+def _describe(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a {tuple(v.shape)} {str(v.dtype).replace('torch.', '')} tensor"
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        return f"a {v[0]} of {v[1]}"
+    return type(v).__name__ if v is not None else "None"
+
+
+def _error(ref: torch.Tensor, new: torch.Tensor, scale: float) -> float:
+    """max|new - ref| / scale in units of the dtype's tolerance (inf where finiteness differs)."""
+    rtol = _RTOL.get(ref.dtype, 2e-3)
+    ref32, new32 = ref.detach().float(), new.detach().float()
+    finite = torch.isfinite(ref32)
+    if not torch.equal(finite, torch.isfinite(new32)):
+        return math.inf
+    if not finite.all():
+        ref32, new32 = ref32[finite], new32[finite]
+    if ref32.numel() == 0:
+        return 0.0
+    return (new32 - ref32).abs().max().item() / (rtol * max(scale, _TINY))
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    t = t.detach()
+    t = t[torch.isfinite(t)] if t.is_floating_point() else t
+    return t.abs().max().float().item() if t.numel() else 0.0
+
+
+def _compare_outputs(ref, new, dropped: tuple) -> tuple:
+    """(worst error ratio, worst place, dropped tensor positions) or raise _Mismatch(structure difference)."""
+    ref_leaves, new_leaves = list(_leaves(ref)), list(_leaves(new))
+    if [p for p, _ in ref_leaves] != [p for p, _ in new_leaves]:
+        raise _Mismatch(f"returns {_describe(next(iter(dict(ref_leaves).values())))}, the fused module "
+                        f"{_describe(next(iter(dict(new_leaves).values())))}")
+    worst, where, drops = 0.0, "", []
+    top_scale = max((_abs_max(r) for _, r in ref_leaves if isinstance(r, torch.Tensor) and r.is_floating_point()),
+                    default=0.0)
+    for (path, r), (_, n) in zip(ref_leaves, new_leaves):
+        top = path[len("output["):].split("]")[0] if path.startswith("output[") else None
+        if top is not None and top.isdigit() and int(top) in dropped and path == f"output[{top}]":
+            if r is None and n is None:
+                continue
+            if (r is None and isinstance(n, torch.Tensor)) or (n is None and isinstance(r, torch.Tensor)):
+                drops.append(path)
+                continue
+        if isinstance(r, torch.Tensor) != isinstance(n, torch.Tensor):
+            raise _Mismatch(f"{path} is {_describe(r)}; the fused module returns {_describe(n)}")
+        if isinstance(r, torch.Tensor):
+            if r.shape != n.shape or r.dtype != n.dtype:
+                raise _Mismatch(f"{path} is {_describe(r)}; the fused module returns {_describe(n)}")
+            if not r.is_floating_point():
+                if not torch.equal(r, n):
+                    raise _Mismatch(f"{path} differs")
+                continue
+            e = _error(r, n, max(_abs_max(r), _RELATIVE_FLOOR * top_scale))
+            if e > worst:
+                worst, where = e, path
+        elif r != n:
+            raise _Mismatch(f"{path} is {r!r}; the fused module returns {n!r}")
+    return worst, where, drops
+
+
+def _differentiable(out, dropped: tuple) -> list:
+    """Paths of outputs to send gradients into (floating tensors that require grad, dropped ones excluded)."""
+    paths = []
+    for path, v in _leaves(out):
+        top = path[len("output["):].split("]")[0] if path.startswith("output[") else None
+        if top is not None and top.isdigit() and int(top) in dropped:
+            continue
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad:
+            paths.append(path)
+    return paths
+
+
+def _seed_rng(device: torch.device, seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def _run(module: nn.Module, tensors: dict, inputs: tuple, device, seed: int):
+    """Forward through ``module.forward`` with ``tensors`` (name -> tensor) in place of its own."""
+    _seed_rng(device, seed)
+    xs = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
+    out = torch.func.functional_call(_Direct(module), {f"m.{k}": v for k, v in tensors.items()}, xs,
+                                     strict=False, tie_weights=True)
+    return out, xs
+
+
+def _snapshot(m: nn.Module) -> dict:
+    return {(id(sub), key): id(value) for sub in m.modules() for key, value in vars(sub).items()
+            if not key.startswith("_") and key != "training"}
+
+
+def _perturbed(params: list, gen: torch.Generator) -> dict:
+    """The parameters plus noise of their own spread (1 for constant ones, e.g. SAGAN's gamma = 0)."""
+    out = {}
+    for n, p in params:
+        p = p.detach()
+        spread = p.float().std().item() if p.numel() > 1 else 0.0
+        noise = _randn(gen, p.dtype, p.device, *p.shape) * (spread if spread > 0 else 1.0)
+        out[n] = (p + noise).requires_grad_(p.requires_grad)
+    return out
+
+
+def _grads(out, paths: list, wrt: list, cotangents: list) -> list:
+    leaves = dict(_leaves(out))
+    if not paths or not wrt:
+        return [None] * len(wrt)
+    return list(torch.autograd.grad([leaves[p] for p in paths], wrt, cotangents, allow_unused=True,
+                                    retain_graph=True))
+
+
+def _check_grads(labels: list, ref: list, new: list, scale_of: Callable) -> tuple:
+    worst, where = 0.0, ""
+    for label, a, b in zip(labels, ref, new):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        e = _error(a, b, scale_of(a))
+        if e > worst:
+            worst, where = e, label
+    return worst, where
+
+
+def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
+    """(index of the best candidate, notes) or raise NotSwappable saying why none matches.
+
+    Two runs: the module's own parameters in its current mode, then perturbed parameters in the other mode.
+    Each run: forward of the original and every remaining candidate on the same input, outputs compared, then
+    gradients of the inputs and parameters for the same random output gradients compared.
+    """
+    first = next(itertools.chain(old.parameters(), old.buffers()), None)
+    if first is None:
+        raise NotSwappable("has no parameters to tell its dtype and device")
+    device, dtype = first.device, first.dtype
+    if device.type == "meta":
+        raise NotSwappable("its parameters are on the meta device: it cannot be probed")
+    if not first.is_floating_point():
+        dtype = torch.get_default_dtype()
+    rtol = _RTOL.get(dtype, 2e-3)
+    alive = dict(enumerate(candidates))
+    worst = {i: 0.0 for i in alive}
+    failures, drops = {}, {i: set() for i in alive}
+    flags = {sub: sub.training for _, m in candidates for sub in m.modules()}
+    flags.update({sub: sub.training for sub in old.modules()})
+    before = _snapshot(old)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_PROBE_SEED)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    params = list(old.named_parameters())
+    no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else _null()
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), no_autocast:
+            for run, (training, perturbed) in enumerate(((old.training, False), (not old.training, True))):
+                mode = f"{'train' if training else 'eval'} mode, {'perturbed' if perturbed else 'own'} parameters"
+                inputs = spec.inputs(gen, dtype, device)
+                values = _perturbed(params, gen) if perturbed else dict(params)
+                wrt_names = [n for n, _ in params if values[n].requires_grad]
+                buffers = dict(old.named_buffers())
+                for m in [old] + [m for _, m in candidates]:
+                    _set_mode(m, training)
+                try:
+                    ref, ref_x = _run(old, {**values, **{n: b.clone() for n, b in buffers.items()}},
+                                      inputs, device, _PROBE_SEED + run)
+                except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+                    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                    raise NotSwappable(f"its forward raised on the probe input {shapes}: {type(e).__name__}: {e}")
+                if _snapshot(old) != before:
+                    raise NotSwappable("its forward assigns attributes on the module (a side effect the fused "
+                                       "module would not have)")
+                ref_grads = {}  # differentiated output paths -> (labels, wrt values, gradients, cotangents)
+                for i, (cand, m) in list(alive.items()):
+                    try:
+                        new, new_x = _run(m, {**values, **{n: b.clone() for n, b in buffers.items()}},
+                                          inputs, device, _PROBE_SEED + run)
+                        err, where, dropped = _compare_outputs(ref, new, cand.dropped)
+                        if err > 1.0:
+                            raise _Mismatch(f"{where} differs by {err * rtol:.2g} relative ({mode}; tolerance "
+                                            f"{rtol:g})")
+                        drops[i].update(dropped)
+                        paths = _differentiable(ref, cand.dropped)
+                        if paths != _differentiable(new, cand.dropped):
+                            raise _Mismatch("different outputs carry gradients")
+                        key = tuple(paths)
+                        if key not in ref_grads:
+                            ref_map = dict(_leaves(ref))
+                            cot = [_randn(gen, ref_map[p].dtype, ref_map[p].device, *ref_map[p].shape)
+                                   for p in paths]
+                            wrt = [t for t in ref_x if t.requires_grad] + [values[n] for n in wrt_names]
+                            labels = [f"input {j} gradient" for j, t in enumerate(ref_x) if t.requires_grad] + [
+                                f"{n} gradient" for n in wrt_names]
+                            ref_grads[key] = (labels, _grads(ref, paths, wrt, cot), cot)
+                        labels, g_ref, cot = ref_grads[key]
+                        wrt_new = [t for t in new_x if t.requires_grad] + [values[n] for n in wrt_names]
+                        g_new = _grads(new, paths, wrt_new, cot)
+                        scale = max((_abs_max(t) for t in g_ref if t is not None), default=0.0)
+                        gerr, gwhere = _check_grads(labels, g_ref, g_new,
+                                                    lambda t: max(_abs_max(t), _RELATIVE_FLOOR * scale))
+                        if gerr > 1.0:
+                            raise _Mismatch(f"{gwhere} differs by {gerr * rtol:.2g} relative ({mode}; tolerance "
+                                            f"{rtol:g})")
+                        worst[i] = max(worst[i], err, gerr)
+                    except _Mismatch as e:
+                        failures[i] = str(e)
+                        del alive[i]
+                    except Exception as e:  # noqa: BLE001 - a fused configuration that cannot run this input
+                        failures[i] = f"the fused module raised {type(e).__name__}: {e}"
+                        del alive[i]
+                if not alive:
+                    break
+    finally:
+        for sub, flag in flags.items():
+            sub.training = flag
+    if not alive:
+        if len(candidates) == 1:
+            raise NotSwappable(f"the probe found different maths: {failures[0]}")
+        raise NotSwappable("no fused configuration computes the same: " + "; ".join(
+            f"[{_options(candidates[i][0])}] {failures[i]}" for i in sorted(failures)))
+    best = min(alive, key=lambda i: worst[i])
+    note = candidates[best][0].note
+    return best, [note] if note and (drops[best] or not candidates[best][0].dropped) else []
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _set_mode(m: nn.Module, training: bool) -> None:
+    for sub in m.modules():
+        sub.training = training
+
+
+def _options(c: Candidate) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in c.kwargs.items() if k != "activation")
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else repr(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# swap / unswap
+# ----------------------------------------------------------------------------------------------
+def _classify(m: nn.Module, to_fused: bool):
+    """The kind to convert ``m`` with (or None): a fused module for unswap, a candidate for swap."""
+    for kind in KINDS:
+        try:
+            fused = _cls(kind.fused)
+        except ImportError:  # that fused module is not in this build
+            continue
+        if to_fused:
+            if not isinstance(m, fused) and kind.looks_like(m):
                 return kind
-        elif (cls is None or not isinstance(m, cls)) and spec(m) is not None:
+        elif isinstance(m, fused):
             return kind
     return None
 
 
-def _rebuild(old: nn.Module, cls, args, kwargs) -> nn.Module:
-    new = cls(*args, **kwargs)
-    ref = next(iter(old.parameters()), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(old.state_dict())
-    flags = dict(old.named_parameters())
-    for name, p in new.named_parameters():
-        p.requires_grad_(flags[name].requires_grad)
-    new.train(old.training)
-    return new
+def _convert(m: nn.Module, kind: Kind, to_fused: bool):
+    """(new module, Replacement fields) or raise NotSwappable."""
+    if not to_fused and _ORIGINAL in m.__dict__:
+        return _restore(m), (), ()
+    own = _own_methods(m)
+    if own:
+        raise NotSwappable(f"its class defines {', '.join(own)}, which the "
+                           f"{'fused' if to_fused else 'reference'} class would not have")
+    spec = kind.spec(m)
+    cls = _cls(kind.fused if to_fused else kind.reference)
+    runs = kind.fused_runs if to_fused else None
+    built, errors = [], []
+    for cand in spec.candidates:
+        try:
+            built.append((cand, _build(m, cls, spec.args, cand.kwargs, runs)))
+        except NotSwappable as e:
+            errors.append(str(e))
+    if not built:
+        raise NotSwappable(errors[0])
+    best, notes = _probe(m, built, spec)
+    notes = notes if to_fused else []  # the notes describe the fused module
+    cand, new = built[best]
+    hooks = _carry_hooks(m, new)
+    if hooks:
+        notes.append(f"carried over {hooks}")
+    new.__dict__[_ORIGINAL] = m
+    options = tuple((k, v) for k, v in cand.kwargs.items() if k != "activation")
+    return new, options, tuple(notes)
 
 
-def _fuse_one(m: nn.Module, kind: str) -> nn.Module:
-    spec, fused_cls, ref_cls = _KINDS[kind]
-    args, kwargs = spec(m)
-    cls = fused_cls()
-    if kind == "self_attention" and "activation" not in _init_params(cls):
-        kwargs.pop("activation", None)
-    new = _rebuild(m, cls, args, kwargs)
-    if type(m) is not ref_cls() and kind != "residual_attention":
-        # a user's own class: keep it (weights moved to the meta device) so unswap can restore that class
-        new.__dict__[_ORIGINAL] = m.to("meta")
-    return new
+def _carry_hooks(old: nn.Module, new: nn.Module) -> str:
+    counts = []
+    for attr in _hook_dicts(old):
+        new.__dict__[attr] = old.__dict__[attr]  # the same dict: RemovableHandles keep working
+        if old.__dict__[attr] and not attr.endswith(("_with_kwargs", "_always_called")):
+            counts.append(f"{len(old.__dict__[attr])} {attr.strip('_').replace('_', ' ')[:-1]}(s)")
+    if "_is_full_backward_hook" in old.__dict__:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+    return ", ".join(counts)
 
 
-def _unfuse_one(m: nn.Module, kind: str) -> nn.Module:
-    original = m.__dict__.get(_ORIGINAL)
-    ref = next(iter(m.parameters()), None)
-    if original is not None:
-        restored = original.to_empty(device=ref.device if ref is not None else "cpu")
-        restored.load_state_dict(m.state_dict())
-        for name, p in restored.named_parameters():
-            p.requires_grad_(dict(m.named_parameters())[name].requires_grad)
-        return restored.train(m.training)
-    spec, _, ref_cls = _KINDS[kind]
-    found = spec(m)  # the fused twins keep the reference's parameter names and attributes
-    if found is None:
-        raise ValueError(f"unswap: {_type_name(m)} does not have the parameters of its reference module")
-    args, kwargs = found
-    return _rebuild(m, ref_cls(), args, kwargs)
+def _restore(m: nn.Module) -> nn.Module:
+    """The original module kept by swap, holding ``m``'s current Parameters, buffers, hooks and mode."""
+    original = m.__dict__[_ORIGINAL]
+    current = dict(m.named_parameters())
+    current.update(m.named_buffers())
+    for name, tensor in current.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = original.get_submodule(owner_name) if owner_name else original
+        store = owner._parameters if leaf in owner._parameters else owner._buffers
+        if store.get(leaf) is not tensor:
+            store[leaf] = tensor
+    for name, child in m._modules.items():
+        if name in original._modules and child is not None and original._modules[name] is not child:
+            original._modules[name] = child
+    for attr in _hook_dicts(m):
+        original.__dict__[attr] = m.__dict__[attr]
+    original.training = m.training
+    for name, child in original._modules.items():
+        if name not in m._modules and child is not None:
+            child.train(m.training)
+    return original
 
 
-def _init_params(cls) -> set:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
-
-
-def _walk(model: nn.Module, inplace: bool, to_fused: bool) -> SwapResult:
+def _walk(model: nn.Module, *, inplace: bool, to_fused: bool, dry_run: bool, strict: bool) -> SwapResult:
     if not isinstance(model, nn.Module):
         raise ValueError(f"swap/unswap expect a torch.nn.Module; got {type(model).__name__}")
-    if not inplace:
+    for flag, name in ((inplace, "inplace"), (dry_run, "dry_run"), (strict, "strict")):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool; got {flag!r}")
+    if not inplace and not dry_run:
         model = copy.deepcopy(model)
-    convert = _fuse_one if to_fused else _unfuse_one
-    done: dict = {}  # id(old) -> new, so a module shared by two parents stays shared
-    result = SwapResult(model=model)
+    planned: dict = {}  # id(old) -> (new, options, notes) or NotSwappable, so a shared module stays shared
+    changes, replaced, skipped = [], [], []
 
-    def visit(parent: nn.Module | None, attr: str, m: nn.Module, qual: str):
-        kind = _classify(m, fused=not to_fused)
+    def visit(parent, attr: str, m: nn.Module, qual: str):
+        kind = _classify(m, to_fused)
         if kind is not None:
-            if id(m) not in done:
-                done[id(m)] = convert(m, kind)
-            new = done[id(m)]
-            result.append(Replacement(qual, _type_name(m), _type_name(new)))
-            if parent is None:
-                result.model = new
-            else:
-                setattr(parent, attr, new)
-            return
+            if id(m) not in planned:
+                try:
+                    planned[id(m)] = _convert(m, kind, to_fused)
+                except NotSwappable as e:
+                    planned[id(m)] = e
+            found = planned[id(m)]
+            if not isinstance(found, NotSwappable):
+                new, options, notes = found
+                replaced.append(Replacement(qual, _type_name(m), _type_name(new), options, notes))
+                changes.append((parent, attr, new))
+                return
+            skipped.append(Skipped(qual, _type_name(m), str(found)))
         for name, child in list(m._modules.items()):
             if child is not None:
                 visit(m, name, child, f"{qual}.{name}" if qual else name)
 
-    with torch.no_grad():
-        visit(None, "", model, "")
+    visit(None, "", model, "")
+    what = "swap" if to_fused else "unswap"
+    if skipped and strict:
+        raise ValueError(f"{what}(strict=True): {len(skipped)} module(s) cannot be replaced without changing the "
+                         "model's maths (nothing was changed):\n" + "\n".join(f"  {s}" for s in skipped))
+    result = SwapResult(replaced, model=model, skipped=skipped, dry_run=dry_run)
+    if not dry_run:
+        compiled = []
+        for parent, attr, new in changes:
+            if parent is None:
+                result.model = new
+            else:
+                setattr(parent, attr, new)
+        for sub in result.model.modules() if changes else ():
+            if type(sub).__name__ == "OptimizedModule" and hasattr(sub, "_orig_mod"):
+                compiled.append(sub)
+        if isinstance(result.model, nn.Module) and changes:
+            _reset_compiled(compiled)
+    if skipped:
+        warnings.warn(f"attnfast.{what} left {len(skipped)} module(s) unchanged:\n"
+                      + "\n".join(f"  {s}" for s in skipped)
+                      + f"\n({what}(model, dry_run=True).skipped lists them; strict=True raises instead)",
+                      SwapWarning, stacklevel=3)
     return result
 
 
-def swap(model: nn.Module, *, inplace: bool = True) -> SwapResult:
-    """Replace reference attention modules (attnfast's or structurally identical user ones) with fused twins."""
-    return _walk(model, inplace, to_fused=True)
+def _reset_compiled(wrappers: Sequence) -> None:
+    """Make ``torch.compile`` wrappers recompile: their cached code ran the replaced modules."""
+    for w in wrappers:
+        forward = getattr(w, "_orig_mod", None)
+        if forward is None:
+            continue
+        try:
+            import torch._dynamo
+
+            code = w._orig_mod.forward.__func__.__code__ if hasattr(w._orig_mod.forward, "__func__") else None
+            if code is not None:
+                torch._dynamo.eval_frame.reset_code(code)
+        except Exception:  # noqa: BLE001 - best effort: guards on the changed modules still recompile
+            pass
 
 
-def unswap(model: nn.Module, *, inplace: bool = True) -> SwapResult:
-    """Replace fused attention modules with their plain-PyTorch references (or the user's original class)."""
-    return _walk(model, inplace, to_fused=False)
+def swap(model: nn.Module, *, inplace: bool = True, dry_run: bool = False, strict: bool = False) -> SwapResult:
+    """Replace attention modules with fused twins that compute the same; see the module doc.
+
+    Each candidate is probed (forward and backward, train and eval, own and perturbed parameters; tolerance
+    ``max|new - old| <= rtol * max(max|old|, 0.01 * M)`` per output and gradient, M the largest of the group,
+    with rtol 1e-5 / 2e-3 / 1e-2 / 5e-2 for float64 / float32 / float16 / bfloat16) and replaced only if a fused configuration matches. The fused module adopts the
+    original's Parameters, buffers, children and hooks (optimizers and ``state_dict`` keys stay valid).
+    Candidates left alone are in ``result.skipped`` and one :class:`SwapWarning`; ``dry_run=True`` changes
+    nothing; ``strict=True`` raises ``ValueError`` instead of skipping; ``inplace=False`` works on a deep copy.
+    A SAGAN layer that returned ``(out, attention)`` returns ``(out, None)`` (noted in the result).
+    """
+    return _walk(model, inplace=inplace, to_fused=True, dry_run=dry_run, strict=strict)
 
 
-__all__ = ["swap", "unswap", "Replacement", "SwapResult"]
+def unswap(model: nn.Module, *, inplace: bool = True, dry_run: bool = False, strict: bool = False) -> SwapResult:
+    """Undo :func:`swap`: each fused module becomes the original module object it replaced (same Parameters).
+
+    A fused module that swap did not create (``attention="fused"`` models) becomes the plain-PyTorch reference
+    class, adopting its Parameters after the same probe; configurations the reference cannot express (``pool``,
+    ``heads``, ``value_dim``) are skipped. Same options and report as :func:`swap`.
+    """
+    return _walk(model, inplace=inplace, to_fused=False, dry_run=dry_run, strict=strict)
+
+
+__all__ = ["swap", "unswap", "Replacement", "Skipped", "SwapResult", "SwapWarning", "Kind", "KINDS"]

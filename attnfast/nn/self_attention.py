@@ -21,6 +21,9 @@ state-dict-compatible with the reference only where it adds parameters):
 - ``heads=h``: query/key and value channels split into ``h`` heads (each must divide);
 - ``scale``: logit multiplier (SAGAN: 1.0, no 1/sqrt(d)).
 
+``attnfast.swap`` turns a user's SAGAN layer into this module, picking ``tuple_output`` and ``scale``
+by probing the layer; a layer that returned ``(out, attention)`` then returns ``(out, None)``.
+
 Under autocast the convs' dtype wins: ``x`` and the op run in the conv output dtype.
 """
 from __future__ import annotations
@@ -51,6 +54,8 @@ class SelfAttention2d(nn.Module):
         if not isinstance(heads, int) or heads < 1 or d % heads or value_dim % heads:
             raise ValueError(f"heads must be a positive int dividing the query/key dim {d} and value_dim "
                              f"{value_dim}; got {heads!r}")
+        if not isinstance(tuple_output, bool):
+            raise ValueError(f"tuple_output must be a bool; got {tuple_output!r}")
         self.chanel_in = in_dim
         self.in_dim = in_dim
         self.activation = activation

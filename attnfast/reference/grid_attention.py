@@ -25,12 +25,16 @@ class GridAttention(nn.Module):
         up_factor: ``l`` is exactly ``up_factor`` times ``g`` in H and W; ``g``'s projection is
             upsampled bilinearly (align_corners=False). 1 means no upsampling.
         normalize_attn: softmax over H*W with sum pooling (True) or sigmoid with average pooling.
+        return_logits: return the logits ``c = phi(...)`` (before the softmax/sigmoid) in place of
+            ``a``, as Learn to Pay Attention's ``GridAttentionBlock`` does. Off by default (the seeds
+            return ``a``).
 
-    ``forward(l, g)`` returns ``(a, pooled)`` with ``a`` of shape (B, 1, H, W) and ``pooled`` (B, C_l).
+    ``forward(l, g)`` returns ``(a, pooled)`` (or ``(c, pooled)``) with ``a``/``c`` of shape (B, 1, H, W)
+    and ``pooled`` (B, C_l).
     """
 
     def __init__(self, in_features_l: int, in_features_g: int, attn_features: int, up_factor: int,
-                 normalize_attn: bool = True):
+                 normalize_attn: bool = True, *, return_logits: bool = False):
         super().__init__()
         if int(up_factor) != up_factor or up_factor < 1:
             raise ValueError(f"up_factor must be a positive integer; got {up_factor!r}")
@@ -39,12 +43,16 @@ class GridAttention(nn.Module):
         self.attn_features = attn_features
         self.up_factor = int(up_factor)
         self.normalize_attn = normalize_attn
+        if not isinstance(return_logits, bool):
+            raise ValueError(f"return_logits must be a bool; got {return_logits!r}")
+        self.return_logits = return_logits
         self.W_l = nn.Conv2d(in_features_l, attn_features, kernel_size=1, padding=0, bias=False)
         self.W_g = nn.Conv2d(in_features_g, attn_features, kernel_size=1, padding=0, bias=False)
         self.phi = nn.Conv2d(attn_features, 1, kernel_size=1, padding=0, bias=True)
 
     def extra_repr(self) -> str:
-        return f"up_factor={self.up_factor}, normalize_attn={self.normalize_attn}"
+        extra = ", return_logits=True" if self.return_logits else ""
+        return f"up_factor={self.up_factor}, normalize_attn={self.normalize_attn}{extra}"
 
     def check_inputs(self, l: torch.Tensor, g: torch.Tensor) -> None:
         check_tensor(l, "l", ndim=4, channels=self.in_features_l)
@@ -69,4 +77,4 @@ class GridAttention(nn.Module):
             pooled = f.view(n, c, -1).sum(dim=2)
         else:
             pooled = F.adaptive_avg_pool2d(f, (1, 1)).view(n, c)
-        return a, pooled
+        return (c_ if self.return_logits else a), pooled

@@ -24,10 +24,17 @@ class SelfAttention(nn.Module):
     over keys. ``attention`` has shape (B, N, N) with rows indexed by query position.
 
     ``activation`` is accepted (and ignored) for compatibility with the seed's signature.
+
+    Options beyond the seed (the defaults are the seed): ``scale`` multiplies the logits (1/sqrt(d) in
+    some users' copies); ``tuple_output=False`` returns ``out`` alone.
     """
 
-    def __init__(self, in_dim: int, activation=None):
+    def __init__(self, in_dim: int, activation=None, *, scale: float = 1.0, tuple_output: bool = True):
         super().__init__()
+        if not isinstance(tuple_output, bool):
+            raise ValueError(f"tuple_output must be a bool; got {tuple_output!r}")
+        self.scale = float(scale)
+        self.tuple_output = tuple_output
         self.chanel_in = in_dim
         self.in_dim = in_dim
         self.activation = activation
@@ -49,9 +56,11 @@ class SelfAttention(nn.Module):
         proj_query = self.query_conv(x).view(b, -1, n).permute(0, 2, 1)  # B x N x d
         proj_key = self.key_conv(x).view(b, -1, n)  # B x d x N
         energy = torch.bmm(proj_query, proj_key)  # B x N x N
+        if self.scale != 1.0:
+            energy = energy * self.scale
         attention = self.softmax(energy)
         proj_value = self.value_conv(x).view(b, -1, n)  # B x C x N
         out = torch.bmm(proj_value, attention.permute(0, 2, 1))
         out = out.view(b, c, h, w)
         out = self.gamma * out + x
-        return out, attention
+        return (out, attention) if self.tuple_output else out
