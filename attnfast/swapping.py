@@ -520,8 +520,25 @@ def _run(module: nn.Module, tensors: dict, inputs: tuple, device, seed: int):
 
 
 def _snapshot(m: nn.Module) -> dict:
-    return {(id(sub), key): id(value) for sub in m.modules() for key, value in vars(sub).items()
-            if not key.startswith("_") and key != "training"}
+    """The public attributes of every module in ``m`` (module -> {name: value})."""
+    return {sub: {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
+            for sub in m.modules()}
+
+
+def _changed(before: dict) -> bool:
+    return any(_snapshot_one(sub).keys() != attrs.keys()
+               or any(_snapshot_one(sub)[k] is not v for k, v in attrs.items()) for sub, attrs in before.items())
+
+
+def _snapshot_one(sub: nn.Module) -> dict:
+    return {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
+
+
+def _restore_attributes(before: dict) -> None:
+    for sub, attrs in before.items():
+        for k in set(_snapshot_one(sub)) - set(attrs):
+            del sub.__dict__[k]
+        sub.__dict__.update(attrs)
 
 
 def _perturbed(params: list, gen: torch.Generator) -> dict:
@@ -612,7 +629,7 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
                 except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
                     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
                     raise NotSwappable(f"its forward raised on the probe input {shapes}: {type(e).__name__}: {e}")
-                if _snapshot(old) != before:
+                if _changed(before):
                     raise NotSwappable("its forward assigns attributes on the module (a side effect the fused "
                                        "module would not have)")
                 truth = _float32_run(old, values, buffers, inputs, device, _PROBE_SEED + run) \
@@ -666,6 +683,7 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
     finally:
         for sub, flag in flags.items():
             sub.training = flag
+        _restore_attributes(before)
     if not alive:
         if len(candidates) == 1:
             raise NotSwappable(f"the probe found different maths: {failures[0]}")
