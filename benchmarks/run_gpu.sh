@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session in parts that each fit one 10-minute command (a lent H100/H200 gives ~30 minutes in all).
 #
-#   bash benchmarks/run_gpu.sh PART [PART ...] [-- EXTRA PYTEST ARGS]
+#   bash benchmarks/run_gpu.sh [PART ...] [-- EXTRA PYTEST ARGS]          (no PART: all)
 #   bash benchmarks/run_gpu.sh --dry-run PART ...     # print what would run; installs and runs nothing
 #
 # PART: smoke | tests | grid | self | gate | cbam | train | all (all = every part in this order), or
@@ -30,11 +30,12 @@
 # Estimated time per part on one H100. Case counts are read from the suites' parametrization; the times
 # are estimates from the shapes, not measurements (no attnfast kernel has run on a GPU yet), and the part
 # prints its collected count before it starts.
-#   smoke  6 cases x 3 dtypes = 18 fwd+bwd checks (5 ops + CBAM when present), ~1-3 s each mostly Triton
-#          JIT compiles, + ~10 s start-up  => ~1 min; hard stop: no case starts after 100 s (< 2 min).
+#   smoke  6 cases (grid x2, self-attention x2, gate, CBAM when present) x 3 dtypes = 18 fwd+bwd checks,
+#          ~1-3 s each, mostly Triton JIT compiles, + ~10 s start-up  => ~1 min; hard stop: no case starts
+#          after 100 s (--budget-s), so the part ends under 2 min.
 #   tests  ~594 tests on CUDA (tests/gpu 64 real-shape cases + the ops/nn matrix; count the
 #          collection: ATTNFAST_TEST_FAKE_CUDA=1 pytest --collect-only tests/gpu tests/ops tests/nn):
-#          ~150 Triton specializations x ~1.5 s compile / 4 workers ~ 1 min, 4 torch.compile tests x ~20 s,
+#          ~150 Triton specializations (a guess) x ~1.5 s compile / 4 workers ~ 1 min, 4 torch.compile tests x ~20 s,
 #          594 x ~0.2 s run / 4 workers ~ 0.5 min, 64 real-shape cases x ~2 s / 4 ~ 0.5 min  => ~3-4 min.
 #   grid   4 blocks x 3 batches x 2 dtypes x 3 providers x 3 modes = 216 benchmarks x ~0.15 s (23 calls of
 #          0.1-5 ms + bookkeeping) ~ 0.5 min, + torch.compile: 2 modules x 2 dtypes x ~2 shapes x ~25 s
@@ -52,7 +53,7 @@ repo=$(pwd)
 
 PARTS_ALL=(smoke tests grid self gate cbam train)
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 }
 die() { echo "run_gpu.sh: error: $1" >&2; exit "${2:-2}"; }
 
@@ -70,7 +71,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ ${#parts[@]} -gt 0 ] || die "name at least one part (${PARTS_ALL[*]} all install)"
+[ ${#parts[@]} -gt 0 ] || parts=("${PARTS_ALL[@]}")
 
 PY=${PYTHON:-python3}
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}

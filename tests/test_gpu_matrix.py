@@ -61,7 +61,7 @@ def collected(fake_cuda: bool) -> dict:
     if fake_cuda:
         env["ATTNFAST_TEST_FAKE_CUDA"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run([sys.executable, "-c", _COLLECT, *PATHS], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-P", "-c", _COLLECT, *PATHS], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("@@COLLECTED ")), None)
     assert line is not None, f"collection printed no result:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

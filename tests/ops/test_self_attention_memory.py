@@ -41,7 +41,8 @@ print(json.dumps({"base_mib": base, "peak_mib": peak_mib(), "growth_mib": peak_m
 def test_fwd_bwd_128x128_peak_rss_growth():
     env = dict(os.environ, ATTNFAST_BACKEND="torch")
     env.pop("ATTNFAST_NAN_FILL", None)
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    # -P: the installed attnfast, never a checkout's attnfast/ from the current folder (it lacks kernels/)
+    r = subprocess.run([sys.executable, "-P", "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["finite"]
@@ -51,7 +52,7 @@ def test_fwd_bwd_128x128_peak_rss_growth():
 
 
 @pytest.mark.gpu
-def test_gpu_peak_memory_b8_256x256_bf16(device):
+def test_gpu_peak_memory_b8_256x256_bf16(device, kernels_only):
     """(B=8, C=128, 256x256) forward+backward in bf16 runs, in far less than one N x N matrix per image."""
     import torch
 
