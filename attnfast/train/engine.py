@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -17,13 +16,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.ops import sigmoid_focal_loss
-from tqdm import tqdm
-
 from ..data import AttnfastDataError, Preprocessing, build_datasets, ensure_synthetic, parse_spec, read_layout
 from . import distributed as dist_utils
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .metrics import attention_mass_inside, binary_metrics, mask_area, multiclass_metrics
+from .progress import bar as progress_bar
 from .visualize import forward_with_maps, overlay_png, split_output
 
 # The seeds' FocalLoss: alpha * (1 - pt)**gamma * BCE with the same alpha for EVERY sample. torchvision's
@@ -241,24 +239,36 @@ class Trainer:
         return DataLoader(self.train_ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.workers,
                           generator=g, pin_memory=self.device.type == "cuda", drop_last=False)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns the (detached, fp32) loss.
+
+        Under ``--amp fp16`` the GradScaler multiplies the loss by its scale before ``backward``, unscales the
+        gradients before the optimizer sees them, skips the step when any gradient is inf/NaN and then
+        halves the scale (it doubles after 2000 clean steps). Otherwise the scaler is disabled and this
+        is a plain ``backward`` + ``step``.
+        """
+        with self._autocast():
+            logits = split_output(self.model(x))[0]
+        loss = compute_loss(logits, y, self.task)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
         total, count = torch.zeros((), dtype=torch.float64), 0
         loader = self._train_loader(epoch)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs} train", disable=not self._progress(),
-                   leave=False, file=sys.stderr, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = split_output(self.model(x))[0]
-            loss = compute_loss(logits, y, self.task)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            total += loss.detach().double().cpu() * x.shape[0]
-            count += x.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        with _batches(loader) as batches:
+            bar = progress_bar(batches, f"epoch {epoch + 1}/{self.cfg.epochs} train", enabled=self._progress(),
+                               total=len(loader))
+            for x, y in bar:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                loss = self.train_step(x, y)
+                total += loss.double().cpu() * x.shape[0]
+                count += x.shape[0]
+                bar.set_postfix(loss=f"{loss.item():.4f}")
         if self.scheduler is not None:
             self.scheduler.step()
         sums = dist_utils.all_reduce_sum([float(total), float(count)])
@@ -271,26 +281,26 @@ class Trainer:
         order = list(iter(self.val_sampler)) if self.val_sampler is not None else list(range(len(self.val_ds)))
         idx_all, scores, targets, losses, locs = [], [], [], [], []
         pos = 0
-        for batch in tqdm(self.val_loader, desc="validate", disable=not self._progress(), leave=False,
-                          file=sys.stderr, dynamic_ncols=True):
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
-            with self._autocast():
-                logits, maps = forward_with_maps(self.model, x, want_maps=len(batch) > 2)
-            logits = logits.float()
-            n = x.shape[0]
-            idx_all += order[pos:pos + n]
-            pos += n
-            if self.task == "binary":
-                scores.append(torch.sigmoid(logits.view(-1)).cpu())
-                losses.append(focal_loss(logits, y, reduction="none").cpu())
-            else:
-                scores.append(logits.argmax(1).cpu())
-                losses.append(F.cross_entropy(logits, y.long(), reduction="none").cpu())
-            targets.append(y.cpu())
-            if len(batch) > 2:
-                mask = batch[2].to(self.device)
-                row = [mask_area(mask).cpu()] + [attention_mass_inside(a, mask).cpu() for _, a in maps]
-                locs.append(torch.stack(row, 1))
+        with _batches(self.val_loader) as batches:
+            for batch in progress_bar(batches, "validate", enabled=self._progress(), total=len(self.val_loader)):
+                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                with self._autocast():
+                    logits, maps = forward_with_maps(self.model, x, want_maps=len(batch) > 2)
+                logits = logits.float()
+                n = x.shape[0]
+                idx_all += order[pos:pos + n]
+                pos += n
+                if self.task == "binary":
+                    scores.append(torch.sigmoid(logits.view(-1)).cpu())
+                    losses.append(focal_loss(logits, y, reduction="none").cpu())
+                else:
+                    scores.append(logits.argmax(1).cpu())
+                    losses.append(F.cross_entropy(logits, y.long(), reduction="none").cpu())
+                targets.append(y.cpu())
+                if len(batch) > 2:
+                    mask = batch[2].to(self.device)
+                    row = [mask_area(mask).cpu()] + [attention_mass_inside(a, mask).cpu() for _, a in maps]
+                    locs.append(torch.stack(row, 1))
         local = {"idx": idx_all, "score": torch.cat(scores).tolist(), "target": torch.cat(targets).tolist(),
                  "loss": torch.cat(losses).tolist(), "loc": torch.cat(locs).tolist() if locs else []}
         parts = dist_utils.all_gather_object(local)
@@ -357,7 +367,7 @@ class Trainer:
         for row in self.history:
             keys += [k for k in row if k not in keys]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")  # plain lines, no CRLF
         w.writeheader()
         for row in self.history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -423,6 +433,23 @@ class Trainer:
         with torch.no_grad():
             _, maps = forward_with_maps(self.raw_model, x)
         return [name for name, _ in maps]
+
+
+@contextlib.contextmanager
+def _batches(loader: DataLoader):
+    """``iter(loader)``, whose worker processes are stopped when the block ends, also on an error.
+
+    An exception raised in a worker (a corrupt image) is re-raised here inside a reference cycle that holds
+    the iterator; left to the garbage collector, its workers would be stopped whenever that runs, after the
+    queues they wait on are gone: 5 s per worker (``MP_STATUS_CHECK_INTERVAL``) before they are killed.
+    """
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # only the multi-process iterator has workers
+        if shutdown is not None:
+            shutdown()
 
 
 def _option(field: str) -> str:

@@ -7,13 +7,13 @@ import os
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..data import (AttnfastDataError, ImageDataset, Preprocessing, eval_transform, list_images, parse_spec,
                     submission_id)
 from .checkpoint import atomic_write, load_checkpoint
 from .config import ConfigError
 from .engine import build_from_checkpoint, load_data_info
+from .progress import bar as progress_bar
 from .visualize import split_output
 
 
@@ -55,11 +55,11 @@ def predict(checkpoint: str, data: str, out: str, *, attention: str | None = Non
     header = ("image_name", "target") if binary else ("image_id", "label")
     values = []
     with torch.no_grad():
-        for x, _ in tqdm(loader, desc="predict", disable=not progress):
+        for x, _ in progress_bar(loader, "predict", enabled=progress):
             logits = split_output(model(x.to(dev)))[0].float()
             values += torch.sigmoid(logits.view(-1)).tolist() if binary else logits.argmax(1).tolist()
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")  # as the Kaggle sample submissions
     w.writerow(header)
     for s, v in zip(info.samples, values):
         w.writerow((submission_id(s.image_id, header[0]), f"{v:.6f}" if binary else int(v)))
