@@ -21,8 +21,11 @@ same dtype. Grid attention also runs ``tf32``: fp32 with TF32 allowed for convol
 (PyTorch's default for cuDNN), the kernels' dots in TF32 then; its yardstick is eager fp16, whose
 inputs carry the same 10-bit mantissa (eager fp32 may or may not use TF32 for a 1x1 conv).
 
-Adding an op: a ``<OP>_REAL`` table, a ``check_real_<op>(case, precision, device)`` and an entry in
-``OPS``; tests/test_gpu_matrix.py derives its expected counts from ``OPS``.
+``test_checks_at_tiny_shapes`` runs the same check functions at tiny shapes on any machine (the
+interpreter on a CPU), so a mistake in this file shows up in CI, not first on a GPU.
+
+Adding an op: a ``<OP>_REAL`` table, a ``check_real_<op>(case, precision, device)``, an entry in
+``OPS`` and tiny cases in ``TINY``; tests/test_gpu_matrix.py derives its expected counts from ``OPS``.
 """
 from __future__ import annotations
 
@@ -104,6 +107,14 @@ OPS = {
 }
 
 
+# The same checks at tiny shapes (same case layout as the tables above).
+TINY = {
+    "grid_attention": [("tiny", 2, 16, 32, 16, 8, 2)],
+    "self_attention": [(2, 16, 6, 5, {}), (2, 32, 5, 6, {"pool": True, "heads": 2, "value_dim": 8})],
+    "residual_gate": [("tiny", (2, 4, 5, 6), False), ("tiny-channels_last", (2, 4, 5, 6), True)],
+}
+
+
 def matrix():
     params = []
     for op, (cases, case_id, precisions, _) in OPS.items():
@@ -128,3 +139,14 @@ def test_real_shape(op, case, precision, device, kernels_only):
     torch.cuda.empty_cache()
     if failure:
         pytest.fail(failure, pytrace=False)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_checks_at_tiny_shapes(op, device, triton_backend, kernels_only):
+    """Every precision this machine can run (bf16 needs a GPU: the interpreter's bf16 is wrong)."""
+    _, _, precisions, check = OPS[op]
+    for case in TINY[op]:
+        for precision in precisions:
+            if precision == "bf16" and device != "cuda":
+                continue
+            check(case, precision, device)
