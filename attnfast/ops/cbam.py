@@ -13,7 +13,8 @@ mean/max of ``x s_c`` (``x s_c`` is never written), and ``y`` in the forward; in
 for the spatial gate's gradient, one for the channel gate's, one writing ``dx``. The MLP, the k x k
 conv and the BatchNorm act on (B, C) and (B, 2, H, W) maps and run in torch (fp32; fp64 for fp64).
 Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run the Triton kernels, CPU tensors a PyTorch
-path over batch chunks with the same memory behaviour. float64 always takes the PyTorch path.
+path that saves the same tensors (its full-size temporaries live only inside each op call). float64
+always takes the PyTorch path.
 
 Saved for backward: ``x`` (the input, already alive) and small fp32 tensors only: the channel gate and
 pooled statistics (B, C), the spatial gate and the channel-pooled map (B, 3, H, W in all), and the
@@ -37,10 +38,6 @@ import torch.nn.functional as F
 from .. import _alloc
 from .._checks import check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
-
-# The PyTorch path processes this many map elements (B_chunk x C x H x W) at a time (cache-sized).
-TORCH_CHUNK_ELEMENTS = 1 << 20
-
 
 # ----------------------------------------------------------------------------------------------
 # validation
@@ -149,7 +146,7 @@ def _bn_stats(z, running_mean, running_var, batch_stats: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# the full-map passes: Triton kernels or the PyTorch path (batch chunks, compute dtype)
+# the full-map passes of the PyTorch path (the Triton path is attnfast.kernels.cbam)
 # ----------------------------------------------------------------------------------------------
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when H and W flatten to one pixel stride (NCHW, channels_last, stride 0), else a copy."""
@@ -170,83 +167,42 @@ def _kernel_path(x: torch.Tensor, *others) -> bool:
     return False
 
 
-def _chunks(x: torch.Tensor):
-    B = x.shape[0]
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, x[0].numel()))
-    for b0 in range(0, B, step):
-        yield b0, min(B, b0 + step)
-
-
-def _bc(v):  # (b, C) -> (b, C, 1, 1)
+def _bc(v):  # (B, C) -> (B, C, 1, 1)
     return v[:, :, None, None]
 
 
-def _bp(v, H, W):  # (b, P) -> (b, 1, H, W)
+def _bp(v, H, W):  # (B, P) -> (B, 1, H, W)
     return v.view(v.shape[0], 1, H, W)
 
 
-def _torch_channel_pool(x, ct):
-    B, C = x.shape[:2]
-    sums = x.new_empty((B, C), dtype=ct)
-    cmax = x.new_empty((B, C), dtype=ct)
-    for b0, b1 in _chunks(x):
-        xc = x[b0:b1].to(ct)
-        sums[b0:b1] = xc.sum((2, 3))
-        cmax[b0:b1] = xc.amax((2, 3))
-    return sums, cmax
+# The PyTorch path works on whole tensors, as eager does (the same passes as the kernels, in torch ops;
+# its full-size temporaries live inside one op call and are never saved for backward).
+def _torch_forward_maps(x, ct, mlp):
+    """(sums, cmax, s_c, psum, pmax, x s_c): the two pooling passes; ``mlp(avg, cmax) -> s_c``."""
+    sums = x.sum((2, 3), dtype=ct)
+    cmax = x.amax((2, 3)).to(ct)
+    s_c = mlp(sums, cmax)
+    xs = x * _bc(s_c)  # in the compute dtype (type promotion); reused by the gate pass
+    return sums, cmax, s_c, xs.sum(1).flatten(1), xs.amax(1).flatten(1), xs
 
 
-def _torch_spatial_pool(x, s_c):
-    B, C, H, W = x.shape
-    psum = s_c.new_empty((B, H * W))
-    pmax = s_c.new_empty((B, H * W))
-    for b0, b1 in _chunks(x):
-        xs = x[b0:b1].to(s_c.dtype) * _bc(s_c[b0:b1])
-        psum[b0:b1] = xs.sum(1).flatten(1)
-        pmax[b0:b1] = xs.amax(1).flatten(1)
-    return psum, pmax
+def _torch_backward_spatial(g, xs, pmax):
+    """(sum_c g x s_c, tie mask of max_c x s_c, its count): (B, P), (B, C, H, W) bool, (B, P)."""
+    H, W = xs.shape[2:]
+    tie_p = xs == _bp(pmax, H, W)
+    return (g * xs).sum(1).flatten(1), tie_p, tie_p.sum(1, dtype=xs.dtype).flatten(1)
 
 
-def _torch_gate(x, s_c, s_p, y):
+def _torch_backward_rest(g, x, s_c, s_p, cm, cw, tie_p, cstat, mlp_args, light, dx):
+    """The channel-gate gradient, the MLP backward and dx; returns the MLP weight gradients."""
     H, W = x.shape[2:]
-    for b0, b1 in _chunks(x):
-        y[b0:b1] = x[b0:b1].to(s_c.dtype) * _bc(s_c[b0:b1]) * _bp(s_p[b0:b1], H, W)
-    return y
-
-
-def _torch_backward_spatial(g, x, s_c, pmax):
-    """(sum_c g x s_c, tie count of max_c x s_c), (B, P) each. The channel-gate sum is left to
-    ``_torch_backward_rest``, which forms the whole d(x s_c) anyway."""
-    B, C, H, W = x.shape
-    ct = s_c.dtype
-    dsp, pcnt = s_c.new_empty((B, H * W)), s_c.new_empty((B, H * W))
-    for b0, b1 in _chunks(x):
-        xs = x[b0:b1].to(ct) * _bc(s_c[b0:b1])
-        dsp[b0:b1] = (g[b0:b1].to(ct) * xs).sum(1).flatten(1)
-        pcnt[b0:b1] = (xs == _bp(pmax[b0:b1], H, W)).sum(1).flatten(1)
-    return dsp, pcnt
-
-
-def _torch_backward_rest(g, x, s_c, s_p, cm, cw, pmax, cstat, P, mlp_args, light, dx):
-    """The channel-gate pass and the dx pass, fused per batch chunk (the MLP backward is per sample).
-    Returns the MLP weight gradients (summed over chunks)."""
-    B, C, H, W = x.shape
-    ct = s_c.dtype
-    wgrads = None
-    for b0, b1 in _chunks(x):
-        sl = slice(b0, b1)
-        xc = x[sl].to(ct)  # may be x itself: never written
-        sc = _bc(s_c[sl])
-        tie_p = (xc * sc) == _bp(pmax[sl], H, W)
-        dxs = g[sl].to(ct) * _bp(s_p[sl], H, W) + _bp(cm[sl], H, W) + tie_p * _bp(cw[sl], H, W)
-        del tie_p
-        ds_c = (dxs * xc).sum((2, 3))
-        cmax = cstat[sl, 1]
-        tie_c = xc == _bc(cmax)
-        ccnt = tie_c.sum((2, 3)).to(ct)
-        davg, dcmax, *wg = _mlp_backward(ds_c, s_c[sl], cstat[sl, 0], cmax, *mlp_args, light)
-        wgrads = wg if wgrads is None else [a + b for a, b in zip(wgrads, wg)]
-        dx[sl] = dxs.mul_(sc).add_(_bc(davg / P)).add_(tie_c * _bc(dcmax / ccnt))
+    dxs = torch.addcmul(_bp(cm, H, W), g, _bp(s_p, H, W)).add_(tie_p * _bp(cw, H, W))
+    ds_c = (dxs * x).sum((2, 3))
+    cmax = cstat[:, 1]
+    tie_c = x == _bc(cmax).to(x.dtype)
+    davg, dcmax, *wgrads = _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, *mlp_args, light)
+    dxs.mul_(_bc(s_c)).add_(_bc(davg / (H * W)))
+    torch.addcmul(dxs, tie_c, _bc(dcmax / tie_c.sum((2, 3), dtype=dxs.dtype)), out=dx)
     return wgrads
 
 
@@ -273,15 +229,18 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     P = H * W
     ct = compute_dtype(x)
     triton_path = _kernel_path(x, fc1_w, fc2_w, conv_w, bn_w, bn_b)
+
+    def mlp(sums, cmax):
+        return _mlp_forward(sums / P, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light).contiguous()
+
     if triton_path:
         from ..kernels import cbam as K
 
         sums, cmax = K.channel_pool(x)
+        s_c = mlp(sums, cmax)
+        psum, pmax = K.spatial_pool(x, s_c)
     else:
-        sums, cmax = _torch_channel_pool(x, ct)
-    avg = sums / P
-    s_c = _mlp_forward(avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light).contiguous()
-    psum, pmax = K.spatial_pool(x, s_c) if triton_path else _torch_spatial_pool(x, s_c)
+        sums, cmax, s_c, psum, pmax, xs = _torch_forward_maps(x, ct, mlp)
     smap = torch.stack([psum / C, pmax], 1)
     z = _conv(_conv_input(smap, H, W, light), conv_w)
     bnstat = _bn_stats(z, running_mean, running_var, batch_stats)
@@ -291,8 +250,8 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     if triton_path:
         K.gate(x, s_c, s_p, y)
     else:
-        _torch_gate(x, s_c, s_p, y)
-    return y, s_c, torch.stack([avg, cmax], 1), s_p, smap, bnstat
+        torch.mul(xs, _bp(s_p, H, W), out=y)
+    return y, s_c, torch.stack([sums / P, cmax], 1), s_p, smap, bnstat
 
 
 @cbam_op.register_fake
@@ -328,7 +287,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
 
         dsp, pcnt, dsc_gate = K.backward_spatial(g, x, s_c, s_p, pmax)
     else:
-        dsp, pcnt = _torch_backward_spatial(g, x, s_c, pmax)
+        dsp, tie_p, pcnt = _torch_backward_spatial(g, x * _bc(s_c), pmax)
 
     # spatial gate: sigmoid -> BatchNorm -> conv, on (B, 1, H, W) maps
     da = (dsp * s_p * (1 - s_p)).view(B, 1, H, W)
@@ -361,7 +320,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
         K.backward_input(g, x, s_c, s_p, cm, cw, pmax, (davg / P).contiguous(), (dcmax / ccnt).contiguous(),
                          cmax.contiguous(), dx)
     else:
-        wgrads = _torch_backward_rest(g, x, s_c, s_p, cm, cw, pmax, cstat, P, mlp_args, light, dx)
+        wgrads = _torch_backward_rest(g, x, s_c, s_p, cm, cw, tie_p, cstat, mlp_args, light, dx)
     dw1, db1, dw2, db2 = wgrads
     outs = [dx]
     for grad_v, like in ((dw1, fc1_w), (db1, fc1_b), (dw2, fc2_w), (db2, fc2_b), (dconv_w, conv_w),
