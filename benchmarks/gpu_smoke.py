@@ -81,6 +81,7 @@ class Smoke:
     def __init__(self, args, dtype_names, device):
         import torch
 
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, also under python -P
         import harness
 
         self.torch = torch

@@ -109,7 +109,7 @@ OPS = {
 
 # The same checks at tiny shapes (same case layout as the tables above).
 TINY = {
-    "grid_attention": [("tiny", 2, 16, 32, 16, 8, 2)],
+    "grid_attention": [("tiny", 2, 8, 16, 16, 4, 2)],
     "self_attention": [(2, 16, 6, 5, {}), (2, 32, 5, 6, {"pool": True, "heads": 2, "value_dim": 8})],
     "residual_gate": [("tiny", (2, 4, 5, 6), False), ("tiny-channels_last", (2, 4, 5, 6), True)],
 }
