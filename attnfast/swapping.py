@@ -614,7 +614,7 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
     params = list(old.named_parameters())
     no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else _null()
     try:
-        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), no_autocast:
+        with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad(), no_autocast:
             for run, (training, perturbed) in enumerate(((old.training, False), (not old.training, True))):
                 mode = f"{'train' if training else 'eval'} mode, {'perturbed' if perturbed else 'own'} parameters"
                 inputs = spec.inputs(gen, dtype, device)

@@ -136,13 +136,17 @@ class ScaledRAM(RefRAM):
 
 
 def test_user_subclass_of_the_reference_ram_is_left_alone():
+    """The probe sees that the fused class would drop the subclass's forward: reported, left alone."""
     from attnfast.models import ResidualAttentionNet
 
     model = ResidualAttentionNet(56, num_classes=2, width=8, attention="reference").eval()
     model.stage2[1] = ScaledRAM(model.stage2[1].channels, encoder_depth=2)
     x = torch.randn(1, 3, 64, 64)
     before = _outputs(model, x)
-    assert [r.name for r in swap(model)] == ["stage1.1", "stage3.1"]
+    with pytest.warns(attnfast.swapping.SwapWarning, match=r"stage2\.1 \(.*ScaledRAM\)"):
+        result = swap(model)
+    assert [r.name for r in result] == ["stage1.1", "stage3.1"]
+    assert [s.name for s in result.skipped] == ["stage2.1"] and "different maths" in result.skipped[0].reason
     assert type(model.stage2[1]) is ScaledRAM
     _assert_same_outputs(before, _outputs(model, x))
     assert [r.name for r in unswap(model)] == ["stage1.1", "stage3.1"]
@@ -162,7 +166,13 @@ def test_inplace_false_leaves_the_original_alone():
 def test_structural_lookalikes_are_not_swapped():
     model = nn.Sequential(LookAlike(), ExtraParam(), nn.Conv2d(3, 3, 1))
     snapshot = copy.deepcopy(model.state_dict())
-    assert swap(model) == []
+    with pytest.warns(attnfast.swapping.SwapWarning):
+        result = swap(model)
+    assert result == []
+    assert [(s.name, s.reason) for s in result.skipped] == [
+        ("0", "phi is not a plain 1x1 convolution (kernel (3, 3), stride (1, 1), padding (1, 1), dilation (1, 1), "
+              "groups 1)"),
+        ("1", "parameters/buffers differ from the fused module's: extra scale")]
     assert type(model[0]) is LookAlike and type(model[1]) is ExtraParam
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k])
