@@ -777,17 +777,17 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> str:
 def _restore(m: nn.Module) -> nn.Module:
     """The original module kept by swap, holding ``m``'s current Parameters, buffers, hooks and mode."""
     original = m.__dict__[_ORIGINAL]
+    for name, child in m._modules.items():  # children the user replaced on the fused module meanwhile
+        if name in original._modules and child is not None and original._modules[name] is not child:
+            original._modules[name] = child
     current = dict(m.named_parameters())
     current.update(m.named_buffers())
-    for name, tensor in current.items():
+    for name, tensor in current.items():  # Parameters re-assigned meanwhile (e.g. ``.to()`` that replaces them)
         owner_name, _, leaf = name.rpartition(".")
         owner = original.get_submodule(owner_name) if owner_name else original
         store = owner._parameters if leaf in owner._parameters else owner._buffers
         if store.get(leaf) is not tensor:
             store[leaf] = tensor
-    for name, child in m._modules.items():
-        if name in original._modules and child is not None and original._modules[name] is not child:
-            original._modules[name] = child
     for attr in _hook_dicts(m):
         original.__dict__[attr] = m.__dict__[attr]
     original.training = m.training

@@ -229,3 +229,16 @@ def test_reference_sagan_options_roundtrip():
     x = torch.randn(2, 16, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_unswap_takes_back_parameters_reassigned_after_swap():
+    layer = _randomize(SelfAttention(16, None))
+    model = nn.Sequential(layer)
+    swap(model)
+    new_gamma = nn.Parameter(torch.full((1,), 0.7))
+    model[0].gamma = new_gamma
+    conv = nn.Conv2d(16, 16, 1)
+    model[0].value_conv = conv
+    assert [r.name for r in unswap(model)] == ["0"]
+    assert model[0] is layer and layer.gamma is new_gamma and layer.value_conv is conv
+    assert dict(model.named_parameters())["0.value_conv.weight"] is layer.value_conv.weight
