@@ -32,3 +32,19 @@ def permuted_views(out: torch.Tensor, *others: torch.Tensor):
         raise ValueError("output buffer must be dense (non-overlapping and contiguous in some order)")
     sizes = list(views[0].shape)
     return sizes, [list(v.stride()) for v in views]
+
+
+def shared_dense_layout(*tensors: torch.Tensor) -> bool:
+    """Whether all tensors have one shape and one dense layout (the same strides wherever a size is
+    above 1, and no gaps or overlaps: contiguous, channels_last, or any other permutation), so one
+    flat offset addresses the same element in each."""
+    first = tensors[0]
+    for t in tensors:
+        if t.shape != first.shape:
+            return False
+        if any(n > 1 and a != b for n, a, b in zip(t.shape, t.stride(), first.stride())):
+            return False
+    if first.dim() > 4:
+        return False
+    view = as_4d(first).permute(memory_order(as_4d(first)))
+    return view.is_contiguous()

@@ -2,7 +2,10 @@
 
 CUDA tensors (or ``ATTNFAST_BACKEND=triton``) run ``attnfast.kernels.residual_gate``; otherwise a
 PyTorch path. Backward is its own custom op, so it dispatches the same way and nothing but the
-two inputs is saved (``sigmoid(m)`` is recomputed).
+two inputs is saved (``sigmoid(m)`` is recomputed). The output (and the gradients) keep the trunk's
+layout, so operands that share one dense layout (contiguous or channels_last activations) take the
+kernels' dense path (32-bit flat offsets); anything else (stride-0 gradients, views, mixed layouts)
+takes the strided one.
 """
 from __future__ import annotations
 
