@@ -3,6 +3,7 @@
 ``attnfast train`` with no arguments is the main job: synthetic lesion images, AttnVGG (1/8 width,
 64 px, 4 epochs), about 30 s on 2 CPU cores; it prints validation AUC/AP per epoch and the
 attention localization score, and writes metrics.csv, checkpoints and attention overlays into ``--out``.
+``--model resnet50-cbam`` (or any timm model name) trains a timm model, with attnfast's fused modules swapped in.
 Bad data or options print one ``error: ...`` line and exit with status 2.
 """
 from __future__ import annotations
@@ -19,12 +20,16 @@ def _add_train(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic",
                    help="synthetic | synthetic-cassava | melanoma:DIR | cassava:DIR | folder:DIR")
-    p.add_argument("--model", default="attnvgg", choices=MODELS)
+    p.add_argument("--model", default="attnvgg", metavar="MODEL",
+                   help=f"{' | '.join(MODELS)}, or a timm model (needs timm): ARCH-cbam / ARCH-lcbam = timm's ARCH "
+                        "with CBAM in every block (e.g. resnet50-cbam), or any timm ARCH as timm builds it")
     p.add_argument("--image-size", type=int, default=None, help="resize+crop side (default 64 synthetic, 224 real)")
     p.add_argument("--epochs", type=int, default=None, help="default 4 synthetic, 2 real (the seed's)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 synthetic, 100 real (the seed's)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<time>)")
-    p.add_argument("--attention", default="fused", choices=("fused", "reference"))
+    p.add_argument("--attention", default="fused", choices=("fused", "reference"),
+                   help="fused: attnfast's fused modules (timm models: put in by attnfast.swap, which reports what "
+                        "it replaced); reference: plain PyTorch (timm models: timm's own modules)")
     p.add_argument("--amp", default="auto", choices=AMP_MODES, help="auto: bf16 on a GPU that supports it, off on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
@@ -36,7 +41,7 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers, 0 or more (default 0 CPU, 4 GPU)")
     p.add_argument("--width-mult", type=float, default=None,
-                   help="channel multiplier (default 0.125 synthetic, 1.0 real; RAN stem = 64*W)")
+                   help="channel multiplier of attnfast's models (default 0.125 synthetic, 1.0 real; RAN stem = 64*W)")
     p.add_argument("--pretrained", action="store_true", help="AttnVGG: ImageNet vgg16_bn weights from the torch hub cache")
     p.add_argument("--dropout", type=float, default=None, help="dropout probability in [0, 1)")
     p.add_argument("--sigmoid-attn", action="store_true", help="AttnVGG: sigmoid attention + average pooling")

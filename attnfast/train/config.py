@@ -6,7 +6,7 @@ import math
 import os
 import time
 
-MODELS = ("attnvgg", "ran56", "ran92", "sagan_resnet")
+MODELS = ("attnvgg", "ran56", "ran92", "sagan_resnet")  # attnfast's own; any other --model names a timm model
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
@@ -24,7 +24,7 @@ class ConfigError(Exception):
 @dataclasses.dataclass
 class TrainConfig:
     data: str = "synthetic"
-    model: str = "attnvgg"
+    model: str = "attnvgg"  # one of MODELS, or a timm model: ARCH-cbam / ARCH-lcbam / ARCH (attnfast.models.timm_models)
     image_size: int | None = None  # None: 64 on synthetic data, 224 (the seed's) otherwise
     epochs: int | None = None
     batch_size: int | None = None
@@ -40,7 +40,7 @@ class TrainConfig:
     scheduler: str = "none"
     seed: int = 0
     workers: int | None = None  # None: 0 on CPU, 4 on GPU
-    width_mult: float | None = None
+    width_mult: float | None = None  # attnfast's models only (timm models keep their own width: stays None)
     pretrained: bool = False
     dropout: float | None = None
     normalize_attn: bool = True
@@ -58,6 +58,8 @@ class TrainConfig:
         c = dataclasses.replace(self)
         base = SYNTHETIC_DEFAULTS if c.data.startswith("synthetic") else REAL_DEFAULTS
         for key, value in base.items():
+            if key == "width_mult" and c.is_timm:
+                continue
             if getattr(c, key) is None:
                 setattr(c, key, value)
         if c.out is None:
@@ -66,12 +68,18 @@ class TrainConfig:
         c.validate()
         return c
 
+    @property
+    def is_timm(self) -> bool:
+        """Whether ``model`` names a timm model (anything that is not one of attnfast's :data:`MODELS`)."""
+        return self.model not in MODELS
+
     def validate(self) -> None:
         def need(ok, msg):
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.model in MODELS, f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        if self.is_timm:
+            self._validate_timm()
         need(self.attention in ("fused", "reference"), f"--attention must be fused or reference; got {self.attention!r}")
         need(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
@@ -84,8 +92,9 @@ class TrainConfig:
         need(self.image_size >= low and self.image_size % 32 == 0,
              f"--image-size must be a multiple of 32 and at least {low} for {self.model} "
              f"(five 2x downsamplings); got {self.image_size}")
-        need(self.width_mult > 0, f"--width-mult must be positive; got {self.width_mult}")
-        need(not (self.pretrained and self.width_mult != 1.0), "--pretrained needs --width-mult 1.0")
+        if not self.is_timm:
+            need(self.width_mult > 0, f"--width-mult must be positive; got {self.width_mult}")
+            need(not (self.pretrained and self.width_mult != 1.0), "--pretrained needs --width-mult 1.0")
         need(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
         need(self.workers is None or self.workers >= 0, f"--workers must be 0 or more; got {self.workers}")
         need(self.max_benign is None or self.max_benign >= 0,
@@ -97,6 +106,28 @@ class TrainConfig:
             need(self.synthetic_n >= low,
                  f"--synthetic-n must be at least {low} for --data {self.data} with --val-fraction "
                  f"{self.val_fraction} (every class needs images in both splits); got {self.synthetic_n}")
+
+
+    def _validate_timm(self) -> None:
+        """A timm --model: known to timm (checked before any data is read), and no attnfast-only option."""
+        from ..models import timm_models
+
+        try:
+            timm_models.check_name(self.model)
+        except ImportError as e:
+            raise ConfigError(f"--model {self.model} is a timm model, but {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"--model must be one of {', '.join(MODELS)} or a timm model name (ARCH, or "
+                              f"ARCH-cbam / ARCH-lcbam for CBAM in every block, e.g. resnet50-cbam); "
+                              f"{self.model!r}: {e}") from None
+        if self.width_mult is not None:
+            raise ConfigError(f"--width-mult scales attnfast's models; timm's {self.model} is built at its "
+                              "own width")
+        if self.pretrained:
+            raise ConfigError(f"--pretrained loads AttnVGG's ImageNet weights; timm's {self.model} is built "
+                              "with pretrained=False (nothing is downloaded)")
+        if not self.normalize_attn:
+            raise ConfigError(f"--sigmoid-attn is AttnVGG's; timm's {self.model} has no grid attention")
 
 
 SYNTHETIC_MIN_SIZE = 32  # smaller lesions/leaves lose the shape cues the labels follow

@@ -1,6 +1,7 @@
 """The training loop behind ``attnfast train`` (single process or DDP under torchrun)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -50,6 +51,8 @@ def load_data_info(spec: str, cfg: TrainConfig | None = None, *, test: bool = Fa
 
 
 def model_kwargs(cfg: TrainConfig) -> dict:
+    if cfg.is_timm:
+        return {"drop_rate": cfg.dropout} if cfg.dropout else {}
     if cfg.model == "attnvgg":
         return {"width_mult": cfg.width_mult, "pretrained": cfg.pretrained, "dropout": cfg.dropout,
                 "normalize_attn": cfg.normalize_attn}
@@ -58,19 +61,48 @@ def model_kwargs(cfg: TrainConfig) -> dict:
     return {"width": max(4, int(round(32 * cfg.width_mult)))}  # sagan_resnet: 32 channels at width 1
 
 
-def build_model(name: str, num_outputs: int, attention: str, kwargs: dict):
-    from ..models import create_model
+def build_model(name: str, num_outputs: int, attention: str, kwargs: dict, report: list | None = None):
+    """attnfast's model ``name`` with ``attention`` modules, or the timm model ``name`` (any name that is not
+    attnfast's): built with timm's own modules, then, for ``attention='fused'``, given attnfast's fused
+    modules by :func:`attnfast.swap`; a line saying what swap replaced is appended to ``report``."""
+    from ..models import MODEL_BUILDERS, create_model
 
-    return create_model(name, num_outputs, attention=attention, **kwargs)
+    if name in MODEL_BUILDERS:
+        return create_model(name, num_outputs, attention=attention, **kwargs)
+    from ..models import timm_models
+
+    model = timm_models.create(name, num_outputs, **kwargs)
+    if attention != "fused":
+        return model
+    from ..swapping import swap
+
+    replaced = swap(model)
+    model = getattr(replaced, "model", None) or model
+    if report is not None:
+        report.append(_swap_line(name, replaced, timm_models.attention_modules(model)))
+    return model
 
 
-def build_from_checkpoint(meta: dict, attention: str | None = None):
+def _swap_line(name: str, replaced, left: dict) -> str:
+    if replaced:
+        kinds = collections.Counter((r.old_type.rsplit(".", 1)[-1], r.new_type.rsplit(".", 1)[-1]) for r in replaced)
+        what = ", ".join(f"{n} {old} -> {new}" for (old, new), n in sorted(kinds.items()))
+        line = f"attnfast.swap replaced {len(replaced)} modules of {name} with fused ones ({what})"
+    else:
+        line = f"attnfast.swap found no module of {name} to replace"
+    if left:
+        kinds = collections.Counter(left.values())
+        line += "; " + ", ".join(f"{n} timm {k}" for k, n in sorted(kinds.items())) + " stay timm's own"
+    return line
+
+
+def build_from_checkpoint(meta: dict, attention: str | None = None, report: list | None = None):
     """The checkpoint's architecture with ``pretrained=False``: the checkpoint holds every weight, so the
     ImageNet file in the hub cache (which a training run may have started from) is not needed."""
     kwargs = dict(meta["model_kwargs"])
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False
-    return build_model(meta["model"], meta["num_outputs"], attention or meta["attention"], kwargs)
+    return build_model(meta["model"], meta["num_outputs"], attention or meta["attention"], kwargs, report)
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -153,12 +185,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model_kwargs = model_kwargs(cfg)
+        self.build_notes: list = []  # what attnfast.swap did to a timm model, logged with the run's header
         try:
             if cfg.resume:  # every weight comes from last.pt: no ImageNet file needed
-                model = build_from_checkpoint(self._meta())
+                model = build_from_checkpoint(self._meta(), report=self.build_notes)
             else:
-                model = build_model(cfg.model, self.num_outputs, cfg.attention, self.model_kwargs)
-        except (FileNotFoundError, ImportError) as e:
+                model = build_model(cfg.model, self.num_outputs, cfg.attention, self.model_kwargs, self.build_notes)
+        except (FileNotFoundError, ImportError, ValueError) as e:
             raise ConfigError(f"cannot build --model {cfg.model} --attention {cfg.attention}: {e}") from None
         self.raw_model = model.to(self.device)
         self.optimizer = _optimizer(cfg, self.raw_model.parameters())
@@ -381,6 +414,8 @@ class Trainer:
                      f"[{len(self.train_ds)} train / {len(self.val_ds)} val, {self.info.num_classes} classes], "
                      f"{cfg.image_size}px, batch {cfg.batch_size}, {cfg.epochs} epochs, device {self.device}"
                      f"{f' x{self.world}' if self.world > 1 else ''}, out {self.out}")
+            for note in self.build_notes:
+                self.log(note)
             if self.start_epoch:
                 self.log(f"resumed from {self.last_path} after epoch {self.start_epoch}")
         t_start, c_start = time.time(), time.process_time()
@@ -416,7 +451,7 @@ class Trainer:
             atomic_write(os.path.join(self.out, "summary.json"),
                          lambda f: f.write(json.dumps(summary, indent=1, default=float)), mode="w")
             final = summary["final"]
-            if "loc_uniform" in final:
+            if any(k.startswith("loc_") and not k.startswith("loc_uniform") for k in final):
                 locs = ", ".join(f"{k[4:]} {v:.3f}" for k, v in final.items()
                                  if k.startswith("loc_") and not k.startswith("loc_uniform"))
                 self.log(f"attention localization (share of attention mass inside the lesion mask): {locs} "
