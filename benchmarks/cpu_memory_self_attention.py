@@ -1,8 +1,13 @@
 """CPU measurements of SAGAN self-attention (run once, by hand): writes
 benchmarks/results/self_attention_cpu.{json,md}.
 
-1. eager reference vs chunked path, forward+backward at N >= 4096 (B=8, C=128): time (median of
-   ``--repeats``) and peak RSS growth, each provider in a fresh subprocess.
+1. The SAGAN layer, forward+backward at N >= 4096 (B=8, C=128), per provider: time (median of
+   ``--repeats``) and peak RSS growth (VmHWM above the warmed-up process), each provider in a
+   fresh subprocess. Providers: ``eager`` (the reference layer), ``sdpa_default`` and
+   ``sdpa_flash_padded`` (SDPA on the conv outputs in the contiguous (B, heads, N, d) layout users
+   pass, see ``sdpa_providers.py``), ``chunked`` (``SelfAttention2d`` with
+   ``ATTNFAST_BACKEND=torch``: on CPU, the blocked CPU path). ``cpu_sdpa_compare.py`` compares
+   the attention core alone.
 2. For each provider, the largest square map that trains (one forward+backward step) at B=8,
    C=128 within ``--budget-gib`` of address space above the warmed-up process (RLIMIT_AS, so an
    attempt fails cleanly instead of swapping) and ``--step-limit-s`` seconds; sizes in increasing
@@ -24,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = r"""
 import json, os, resource, statistics, sys, time
 import torch
-import torch.nn.functional as F
+sys.path.insert(0, HERE)
+import sdpa_providers
 from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.reference.self_attention import SelfAttention
 
@@ -38,14 +44,13 @@ fused = SelfAttention2d(c, tuple_output=False)
 fused.load_state_dict(ref.state_dict())
 
 def sdpa(x):
+    # the way users call SDPA: contiguous (B, heads, N, d); see sdpa_providers.py
     bb, cc, h, w = x.shape
-    q = ref.query_conv(x).flatten(2).transpose(1, 2)
-    k = ref.key_conv(x).flatten(2).transpose(1, 2)
-    v = ref.value_conv(x).flatten(2).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-    return ref.gamma * o.transpose(1, 2).reshape(bb, cc, h, w) + x
+    q, k, v = (sdpa_providers.user_layout(conv(x)) for conv in (ref.query_conv, ref.key_conv, ref.value_conv))
+    o = sdpa_providers.attention(provider)(q, k, v, 1.0)
+    return ref.gamma * o.squeeze(1).transpose(1, 2).reshape(bb, cc, h, w) + x
 
-fn = {"eager": lambda x: ref(x)[0], "sdpa": sdpa, "chunked": fused}[provider]
+fn = sdpa if provider in sdpa_providers.PROVIDERS else {"eager": lambda x: ref(x)[0], "chunked": fused}[provider]
 
 def step(x):
     out = fn(x)
@@ -58,7 +63,12 @@ def vm_bytes():
 if budget > 0:
     lim = vm_bytes() + int(budget * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss():  # VmHWM: ru_maxrss is carried across fork and exec, so it starts at the parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current RSS
+base = peak_rss()
 times = []
 try:
     for _ in range(repeats):
@@ -70,7 +80,7 @@ try:
     ok, err = True, None
 except (RuntimeError, MemoryError) as e:
     ok, err = False, f"{type(e).__name__}: {str(e)[:160]}"
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+peak = peak_rss() - base
 print(json.dumps({"provider": provider, "B": b, "C": c, "H": s, "W": s, "N": s * s, "ok": ok, "error": err,
                   "times_s": times, "median_s": statistics.median(times) if times else None,
                   "peak_rss_growth_bytes": peak}))
@@ -81,7 +91,7 @@ def run_child(provider, b, c, s, repeats, budget, timeout):
     env = dict(os.environ, ATTNFAST_BACKEND="torch")
     env.pop("TRITON_INTERPRET", None)
     try:
-        r = subprocess.run([sys.executable, "-c", CHILD, provider, str(b), str(c), str(s), str(repeats), str(budget)],
+        r = subprocess.run([sys.executable, "-c", f"HERE = {HERE!r}\n" + CHILD, provider, str(b), str(c), str(s), str(repeats), str(budget)],
                            capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"provider": provider, "B": b, "C": c, "H": s, "W": s, "N": s * s, "ok": False,
@@ -99,7 +109,7 @@ def main(argv=None):
     p.add_argument("--compare-sizes", type=int, nargs="+", default=[64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96, 128])
-    p.add_argument("--providers", nargs="+", default=["eager", "sdpa", "chunked"])
+    p.add_argument("--providers", nargs="+", default=["eager", "sdpa_default", "sdpa_flash_padded", "chunked"])
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--step-limit-s", type=int, default=300)
     p.add_argument("--note", default="")
@@ -116,7 +126,7 @@ def main(argv=None):
     info["command"] = " ".join(["python", "benchmarks/cpu_memory_self_attention.py"] + list(
         sys.argv[1:] if argv is None else argv))
     compare = [run_child(pr, b, c, s, args.repeats, 0, 3 * args.step_limit_s)
-               for s in args.compare_sizes for pr in ("eager", "chunked")]
+               for s in args.compare_sizes for pr in args.providers]
     largest = {}
     attempts = []
     for pr in args.providers:

@@ -1,15 +1,20 @@
-"""SAGAN self-attention: eager reference vs SDPA vs the chunked PyTorch path vs the fused Triton kernels.
+"""SAGAN self-attention: eager reference vs SDPA vs attnfast's PyTorch path vs the fused Triton kernels.
 
 Providers (all compute ``gamma * attention(x) + x`` with the same 1x1 convs, scale 1):
 
 - ``eager``: ``attnfast.reference.SelfAttention`` (stores the B x N x N matrix);
-- ``sdpa``: ``F.scaled_dot_product_attention`` on the conv outputs with its best eligible backend
-  (GPU: memory-efficient or cuDNN, which take d_qk != d_v; CPU: the default);
-- ``sdpa_flash`` (GPU only): the flash backend with q/k zero-padded from d_qk to d_v (it needs
-  equal head dims; zero columns leave q^T k unchanged);
-- ``chunked``: ``SelfAttention2d`` with ``ATTNFAST_BACKEND=torch``;
+- ``sdpa_default`` / ``sdpa_flash_padded``: ``F.scaled_dot_product_attention`` on the conv outputs
+  in SDPA's contiguous ``(B, heads, N, d)`` layout, the way users call it (``sdpa_providers.py``):
+  the default dispatch (CPU: math, since d_qk != d_v rules out flash; GPU: memory-efficient or
+  cuDNN), and flash forced with q/k zero-padded to d_v. ``extra_info["sdpa_backend"]`` names the
+  backend each ran;
+- ``chunked``: ``SelfAttention2d`` with ``ATTNFAST_BACKEND=torch`` (CUDA: the batched chunked path;
+  CPU: the blocked CPU path);
 - ``fused``: ``SelfAttention2d`` with the default dispatch (Triton on CUDA; on a CPU this is the
-  chunked path again, so the CPU smoke runs it only once as a check).
+  blocked CPU path again, so the CPU smoke runs it only once as a check).
+
+``cpu_sdpa_compare.py`` compares the attention core alone on CPU (one provider per process, so peak
+RSS is honest).
 
 GPU: B = 8, C = 128 (d_qk = 16), N from 32x32 to 256x256, bf16; eager / SDPA runs that do not
 fit are skipped with the OOM noted. CPU (CI smoke): one tiny shape. ``extra_info`` carries
@@ -20,9 +25,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import harness
+import sdpa_providers
 from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.reference.self_attention import SelfAttention
 
@@ -30,11 +35,10 @@ C = 128
 if harness.on_gpu():
     CASES = [(8, C, s, s) for s in (32, 64, 128, 256)]
     DTYPES = [torch.bfloat16]
-    PROVIDERS = ("eager", "sdpa", "sdpa_flash", "chunked", "fused")
 else:
     CASES = [(2, 16, 8, 8)]
     DTYPES = [torch.float32]
-    PROVIDERS = ("eager", "sdpa", "chunked", "fused")
+PROVIDERS = ("eager",) + sdpa_providers.PROVIDERS + ("chunked", "fused")
 
 _MODULES = {}
 
@@ -52,39 +56,32 @@ def _modules(c, dtype):
     return _MODULES[key]
 
 
-def _sdpa_fn(ref, flash: bool):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not harness.on_gpu():
-        backends = None
-    elif flash:
-        backends = [SDPBackend.FLASH_ATTENTION]
-    else:
-        backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+def _sdpa_fn(ref, provider):
+    attend = sdpa_providers.attention(provider)
 
     def fn(x):
         b, c, h, w = x.shape
-        q = ref.query_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, d)
-        k = ref.key_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)
-        v = ref.value_conv(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, N, C)
-        if flash:
-            q = F.pad(q, (0, c - q.shape[-1]))
-            k = F.pad(k, (0, c - k.shape[-1]))
-        if backends is None:
-            o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        else:
-            with sdpa_kernel(backends):
-                o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        q = sdpa_providers.user_layout(ref.query_conv(x))  # (B, 1, N, d), contiguous
+        k = sdpa_providers.user_layout(ref.key_conv(x))
+        v = sdpa_providers.user_layout(ref.value_conv(x))  # (B, 1, N, C)
+        o = attend(q, k, v, 1.0)
         return ref.gamma * o.squeeze(1).transpose(1, 2).reshape(b, c, h, w) + x
 
     return fn
 
 
+def sdpa_backend(provider, ref, x):
+    """The SDPA backend a provider runs on the conv outputs of ``x``."""
+    with torch.no_grad():
+        q, k, v = (sdpa_providers.user_layout(conv(x)) for conv in (ref.query_conv, ref.key_conv, ref.value_conv))
+    return sdpa_providers.backend_of(provider, q, k, v, 1.0)
+
+
 def provider_fn(name, ref, fused):
     if name == "eager":
         return lambda x: ref(x)[0]
-    if name in ("sdpa", "sdpa_flash"):
-        return _sdpa_fn(ref, flash=name == "sdpa_flash")
+    if name in sdpa_providers.PROVIDERS:
+        return _sdpa_fn(ref, name)
     return fused
 
 
@@ -105,14 +102,13 @@ def test_self_attention(benchmark, monkeypatch, case, dtype, provider, mode):
     flops_fwd = pairs * (2 * d + 2 * c)
     flops = {"fwd": flops_fwd, "bwd": int(2.5 * flops_fwd), "fwd+bwd": int(3.5 * flops_fwd)}[mode]
     benchmark.group = f"self_attention B={b} C={c} {h}x{w} {dtype} {mode}"
+    extra = {}
+    if provider in sdpa_providers.PROVIDERS:
+        extra["sdpa_backend"] = sdpa_backend(provider, ref, x)
     try:
         harness.measure(benchmark, fn, [x], mode, op="self_attention", provider=provider, shape=str(case),
                         dtype=str(dtype), n=n, pairs=pairs, exps=pairs * (1 if mode == "fwd" else 2),
-                        flops=flops, backend=os.environ.get("ATTNFAST_BACKEND"))
+                        flops=flops, backend=os.environ.get("ATTNFAST_BACKEND"), **extra)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{provider} out of memory at {case} {dtype}")
-    except RuntimeError as e:  # an SDPA backend that rejects the shapes
-        if provider.startswith("sdpa") and "No available kernel" in str(e):
-            pytest.skip(f"{provider}: no eligible SDPA kernel for {case} {dtype}")
-        raise

@@ -12,8 +12,13 @@ Paths (``attnfast._dispatch.use_triton``):
 - Triton (CUDA, or ``ATTNFAST_BACKEND=triton`` with the interpreter): flash-style kernels in
   ``attnfast.kernels.self_attention``; float64 inputs and query/key dims above
   ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead.
-- PyTorch (CPU): queries in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory is
-  O(chunk * NK + N * C) forward and backward.
+- PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): blocks of ``cpu_blocks(...)`` (samples,
+  query rows) whose score block stays cache-resident (``CPU_BLOCK_ELEMS``); per block one GEMM at
+  the true query/key dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's
+  fused softmax, the value GEMM; the backward recomputes the block the same way. Memory
+  O(block + N * C) forward and backward.
+- PyTorch, batched (float64 on any device, and CUDA tensors the Triton kernels do not take): queries
+  in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory O(chunk * NK + N * C).
 
 Both save only q, k, v, the attention output ``o`` (in fp32: it enters ``rowsum(dO * o)``, a
 cancelling sum) and ``lse = logsumexp`` per query (fp32) for the backward, which recomputes the probabilities. The
@@ -30,15 +35,38 @@ from .. import _alloc
 from .._checks import check_tensor
 from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
 
-# Score-matrix elements per chunk of the PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB, and
-# the backward holds two such blocks. ATTNFAST_SA_CHUNK_ELEMS overrides it.
+# Score-matrix elements per chunk of the batched PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB,
+# and the backward holds two such blocks.
 CHUNK_ELEMS = 1 << 22
+# Score elements per block of the CPU path (samples * rows * NK). 2**19 fp32 = 2 MiB: the score,
+# probability and dP blocks stay in L2/L3 between the GEMM and the softmax, where the batched
+# path's 16 MiB chunks streamed every elementwise pass through DRAM.
+CPU_BLOCK_ELEMS = 1 << 19
+# ATTNFAST_SA_CHUNK_ELEMS overrides both budgets (the tests use it to force many blocks).
 
 
-def chunk_rows(b: int, nq: int, nk: int) -> int:
-    """Query rows per chunk of the PyTorch path: B * rows * NK <= CHUNK_ELEMS (at least 1 row)."""
-    budget = int(os.environ.get("ATTNFAST_SA_CHUNK_ELEMS", CHUNK_ELEMS))
-    return max(1, min(nq, budget // max(1, b * nk)))
+def _budget(default: int) -> int:
+    return int(os.environ.get("ATTNFAST_SA_CHUNK_ELEMS", default))
+
+
+def chunk_rows(b: int, nq: int, nk: int, elems: int = CHUNK_ELEMS) -> int:
+    """Query rows per chunk of the batched PyTorch path: B * rows * NK <= elems (at least 1 row)."""
+    return max(1, min(nq, _budget(elems) // max(1, b * nk)))
+
+
+def cpu_blocks(b: int, nq: int, nk: int, d: int, dv: int) -> tuple[int, int]:
+    """``(samples, rows)`` per block of the CPU path: whole samples while a sample's scores and its
+    fp32 key/value copies fit ``CPU_BLOCK_ELEMS``, else one sample and ``rows * NK`` within it."""
+    budget = _budget(CPU_BLOCK_ELEMS)
+    per_sample = max(nq * nk, (d + dv) * nk, 1)
+    if per_sample <= budget:
+        return max(1, min(b, budget // per_sample)), max(nq, 1)
+    return 1, chunk_rows(1, nq, nk, CPU_BLOCK_ELEMS)
+
+
+def _cpu_path(q: torch.Tensor) -> bool:
+    """The blocked CPU path takes CPU tensors below float64 (float64 keeps the batched path)."""
+    return q.device.type == "cpu" and q.dtype != torch.float64
 
 
 def _triton_ok(q: torch.Tensor, *tensors) -> bool:
@@ -91,7 +119,7 @@ def _check(q, k, v, x, gamma) -> None:
                          f"the kernels); got {big}")
 
 
-# ----------------------------------------------------------------------------- PyTorch path
+# ----------------------------------------------------------------------------- PyTorch paths
 
 def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
     ct = compute_dtype(q)
@@ -147,6 +175,86 @@ def _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r):
     return dq, dk, dv, r
 
 
+def _softmax_into(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``p = softmax(s, -1)``: PyTorch's fused kernel (max, exp-sum and scale per row, in L1)."""
+    return torch.ops.aten._softmax.out(s, -1, False, out=p)
+
+
+def _fwd_cpu(q, k, v, x, gamma, scale, out, o, lse):
+    f32 = torch.float32
+    b, d, nq = q.shape
+    nk, dvd = k.shape[2], v.shape[1]
+    gb, rows = cpu_blocks(b, nq, nk, d, dvd)
+    g = gamma.to(f32).reshape(()) if gamma is not None else None
+    s_buf = torch.empty(gb * rows * nk, dtype=f32)
+    p_buf = torch.empty_like(s_buf)
+    for b0 in range(0, b, gb):
+        b1 = min(b, b0 + gb)
+        kb = k[b0:b1].to(f32) * scale  # (n, D, NK): the logit scale folded into the keys
+        vb = v[b0:b1].to(f32)
+        for i0 in range(0, nq, rows):
+            i1 = min(nq, i0 + rows)
+            shape = (b1 - b0, i1 - i0, nk)
+            n = shape[0] * shape[1] * nk
+            s = torch.bmm(q[b0:b1, :, i0:i1].to(f32).transpose(1, 2), kb, out=s_buf[:n].view(shape))
+            p = _softmax_into(s, p_buf[:n].view(shape))
+            # lse = max s + log(sum exp(s - max s)), and the largest p is exp(0) / sum.
+            torch.sub(s.amax(-1), p.amax(-1).log_(), out=lse[b0:b1, i0:i1])
+            if o is not None:
+                oc = torch.bmm(vb, p.transpose(1, 2), out=o[b0:b1, :, i0:i1])  # (n, DV, m)
+            else:
+                oc = torch.bmm(vb, p.transpose(1, 2))
+            dst = out[b0:b1, :, i0:i1]
+            if x is None:
+                dst.copy_(oc)
+            else:
+                torch.addcmul(x[b0:b1, :, i0:i1].to(f32), oc, g, out=dst)
+    return out, o, lse
+
+
+def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
+    f32 = torch.float32
+    b, d, nq = q.shape
+    nk, dvd = k.shape[2], v.shape[1]
+    if nq == 0:
+        return dq, dk.zero_(), dv.zero_(), r
+    gb, rows = cpu_blocks(b, nq, nk, d, dvd)
+    g = gamma.to(f32).reshape(()) if gamma is not None else torch.ones((), dtype=f32)
+    s_buf = torch.empty(gb * rows * nk, dtype=f32)  # S, then dP and dS of the same block
+    p_buf = torch.empty_like(s_buf)
+    dk_acc = torch.empty(gb, d, nk, dtype=f32)
+    dv_acc = torch.empty(gb, dvd, nk, dtype=f32)
+    for b0 in range(0, b, gb):
+        b1 = min(b, b0 + gb)
+        kb = k[b0:b1].to(f32) * scale
+        vb = v[b0:b1].to(f32)
+        dka, dva = dk_acc[: b1 - b0], dv_acc[: b1 - b0]
+        for i0 in range(0, nq, rows):
+            i1 = min(nq, i0 + rows)
+            shape = (b1 - b0, i1 - i0, nk)
+            n = shape[0] * shape[1] * nk
+            qc = q[b0:b1, :, i0:i1].to(f32)  # (n, D, m)
+            gc = grad[b0:b1, :, i0:i1].to(f32)  # (n, DV, m)
+            rc = (gc * o[b0:b1, :, i0:i1].to(f32)).sum(1)  # (n, m): rowsum(dO * o)
+            r[b0:b1, i0:i1] = rc
+            s = torch.bmm(qc.transpose(1, 2), kb, out=s_buf[:n].view(shape))
+            p = _softmax_into(s, p_buf[:n].view(shape))
+            if i0 == 0:
+                torch.bmm(gc, p, out=dva)
+            else:
+                dva.baddbmm_(gc, p)
+            ds = torch.bmm(gc.transpose(1, 2), vb, out=s)  # dP over the consumed S
+            ds.sub_(rc.unsqueeze(-1)).mul_(p)  # dS without gamma * scale
+            torch.mul(torch.bmm(kb, ds.transpose(1, 2)), g, out=dq[b0:b1, :, i0:i1])
+            if i0 == 0:
+                torch.bmm(qc, ds, out=dka)
+            else:
+                dka.baddbmm_(qc, ds)
+        torch.mul(dka, g * scale, out=dk[b0:b1])
+        torch.mul(dva, g, out=dv[b0:b1])
+    return dq, dk, dv, r
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 def _out_buffers(q, v, x, need_o):
@@ -174,6 +282,8 @@ def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Opti
         from ..kernels.self_attention import attention_fwd
 
         attention_fwd(q, k, v, x, gamma, scale, out, o_arg, lse)
+    elif _cpu_path(q):
+        _fwd_cpu(q, k, v, x, gamma, scale, out, o_arg, lse)
     else:
         _fwd_torch(q, k, v, x, gamma, scale, out, o_arg, lse)
     return out, o, lse
@@ -200,6 +310,8 @@ def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
         from ..kernels.self_attention import attention_bwd
 
         attention_bwd(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
+    elif _cpu_path(q):
+        _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r)
     else:
         _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
     if gamma is None:
