@@ -185,7 +185,8 @@ def _require_tensors(m: nn.Module, expected: set) -> None:
     names = {n for n, _ in m.named_parameters()} | {n for n, _ in m.named_buffers()}
     if names != expected:
         extra, missing = sorted(names - expected), sorted(expected - names)
-        parts = ([f"extra {', '.join(extra)}"] if extra else []) + ([f"missing {', '.join(missing)}"] if missing else [])
+        parts = [f"extra {', '.join(extra)}"] if extra else []
+        parts += [f"missing {', '.join(missing)}"] if missing else []
         raise NotSwappable(f"parameters/buffers differ from the fused module's: {'; '.join(parts)}")
 
 
@@ -852,8 +853,9 @@ def swap(model: nn.Module, *, inplace: bool = True, dry_run: bool = False, stric
 
     Each candidate is probed (forward and backward, train and eval, own and perturbed parameters; tolerance
     ``max|new - old| <= rtol * max(max|old|, 0.01 * M)`` per output and gradient, M the largest of the group,
-    with rtol 1e-5 / 2e-3 / 1e-2 / 5e-2 for float64 / float32 / float16 / bfloat16) and replaced only if a fused configuration matches. The fused module adopts the
-    original's Parameters, buffers, children and hooks (optimizers and ``state_dict`` keys stay valid).
+    with rtol 1e-5 / 2e-3 / 1e-2 / 5e-2 for float64 / float32 / float16 / bfloat16, at least twice the original's
+    own rounding error for half precision) and replaced only if a fused configuration matches. The fused module
+    adopts the original's Parameters, buffers, children and hooks (optimizers and ``state_dict`` keys stay valid).
     Candidates left alone are in ``result.skipped`` and one :class:`SwapWarning`; ``dry_run=True`` changes
     nothing; ``strict=True`` raises ``ValueError`` instead of skipping; ``inplace=False`` works on a deep copy.
     A SAGAN layer that returned ``(out, attention)`` returns ``(out, None)`` (noted in the result).

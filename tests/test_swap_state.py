@@ -1,11 +1,9 @@
 """What swap leaves alone and what it reports: probe side effects, Parameters, hooks, dry_run, strict, skips."""
 import copy
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attnfast.nn import GridAttention as FusedGrid
 from attnfast.nn import SelfAttention2d
