@@ -33,7 +33,8 @@ used; if none passes the module is left alone. One difference is deliberate: whe
 leaves the module as it was: it calls ``forward`` directly (the module's own hooks do not run; its
 children's do), on copies of the buffers (BatchNorm statistics and ``num_batches_tracked`` unchanged),
 takes gradients with ``torch.autograd.grad`` (no ``.grad`` is touched), restores every train/eval flag and
-the CPU and CUDA random states. A forward that assigns attributes on the module (e.g. keeps its last
+the CPU and CUDA random states. On CPU it runs single-threaded (``torch.set_num_threads(1)``, restored after):
+its tensors are tiny. A forward that assigns attributes on the module (e.g. keeps its last
 attention map) is a side effect the fused module would drop: left alone.
 
 **The swap.** The fused module adopts the original's children (its ``nn.Conv2d`` objects, so their hooks
@@ -282,9 +283,10 @@ def _ram_looks_like(m: nn.Module) -> bool:
 def _ram_spec(m: nn.Module) -> Spec:
     channels = m.channels
     kwargs = {"encoder_depth": m.encoder_depth, "p": len(m.first), "t": len(m.trunk), "r": len(m.down[0])}
+    side = 2 ** m.encoder_depth  # every mask level above 1x1 (the probe's cost grows with channels x side^2)
 
     def inputs(gen, dtype, device):
-        return (_randn(gen, dtype, device, 2, channels, 8, 8),)
+        return (_randn(gen, dtype, device, 2, channels, side, side),)
 
     return Spec((channels,), [Candidate(kwargs)], inputs)
 
@@ -614,6 +616,9 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     params = list(old.named_parameters())
     no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else _null()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: intra-op threads only add overhead (and contention)
     try:
         with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad(), no_autocast:
             for run, (training, perturbed) in enumerate(((old.training, False), (not old.training, True))):
@@ -682,6 +687,7 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
                 if not alive:
                     break
     finally:
+        torch.set_num_threads(threads)
         for sub, flag in flags.items():
             sub.training = flag
         _restore_attributes(before)

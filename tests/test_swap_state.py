@@ -48,11 +48,12 @@ def test_probe_leaves_state_untouched():
     flags = {n: m.training for n, m in model.named_modules()}
     before = _state(model)
     cpu_rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
     result = swap(model, dry_run=True)
     assert [r.name for r in result] == ["ram"]
     result = swap(model)
     assert [r.name for r in result] == ["ram"] and type(model.ram).__name__ == "ResidualAttentionModule"
-    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    assert torch.equal(torch.get_rng_state(), cpu_rng) and torch.get_num_threads() == threads
     after = model.state_dict()
     assert list(after) == list(before)
     for k, v in before.items():  # BN running_mean/var and num_batches_tracked included
