@@ -9,6 +9,17 @@ CPU tensors run a PyTorch path that has the same memory behaviour: nothing of si
 kept for backward, which recomputes ``z = W_l l + up(W_g g)`` from ``l`` (over batch chunks).
 float64 inputs and ``attn_features`` > 512 always take the PyTorch path.
 
+fp32 precision: the fused kernels compute ``W_l l`` and its gradients (dl, dW_l) with TF32 tensor-core
+dots exactly when eager fp32 1x1 convolutions would use TF32 on that device, i.e. when cuDNN convs
+may (``torch.backends.cudnn.conv.fp32_precision``, inherited from ``torch.backends.cudnn`` and
+``torch.backends``; the legacy ``torch.backends.cudnn.allow_tf32`` on older torch), read at every
+call by ``attnfast.kernels.grid_attention.precision_for``; IEEE fp32 otherwise. PyTorch's default
+allows TF32 for cuDNN convolutions; set ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` (or
+``allow_tf32 = False``) for IEEE fp32 in both. The low-resolution ``W_g g`` projection and its
+gradients are fp32 matmuls, which follow PyTorch's matmul setting
+(``torch.backends.cuda.matmul.fp32_precision``) like any matmul. Statistics, softmax and
+accumulation are fp32 in every case; 16-bit inputs use the tensor cores as they are.
+
 What is saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample
 log-sum-exp (B) and the fp32 pooled output (B x C). The backward is its own custom op
 (``attnfast::grid_attention_backward``), so it dispatches the same way.
@@ -290,7 +301,8 @@ def grid_attention(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: tor
     """Fused grid attention; returns ``(a, pooled)`` like ``attnfast.reference.GridAttention``.
 
     ``w_l``, ``w_g``, ``phi_w``: 1x1 conv weights (A, C_l[,1,1]), (A, C_g[,1,1]), (1, A[,1,1]);
-    ``phi_b``: (1,). Validates its inputs (ValueError)."""
+    ``phi_b``: (1,). Validates its inputs (ValueError). fp32 on CUDA uses TF32 dots exactly when eager
+    fp32 1x1 convolutions would (cuDNN's setting; see the module docstring)."""
     check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor)
     a, pooled, _, _, _ = grid_attention_op(l, g, w_l, w_g, phi_w, phi_b, int(up_factor), bool(normalize_attn))
     return a, pooled
