@@ -27,11 +27,14 @@ def on_device(t: torch.Tensor):
 class SMLimits:
     regs_per_sm: int = 65536
     max_regs_per_thread: int = 255
+    regs_per_block: int = 65536
     reg_alloc_unit: int = 256  # registers are allocated per warp in units of 256 (8 per thread)
+    sub_partitions: int = 4  # each holds regs_per_sm / 4 registers
     max_warps: int = 64
     max_blocks: int = 32
     shared_per_sm: int = 228 * 1024  # bytes the SM has for blocks (1 KiB of it is reserved per block)
     shared_reserved_per_block: int = 1024
+    shared_alloc_unit: int = 128
 
 
 # CUDA occupancy tables (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
@@ -51,10 +54,16 @@ def blocks_per_sm(regs: int, shared_bytes: int, num_warps: int, cap: int) -> int
     if regs > lim.max_regs_per_thread or num_warps > lim.max_warps:
         return 0
     regs_per_warp = -(-max(regs, 1) * 32 // lim.reg_alloc_unit) * lim.reg_alloc_unit
-    by_regs = lim.regs_per_sm // (regs_per_warp * num_warps)
+    if regs_per_warp * num_warps > lim.regs_per_block:
+        return 0
+    # The register file is split between the SM's sub-partitions (warp schedulers); a warp's registers
+    # come from one of them, so whole warps must fit per sub-partition (cuda_occupancy.h).
+    warps_by_regs = (lim.regs_per_sm // lim.sub_partitions) // regs_per_warp * lim.sub_partitions
+    by_regs = warps_by_regs // num_warps
     by_warps = lim.max_warps // num_warps
     if shared_bytes:
-        by_smem = lim.shared_per_sm // (shared_bytes + lim.shared_reserved_per_block)
+        alloc = -(-shared_bytes // lim.shared_alloc_unit) * lim.shared_alloc_unit
+        by_smem = lim.shared_per_sm // (alloc + lim.shared_reserved_per_block)
     else:
         by_smem = lim.max_blocks
     return max(0, min(by_regs, by_warps, by_smem, lim.max_blocks))

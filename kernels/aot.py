@@ -1,21 +1,32 @@
-"""Compile every registered kernel configuration for CUDA targets, without a GPU.
+"""Compile every registered kernel configuration for CUDA targets without a GPU, and tabulate what
+the compiled code shows.
 
-    python -m attnfast.kernels.aot [--caps 80 90] [--filter SUBSTR] [--json OUT] [--jobs N]
+    python -m attnfast.kernels.aot [--caps 80 90] [--filter SUBSTR] [--jobs N]
+                                   [--json OUT.json] [--markdown OUT.md] [--module FILE.py ...]
 
-Exits non-zero if any configuration fails to compile, spills beyond its budget, or needs more
-shared memory than the target has. Must run *without* ``TRITON_INTERPRET``.
+For every configuration (``registry.all_configs()``, plus the ``aot_configs()`` of each ``--module``
+file) and compute capability, one ``triton.compile``; from its TTGIR, PTX and cubin (SASS) the table
+gives registers, spills, shared memory, resident blocks per SM, the MMA instruction family, MMA
+instructions per thread against the dots' minimum, and atomics by memory order (see ``_asm``).
+``--json`` / ``--markdown`` are written atomically and name the Triton and ptxas versions and the
+date. Exits non-zero if any configuration fails to compile, spills beyond its budget, uses more
+registers than its budget or more shared memory than the target has, cannot launch (0 blocks per
+SM). Must run *without* ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
+import importlib.util
 import json
 import multiprocessing
 import os
 import sys
+import tempfile
 import traceback
 
-from .registry import all_configs, compile_config
+from .registry import all_configs, compile_config, ptxas_version
 
 # Shared memory available to one block (opt-in maximum), bytes.
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -24,11 +35,23 @@ MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _CONFIGS = {}
 
 
+def load_module_configs(path: str) -> list:
+    """``aot_configs()`` of a Python file outside the package (e.g. test fixtures)."""
+    name = "_aot_extra_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--module {path}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # triton.jit looks the module up for globals
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "aot_configs"):
+        raise ValueError(f"--module {path}: defines no aot_configs()")
+    return list(mod.aot_configs())
+
+
 def _compile_one(job):
     """Compile one (config name, cap); runs in a worker process (kernels are not picklable)."""
     name, cap = job
-    if not _CONFIGS:
-        _CONFIGS.update({c.name: c for c in all_configs()})
     cfg = _CONFIGS[name]
     try:
         return compile_config(cfg, cap)
@@ -37,46 +60,154 @@ def _compile_one(job):
                 "trace": traceback.format_exc(limit=3)}
 
 
+def check(r: dict, cfg) -> list:
+    """What fails the AOT run for one result (compile error, budgets, limits)."""
+    where = f"{r['name']} sm_{r['cap']}"
+    if "error" in r:
+        return [f"{where}: compile error: {r['error'][:300]}"]
+    out = []
+    if r["spill_bytes"] > cfg.max_spill_bytes:
+        out.append(f"{where}: {r['spill_bytes']} spilled bytes > budget {cfg.max_spill_bytes}")
+    if r["regs"] > cfg.max_regs:
+        out.append(f"{where}: {r['regs']} registers > budget {cfg.max_regs}")
+    limit = MAX_SHARED.get(r["cap"], 99 * 1024)
+    if r["shared_bytes"] > limit:
+        out.append(f"{where}: {r['shared_bytes']} B shared memory > {limit} B")
+    if r["blocks_per_sm"] < 1:
+        out.append(f"{where}: cannot launch (0 blocks per SM: {r['regs']} registers x {r['num_warps']} warps, "
+                   f"{r['shared_bytes']} B shared)")
+    return out
+
+
+def _fmt_atomics(a: dict) -> str:
+    if not a["total"] and not a["fences"]:
+        return "-"
+    text = f"{a['ordered']}/{a['total']} ordered"
+    return text + (f", {a['fences']} fences" if a["fences"] else "")
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page: header, summary and one row per (config, cap)."""
+    head = report["header"]
+    ptxas = ", ".join(f"sm_{c}: {v}" for c, v in sorted(head["ptxas"].items()))
+    rows = sorted(report["results"], key=lambda r: (r["name"], r["cap"]))
+    ok = [r for r in rows if "error" not in r]
+    repeats = sorted({r["name"] for r in ok if r["mma"]["max_ratio"] > 1})
+    ordered = sorted({r["name"] for r in ok if r["atomics"]["ordered"] or
+                      (r["atomics"]["fences"] and r["atomics"]["total"])})
+    lines = [
+        "# AOT evidence: registered Triton kernel configurations compiled for sm_80 / sm_90 (no GPU)",
+        "",
+        f"- triton {head['triton']}; ptxas {ptxas}",
+        f"- generated {head['date']} by `{head['command']}`",
+        f"- {len(rows)} compiles of {len({r['name'] for r in rows})} configurations, "
+        f"{len(report['failures'])} failures",
+        f"- MMA work repeated by warps (max ratio > 1): {len(repeats)} configurations"
+        + (": " + ", ".join(f"`{n}`" for n in repeats) if repeats else ""),
+        f"- ordered atomics or fences with atomics: {len(ordered)} configurations"
+        + (": " + ", ".join(f"`{n}`" for n in ordered) if ordered else ""),
+        "",
+        "Columns: registers per thread; spilled bytes (SASS local stores + loads) / budget; shared memory per"
+        " block (dynamic + static); resident blocks per SM (`kernels/_launch.py: blocks_per_sm`); MMA family;"
+        " MMA instructions per thread in the PTX (minimum for the dots' tiles when warps do not overlap);"
+        " ratio: max over dot sites of the MMA work per warp / the minimum (1 = no warp repeats another's"
+        " rows); atomics: ordered (acquire/release/acq_rel/sc) / all atom+red, and ordering fences.",
+        "",
+        "| config | sm | regs | spill B / budget | smem B | blocks/SM | MMA | MMA instr/thread (min) | ratio | atomics |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| `{r['name']}` | {r['cap']} | compile error: {r['error'][:80]} | | | | | | | |")
+            continue
+        m = r["mma"]
+        count = f"{m['count']} ({m['min_count']:g})" if m["count"] else "-"
+        ratio = f"{m['max_ratio']:g}" if m["count"] else "-"
+        lines.append(f"| `{r['name']}` | {r['cap']} | {r['regs']} | {r['spill_bytes']} / {r['max_spill_bytes']} | "
+                     f"{r['shared_bytes']} | {r['blocks_per_sm']} | {m['family']} | {count} | {ratio} | "
+                     f"{_fmt_atomics(r['atomics'])} |")
+    if report["failures"]:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it over ``path``: readers see the old file or the
+    new one, never a part. (``attnfast.train.checkpoint.atomic_write`` sits above this package.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                     delete=False) as f:
+        tmp = f.name
+        try:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            os.unlink(tmp)
+            raise
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # the mode open() would give, not mkstemp's 0600
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--caps", type=int, nargs="+", default=[80, 90])
-    p.add_argument("--filter", default="")
-    p.add_argument("--json", default=None)
+    p.add_argument("--filter", default="", help="only configurations whose name contains this")
+    p.add_argument("--json", default=None, help="write the full report here (atomically)")
+    p.add_argument("--markdown", default=None, help="write the table here (atomically)")
+    p.add_argument("--module", action="append", default=[],
+                   help="also compile the aot_configs() of this Python file (repeatable)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET; AOT compilation needs real JIT kernels", file=sys.stderr)
         return 2
-    configs = [c for c in all_configs() if args.filter in c.name]
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    import triton
+
+    configs = all_configs()
+    for path in args.module:
+        configs += load_module_configs(path)
+    names = [c.name for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate kernel config names: {dup}")
+    configs = [c for c in configs if args.filter in c.name]
+    _CONFIGS.clear()
     _CONFIGS.update({c.name: c for c in configs})
-    jobs = [(c.name, cap) for c in configs for cap in args.caps]
+    # the most expensive compiles first, so that no long one starts last
+    jobs = sorted(((c.name, cap) for c in configs for cap in args.caps),
+                  key=lambda j: -_CONFIGS[j[0]].num_warps)
     if args.jobs > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        ctx = multiprocessing.get_context("fork")  # workers inherit the loaded configs
+        with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=ctx) as pool:
             outcomes = list(pool.map(_compile_one, jobs))
     else:
         outcomes = [_compile_one(j) for j in jobs]
     results, failures = [], []
-    for r in outcomes:
-        cfg, cap = _CONFIGS[r["name"]], r["cap"]
+    for r in sorted(outcomes, key=lambda r: (r["name"], r["cap"])):
+        failures += check(r, _CONFIGS[r["name"]])
         if "error" in r:
-            failures.append(f"{cfg.name} sm_{cap}: compile error: {r['error'][:300]}")
-            print(f"ERR sm_{cap} {cfg.name}: {r['error'][:200]}")
+            print(f"ERR sm_{r['cap']} {r['name']}: {r['error'][:200]}")
         else:
-            if r["spill_bytes"] > cfg.max_spill_bytes:
-                failures.append(f"{cfg.name} sm_{cap}: {r['spill_bytes']} spilled bytes > budget "
-                                f"{cfg.max_spill_bytes}")
-            if r["regs"] > cfg.max_regs:
-                failures.append(f"{cfg.name} sm_{cap}: {r['regs']} registers > budget {cfg.max_regs}")
-            if r["shared_bytes"] > MAX_SHARED.get(cap, 99 * 1024):
-                failures.append(f"{cfg.name} sm_{cap}: {r['shared_bytes']} B shared memory > "
-                                f"{MAX_SHARED.get(cap)} B")
-            print(f"ok  sm_{cap} regs={r['regs']:3d} spill={r['spill_bytes']:5d}B "
-                  f"smem={r['shared_bytes']:6d}B  {cfg.name}")
+            print(f"ok  sm_{r['cap']} regs={r['regs']:3d} spill={r['spill_bytes']:5d}B "
+                  f"smem={r['shared_bytes']:6d}B blocks/SM={r['blocks_per_sm']:2d} {r['mma']['family']:>9s} "
+                  f"x{r['mma']['max_ratio']:<4g} {r['name']}")
         results.append(r)
+    header = {"triton": triton.__version__, "ptxas": {str(c): ptxas_version(c) for c in args.caps},
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": "python -m attnfast.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "caps": args.caps}
+    report = {"header": header, "results": results, "failures": failures}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "failures": failures}, f, indent=1)
+        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        write_atomic(args.markdown, markdown(report))
     print(f"{len(results)} compiled, {len(failures)} failed")
     for f in failures:
         print("FAIL", f)

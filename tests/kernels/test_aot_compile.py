@@ -1,38 +1,17 @@
 """Kernel harness: every registered Triton configuration compiles for sm_80 and sm_90 on the CPU.
 
-The compile runs in a subprocess without TRITON_INTERPRET (the test session's kernels are the
-interpreter's, which cannot be compiled). It fails on any compile error, on register spills beyond
-a configuration's budget, or on shared memory beyond the target's limit.
+The compile is the session's one AOT run (``aot_report`` in this folder's conftest), in a subprocess
+without TRITON_INTERPRET. It fails on any compile error, on register spills beyond a configuration's
+budget, on registers or shared memory beyond the limits, or on a config that cannot launch.
 """
 import ast
-import json
 import os
 import subprocess
 import sys
 
-import pytest
-
 import attnfast.kernels as kernels_pkg
 
 KERNEL_DIR = os.path.dirname(kernels_pkg.__file__)
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    return env
-
-
-@pytest.fixture(scope="module")
-def aot_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "aot.json"
-    r = subprocess.run([sys.executable, "-m", "attnfast.kernels.aot", "--caps", "80", "90", "--json", str(out)],
-                       capture_output=True, text=True, env=_env(), timeout=1500)
-    assert out.exists(), f"AOT run produced no report:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    report = json.loads(out.read_text())
-    report["returncode"] = r.returncode
-    report["log"] = r.stdout[-5000:] + r.stderr[-2000:]
-    return report
 
 
 def test_every_config_compiles_without_spills(aot_report):
@@ -78,8 +57,8 @@ def test_registry_covers_every_kernel():
     assert not missing, f"kernels without a registered AOT configuration: {missing}"
 
 
-def test_aot_refuses_interpreter():
-    env = _env()
+def test_aot_refuses_interpreter(aot_env):
+    env = dict(aot_env)
     env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-m", "attnfast.kernels.aot", "--filter", "residual_gate"],
                        capture_output=True, text=True, env=env, timeout=300)
