@@ -19,7 +19,8 @@ times ``--steps`` forward+backward steps. "Peak growth" is the peak RSS (``VmHWM
 baseline. ``ru_maxrss`` would be wrong here: Linux carries it across fork and exec, so a child
 starts at its parent's peak. "Saved" is
 what autograd keeps for backward, counted once per storage with saved_tensors_hooks; it includes
-the inputs the op keeps. The providers run interleaved, ``--rounds`` times, and the load average is
+the inputs the op keeps. "Allocator peak" is the deterministic peak of PyTorch's CPU allocator over
+one more step (``harness.AllocatedPeak``). The providers run interleaved, ``--rounds`` times, and the load average is
 recorded around every run. Writes ``<out>.json`` and ``<out>.md``.
 
     python benchmarks/cpu_sdpa_compare.py [--sizes 64 96] [--rounds 3] [--steps 3] [--threads N]
@@ -143,11 +144,12 @@ def child(provider: str, b: int, c: int, s: int, steps: int, threads: int) -> di
         times.append(time.perf_counter() - t0)
         peaks.append(_peak_rss() - base)
     peak = peaks[-1]
-    with harness.SavedBytes() as sb:
+    with harness.AllocatedPeak() as ap, harness.SavedBytes() as sb:
         step()
     return dict(info, provider=provider, B=b, C=c, H=s, W=s, N=s * s, threads=torch.get_num_threads(),
                 times_s=times, min_s=min(times), median_s=statistics.median(times),
-                peak_rss_growth_bytes=peak, peak_after_each_step=peaks, peak_reset=reset, saved_bytes=sb.total)
+                peak_rss_growth_bytes=peak, peak_after_each_step=peaks, peak_reset=reset, alloc_peak_bytes=ap.peak,
+                saved_bytes=sb.total)
 
 
 def run_child(provider, b, c, s, steps, threads, timeout):
@@ -188,7 +190,7 @@ def summarize(runs, sizes, providers):
             row = {"provider": pr, "H": s, "N": s * s, "runs": len(ok), "steps": len(times),
                    "min_s": min(times), "median_s": statistics.median(times), "max_s": max(times),
                    "peak_growth_median_bytes": statistics.median(peaks), "peak_growth_max_bytes": max(peaks),
-                   "saved_bytes": ok[0]["saved_bytes"], "path": ok[0].get("sdpa_backend", ok[0]["path"])}
+                   "alloc_peak_bytes": ok[0]["alloc_peak_bytes"], "saved_bytes": ok[0]["saved_bytes"], "path": ok[0].get("sdpa_backend", ok[0]["path"])}
             rows.append(row)
             if pr == BASELINE:
                 base = row
@@ -251,20 +253,21 @@ def main(argv=None):
              f"(d_qk={args.channels // 8}, d_v={args.channels}), scale 1. Times: all timed steps of "
              f"{args.rounds} processes x {args.steps} steps per provider, interleaved. Peak growth: median over the "
              "processes of peak RSS above the process's baseline (inputs and output gradient already allocated). "
+             "Allocator peak: PyTorch's CPU allocator over one step, deterministic. "
              "Saved: bytes autograd keeps for backward (inputs included). Ratios are against sdpa_flash_padded.", "",
              "| map | N | provider | path / SDPA backend | min (s) | median (s) | max (s) | median vs flash-padded "
-             "| peak growth (MiB) | peak vs flash-padded | saved (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS growth (MiB) | peak vs flash-padded | allocator peak (MiB) | saved (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("runs"):
             err = next((x.get("error") for x in runs if x["provider"] == r["provider"] and x["H"] == r["H"]), "")
-            lines.append(f"| {r['H']}x{r['H']} | {r['H'] ** 2} | {r['provider']} | failed: {err} | | | | | | | |")
+            lines.append(f"| {r['H']}x{r['H']} | {r['H'] ** 2} | {r['provider']} | failed: {err} | | | | | | | | |")
             continue
         ratio = f"{r['median_vs_flash_padded']:.2f}" if "median_vs_flash_padded" in r else "-"
         pratio = f"{r['peak_vs_flash_padded']:.2f}" if "peak_vs_flash_padded" in r else "-"
         lines.append(f"| {r['H']}x{r['H']} | {r['N']} | {r['provider']} | {r['path']} | {r['min_s']:.3f} | "
                      f"{r['median_s']:.3f} | {r['max_s']:.3f} | {ratio} | {r['peak_growth_median_bytes'] / 2**20:.0f} | "
-                     f"{pratio} | {r['saved_bytes'] / 2**20:.1f} |")
+                     f"{pratio} | {r['alloc_peak_bytes'] / 2**20:.0f} | {r['saved_bytes'] / 2**20:.1f} |")
     atomic_write(args.out + ".md", lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     print("\n".join(lines))
 

@@ -1,0 +1,156 @@
+"""The blocked CPU path of attnfast::self_attention (fp32, and fp16/bf16 computed in fp32).
+
+What it takes (dispatch), how it splits the work (``cpu_blocks``), and that it matches float64
+(three-way rule) on every block layout: several row blocks per sample with a ragged last one,
+several samples per block, one block. The cases cover pooled keys (NK != NQ), a non-unit scale,
+d_qk > d_v and d_v > 128, no residual, large logits, empty queries, and the lse it returns.
+"""
+import sys
+
+import pytest
+import torch
+
+from attnfast.ops.self_attention import CPU_BLOCK_ELEMS, cpu_blocks, self_attention, self_attention_op
+from attnfast.testing import assert_close_3way
+
+SA = sys.modules["attnfast.ops.self_attention"]  # the package re-exports the function under that name
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(torch_backend):
+    """These are CPU-path tests: CPU tensors, the PyTorch path (as ATTNFAST_BACKEND=auto on CPU)."""
+
+
+def _math64(q, k, v, x, gamma, scale):
+    s = scale * q.double().transpose(1, 2) @ k.double()
+    o = v.double() @ torch.softmax(s, -1).transpose(1, 2)
+    return o if x is None else gamma.double() * o + x.double()
+
+
+def _math_eager(q, k, v, x, gamma, scale):
+    o = v @ torch.softmax(scale * q.transpose(1, 2) @ k, -1).transpose(1, 2)
+    return o if x is None else gamma * o + x
+
+
+def _grads(fn, tensors, grad):
+    ts = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*ts)
+    leaves = [t for t in ts if t is not None]
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
+
+
+def _inputs(b, d, dv, nq, nk, residual, mult=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v = rnd(b, d, nq) * mult, rnd(b, d, nk) * mult, rnd(b, dv, nk)
+    x = rnd(b, dv, nq) if residual else None
+    gamma = torch.tensor([0.7], dtype=torch.float64) if residual else None
+    return (q, k, v, x, gamma), rnd(b, dv, nq)
+
+
+def _check(tensors, grad, dtype, scale, name):
+    ref = _grads(lambda *t: _math64(*t, scale), tensors, grad)
+    low = [t.to(dtype) if t is not None else None for t in tensors]
+    eager = _grads(lambda *t: _math_eager(*t, scale), low, grad.to(dtype))
+    out = _grads(lambda *t: self_attention(*t, scale=scale), low, grad.to(dtype))
+    assert out[0].dtype == dtype
+    assert_close_3way(out, ref, eager, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch and blocking
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "cpu"), (torch.float16, "cpu"), (torch.bfloat16, "cpu"),
+                                         (torch.float64, "batched")], ids=str)
+def test_dispatch(monkeypatch, dtype, path):
+    """fp32/fp16/bf16 CPU tensors run the blocked path forward and backward; float64 the batched one."""
+    calls = []
+    for fn in ("_fwd_cpu", "_bwd_cpu", "_fwd_torch", "_bwd_torch"):
+        orig = getattr(SA, fn)
+        monkeypatch.setattr(SA, fn, lambda *a, _fn=fn, _orig=orig: calls.append(_fn) or _orig(*a))
+    (q, k, v, x, gamma), grad = _inputs(2, 4, 6, 10, 10, True)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, x, gamma)]
+    self_attention(*leaves).backward(grad.to(dtype))
+    want = ["_fwd_cpu", "_bwd_cpu"] if path == "cpu" else ["_fwd_torch", "_bwd_torch"]
+    assert calls == want
+
+
+def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
+    monkeypatch.delenv("ATTNFAST_SA_CHUNK_ELEMS", raising=False)
+    # SAGAN 64x64 (N=4096): one sample per block, 128 rows = 2**19 scores (2 MiB fp32)
+    assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
+    # pooled keys: 4x more rows fit
+    assert cpu_blocks(8, 4096, 1024, 16, 128) == (1, CPU_BLOCK_ELEMS // 1024)
+    # small maps: whole samples per block, limited by the scores and by the fp32 key/value copies
+    assert cpu_blocks(64, 256, 256, 16, 128) == (CPU_BLOCK_ELEMS // (256 * 256), 256)
+    assert cpu_blocks(64, 64, 64, 16, 128) == (CPU_BLOCK_ELEMS // (144 * 64), 64)
+    assert cpu_blocks(3, 64, 64, 16, 128) == (3, 64)
+    # no queries: one (empty) row per block, never zero
+    assert cpu_blocks(2, 0, 7, 4, 4) == (2, 1)
+    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "3000")
+    assert cpu_blocks(2, 200, 200, 16, 16) == (1, 15)
+    assert cpu_blocks(5, 20, 20, 4, 4) == (5, 20)
+
+
+# ----------------------------------------------------------------------------------------------
+# against float64
+# ----------------------------------------------------------------------------------------------
+# (budget, B, d_qk, d_v, NQ, NK): row blocks with a ragged last one; sample groups with a ragged
+# last group; one block; pooled keys; d_qk > d_v; d_v > 128.
+CASES = [
+    ("1000", 2, 5, 24, 97, 41),
+    ("1000", 5, 4, 12, 20, 23),
+    (None, 3, 16, 128, 64, 64),
+    ("4096", 2, 16, 40, 130, 33),
+    ("2000", 1, 40, 24, 50, 70),
+    (None, 2, 8, 136, 45, 12),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "o"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_matches_float64(monkeypatch, case, residual, dtype):
+    budget, b, d, dv, nq, nk = case
+    if budget is None:
+        monkeypatch.delenv("ATTNFAST_SA_CHUNK_ELEMS", raising=False)
+    else:
+        monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", budget)
+    tensors, grad = _inputs(b, d, dv, nq, nk, residual)
+    _check(tensors, grad, dtype, 0.3 if nk != nq else 1.0, f"cpu path {case} {dtype}")
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "o"])
+def test_large_logits_many_blocks(monkeypatch, residual):
+    """|q^T k| ~ 1e3 (SAGAN's scale 1 with big projections), several row blocks: finite and as
+    accurate as eager fp32."""
+    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "700")
+    tensors, grad = _inputs(2, 4, 24, 70, 70, residual, mult=16.0)
+    q, k = tensors[0], tensors[1]
+    assert (q.transpose(1, 2) @ k).abs().max() > 1e3
+    _check(tensors, grad, torch.float32, 1.0, "large logits")
+
+
+def test_lse_is_the_logsumexp(monkeypatch):
+    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "500")
+    (q, k, v, _, _), _ = _inputs(3, 6, 10, 37, 29, False, mult=3.0)
+    out, o, lse = self_attention_op(q.float(), k.float(), v.float(), None, None, 0.5, True)
+    ref = torch.logsumexp(0.5 * q.transpose(1, 2) @ k, -1)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(o, out)  # without a residual, out is o
+    assert lse.dtype == o.dtype == torch.float32
+
+
+def test_no_queries():
+    """NQ = 0: empty output, zero key/value gradients (no block runs)."""
+    k, v = torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 4, 5, requires_grad=True)
+    q, x = torch.randn(2, 3, 0, requires_grad=True), torch.randn(2, 4, 0, requires_grad=True)
+    gamma = torch.tensor([0.5], requires_grad=True)
+    out = self_attention(q, k, v, x, gamma)
+    assert out.shape == (2, 4, 0)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+    assert torch.equal(gamma.grad, torch.zeros_like(gamma))
