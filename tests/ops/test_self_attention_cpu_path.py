@@ -5,6 +5,7 @@ What it takes (dispatch), how it splits the work (``cpu_blocks``), and that it m
 several samples per block, one block. The cases cover pooled keys (NK != NQ), a non-unit scale,
 d_qk > d_v and d_v > 128, no residual, large logits, empty queries, and the lse it returns.
 """
+import os
 import sys
 
 import pytest
@@ -13,30 +14,16 @@ import torch
 from attnfast.ops.self_attention import CPU_BLOCK_ELEMS, cpu_blocks, self_attention, self_attention_op
 from attnfast.testing import assert_close_3way
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_self_attention import _math64, _math_eager  # noqa: E402  (the op-level float64 / eager math)
+from test_self_attention import _op_grads as _grads  # noqa: E402
+
 SA = sys.modules["attnfast.ops.self_attention"]  # the package re-exports the function under that name
 
 
 @pytest.fixture(autouse=True)
 def _torch_backend(torch_backend):
     """These are CPU-path tests: CPU tensors, the PyTorch path (as ATTNFAST_BACKEND=auto on CPU)."""
-
-
-def _math64(q, k, v, x, gamma, scale):
-    s = scale * q.double().transpose(1, 2) @ k.double()
-    o = v.double() @ torch.softmax(s, -1).transpose(1, 2)
-    return o if x is None else gamma.double() * o + x.double()
-
-
-def _math_eager(q, k, v, x, gamma, scale):
-    o = v @ torch.softmax(scale * q.transpose(1, 2) @ k, -1).transpose(1, 2)
-    return o if x is None else gamma * o + x
-
-
-def _grads(fn, tensors, grad):
-    ts = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    out = fn(*ts)
-    leaves = [t for t in ts if t is not None]
-    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
 
 
 def _inputs(b, d, dv, nq, nk, residual, mult=1.0, seed=0):
