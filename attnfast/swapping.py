@@ -38,7 +38,8 @@ its tensors are tiny. A forward that assigns attributes on the module (e.g. keep
 attention map) is a side effect the fused module would drop: left alone.
 
 **The swap.** The fused module adopts the original's children (its ``nn.Conv2d`` objects, so their hooks
-stay), Parameter objects and buffers themselves: nothing is copied or moved, ``state_dict()`` keys are
+stay; a child of another library's class, e.g. timm's, gives its Parameters and buffers to the fused module's
+own child of that name), Parameter objects and buffers themselves: nothing is copied or moved, ``state_dict()`` keys are
 unchanged and an optimizer built before ``swap`` trains the swapped model. The module's own hooks (forward,
 pre-forward, backward, state-dict) are carried over, and its public attributes that the fused class lacks
 are copied. The original module is kept on the fused one; ``unswap`` puts it back, exactly as it was, with
@@ -336,6 +337,21 @@ def _is_ours(m: nn.Module) -> bool:
     return type(m).__module__.split(".")[0] == "attnfast"
 
 
+def _adopt_tensors(mine: nn.Module, theirs: nn.Module) -> None:
+    """Put ``theirs``' Parameter and buffer objects (and train/eval flags) into ``mine`` at the same names."""
+    for path, sub in mine.named_modules():
+        try:
+            other = theirs.get_submodule(path)
+        except AttributeError:
+            continue
+        for store in ("_parameters", "_buffers"):
+            here, there = getattr(sub, store), getattr(other, store)
+            for leaf in here:
+                if there.get(leaf) is not None:
+                    here[leaf] = there[leaf]
+        sub.training = other.training
+
+
 def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | None) -> nn.Module:
     """``cls(*args, **kwargs)`` holding ``old``'s children, Parameters and buffers (nothing allocated)."""
     try:
@@ -348,10 +364,11 @@ def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | Non
         theirs = old._modules.get(name)
         if child is None or theirs is None:
             continue
-        if type(theirs) is not type(child):
-            raise NotSwappable(f"child {name} is {type(theirs).__name__}; the fused module has {type(child).__name__}")
-        new._modules[name] = theirs
-        adopted.add(name)
+        if type(theirs) is type(child):
+            new._modules[name] = theirs  # the child itself: its hooks and attributes stay
+            adopted.add(name)
+        else:  # another library's class for the same layer (timm's): adopt its Parameters and buffers
+            _adopt_tensors(child, theirs)
     for store in ("_parameters", "_buffers"):
         mine, theirs = getattr(new, store), getattr(old, store)
         for name in mine:
@@ -380,7 +397,7 @@ def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | Non
                                    f"call {name}")
     new.training = old.training
     for name, child in new._modules.items():
-        if name not in adopted and child is not None:
+        if name not in adopted and child is not None and name not in old._modules:
             child.train(old.training)
     if not _is_ours(old):
         for key, value in vars(old).items():
