@@ -46,15 +46,20 @@ def dtype_params(*dtypes):
 def tf32(enabled: bool):
     """Allow (or forbid) TF32 for cuDNN convolutions and CUDA matmuls inside the block.
 
-    Both through the legacy flags, together: mixing them with the ``fp32_precision`` API makes
-    ``torch.backends.cudnn.allow_tf32`` raise on recent torch."""
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    Both through the legacy flags, together (setting them also sets the ``fp32_precision`` API's
+    values). Reading them raises on recent torch once something mixed the two APIs; then the state
+    found cannot be read back, and the block's setting stays afterwards."""
+    try:
+        old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        old = None
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+        if old is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _randn(*shape, gen, device):
