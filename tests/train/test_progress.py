@@ -84,7 +84,7 @@ def _frames(raw: bytes, label: str) -> list:
 
 
 def _env(cache):
-    env = dict(os.environ, ATTNFAST_CACHE=cache, TQDM_MININTERVAL="0", TQDM_MINITERS="1")
+    env = dict(os.environ, ATTNFAST_CACHE=cache, TQDM_MININTERVAL="0", TQDM_MINITERS="1", OMP_NUM_THREADS="1")
     env.pop("COLUMNS", None)
     env.pop("LINES", None)
     return env
