@@ -19,8 +19,8 @@ times ``--steps`` forward+backward steps. "Peak growth" is the peak RSS (``VmHWM
 baseline. ``ru_maxrss`` would be wrong here: Linux carries it across fork and exec, so a child
 starts at its parent's peak. "Saved" is
 what autograd keeps for backward, counted once per storage with saved_tensors_hooks; it includes
-the inputs the op keeps. "Allocator peak" is the deterministic peak of PyTorch's CPU allocator over
-one more step (``harness.AllocatedPeak``). The providers run interleaved, ``--rounds`` times, and the load average is
+the inputs the op keeps (counted on one more forward). "Allocator peak" (at ``--alloc-peak-sizes``)
+is the deterministic peak of PyTorch's CPU allocator over one more step (``harness.AllocatedPeak``). The providers run interleaved, ``--rounds`` times, and the load average is
 recorded around every run. Writes ``<out>.json`` and ``<out>.md``.
 
     python benchmarks/cpu_sdpa_compare.py [--sizes 64 96] [--rounds 3] [--steps 3] [--threads N]
@@ -109,16 +109,17 @@ def make_step(provider: str, b: int, c: int, n: int, scale: float = 1.0):
         t.requires_grad_(True)
     grad = torch.randn(fn().shape)
 
-    def step():
+    def step(backward: bool = True):
         out = fn()
-        out.backward(grad)
+        if backward:
+            out.backward(grad)
         for t in leaves:
             t.grad = None
 
     return step, info
 
 
-def child(provider: str, b: int, c: int, s: int, steps: int, threads: int) -> dict:
+def child(provider: str, b: int, c: int, s: int, steps: int, threads: int, alloc_peak: bool) -> dict:
     import torch
 
     sys.path.insert(0, HERE)
@@ -144,15 +145,20 @@ def child(provider: str, b: int, c: int, s: int, steps: int, threads: int) -> di
         times.append(time.perf_counter() - t0)
         peaks.append(_peak_rss() - base)
     peak = peaks[-1]
-    with harness.AllocatedPeak() as ap, harness.SavedBytes() as sb:
-        step()
+    with harness.SavedBytes() as sb:
+        step(backward=False)  # what the forward saves; the graph is dropped unused
+    extra = {}
+    if alloc_peak:
+        with harness.AllocatedPeak() as ap:
+            step()
+        extra["alloc_peak_bytes"] = ap.peak
     return dict(info, provider=provider, B=b, C=c, H=s, W=s, N=s * s, threads=torch.get_num_threads(),
                 times_s=times, min_s=min(times), median_s=statistics.median(times),
-                peak_rss_growth_bytes=peak, peak_after_each_step=peaks, peak_reset=reset, alloc_peak_bytes=ap.peak,
-                saved_bytes=sb.total)
+                peak_rss_growth_bytes=peak, peak_after_each_step=peaks, peak_reset=reset, saved_bytes=sb.total,
+                **extra)
 
 
-def run_child(provider, b, c, s, steps, threads, timeout):
+def run_child(provider, b, c, s, steps, threads, timeout, alloc_peak=False):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.pop("ATTNFAST_NAN_FILL", None)
@@ -162,7 +168,7 @@ def run_child(provider, b, c, s, steps, threads, timeout):
         env["OMP_NUM_THREADS"] = str(threads)
     load0 = os.getloadavg()[0]
     cmd = [sys.executable, os.path.abspath(__file__), "--child", provider, str(b), str(c), str(s), str(steps),
-           str(threads)]
+           str(threads), str(int(alloc_peak))]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -190,7 +196,7 @@ def summarize(runs, sizes, providers):
             row = {"provider": pr, "H": s, "N": s * s, "runs": len(ok), "steps": len(times),
                    "min_s": min(times), "median_s": statistics.median(times), "max_s": max(times),
                    "peak_growth_median_bytes": statistics.median(peaks), "peak_growth_max_bytes": max(peaks),
-                   "alloc_peak_bytes": ok[0]["alloc_peak_bytes"], "saved_bytes": ok[0]["saved_bytes"], "path": ok[0].get("sdpa_backend", ok[0]["path"])}
+                   "alloc_peak_bytes": ok[0].get("alloc_peak_bytes"), "saved_bytes": ok[0]["saved_bytes"], "path": ok[0].get("sdpa_backend", ok[0]["path"])}
             rows.append(row)
             if pr == BASELINE:
                 base = row
@@ -208,17 +214,22 @@ def main(argv=None):
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--sdpa-default-sizes", type=int, nargs="*", default=[64],
+                   help="sizes at which sdpa_default runs (on CPU it is the math path, B x N x N matrices)")
     p.add_argument("--rounds", type=int, default=3, help="processes per provider and size, interleaved")
     p.add_argument("--steps", type=int, default=3, help="timed forward+backward steps per process")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each process (0: torch's default)")
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--note", default="")
     p.add_argument("--out", default=os.path.join(HERE, "results", "self_attention_cpu_sdpa"))
-    p.add_argument("--child", nargs=6, metavar=("PROVIDER", "B", "C", "S", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    p.add_argument("--alloc-peak-sizes", type=int, nargs="*", default=[64],
+                   help="sizes at which each process runs one more step under the profiler for the allocator peak")
+    p.add_argument("--child", nargs=7, metavar=("PROVIDER", "B", "C", "S", "STEPS", "THREADS", "ALLOC_PEAK"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        pr, b, c, s, steps, threads = args.child
-        print(json.dumps(child(pr, int(b), int(c), int(s), int(steps), int(threads))))
+        pr, b, c, s, steps, threads, alloc_peak = args.child
+        print(json.dumps(child(pr, int(b), int(c), int(s), int(steps), int(threads), alloc_peak == "1")))
         return
     sys.path.insert(0, HERE)
     import harness
@@ -232,7 +243,10 @@ def main(argv=None):
     for rnd in range(args.rounds):
         for s in args.sizes:
             for pr in args.providers:
-                r = run_child(pr, args.batch, args.channels, s, args.steps, args.threads, args.timeout)
+                if pr == "sdpa_default" and s not in args.sdpa_default_sizes:
+                    continue
+                r = run_child(pr, args.batch, args.channels, s, args.steps, args.threads, args.timeout,
+                              s in args.alloc_peak_sizes)
                 r["round"] = rnd
                 runs.append(r)
                 print(json.dumps(r), flush=True)
@@ -253,21 +267,24 @@ def main(argv=None):
              f"(d_qk={args.channels // 8}, d_v={args.channels}), scale 1. Times: all timed steps of "
              f"{args.rounds} processes x {args.steps} steps per provider, interleaved. Peak growth: median over the "
              "processes of peak RSS above the process's baseline (inputs and output gradient already allocated). "
-             "Allocator peak: PyTorch's CPU allocator over one step, deterministic. "
+             "Allocator peak: PyTorch's CPU allocator over one step, deterministic (- : not measured at that size). "
              "Saved: bytes autograd keeps for backward (inputs included). Ratios are against sdpa_flash_padded.", "",
              "| map | N | provider | path / SDPA backend | min (s) | median (s) | max (s) | median vs flash-padded "
              "| peak RSS growth (MiB) | peak vs flash-padded | allocator peak (MiB) | saved (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if not r.get("runs") and r["provider"] == "sdpa_default" and r["H"] not in args.sdpa_default_sizes:
+            continue
         if not r.get("runs"):
             err = next((x.get("error") for x in runs if x["provider"] == r["provider"] and x["H"] == r["H"]), "")
             lines.append(f"| {r['H']}x{r['H']} | {r['H'] ** 2} | {r['provider']} | failed: {err} | | | | | | | | |")
             continue
         ratio = f"{r['median_vs_flash_padded']:.2f}" if "median_vs_flash_padded" in r else "-"
         pratio = f"{r['peak_vs_flash_padded']:.2f}" if "peak_vs_flash_padded" in r else "-"
+        alloc = f"{r['alloc_peak_bytes'] / 2**20:.0f}" if r.get("alloc_peak_bytes") is not None else "-"
         lines.append(f"| {r['H']}x{r['H']} | {r['N']} | {r['provider']} | {r['path']} | {r['min_s']:.3f} | "
                      f"{r['median_s']:.3f} | {r['max_s']:.3f} | {ratio} | {r['peak_growth_median_bytes'] / 2**20:.0f} | "
-                     f"{pratio} | {r['alloc_peak_bytes'] / 2**20:.0f} | {r['saved_bytes'] / 2**20:.1f} |")
+                     f"{pratio} | {alloc} | {r['saved_bytes'] / 2**20:.1f} |")
     atomic_write(args.out + ".md", lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     print("\n".join(lines))
 
