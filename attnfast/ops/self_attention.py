@@ -20,9 +20,11 @@ Paths (``attnfast._dispatch.use_triton``):
 - PyTorch, batched (float64 on any device, and CUDA tensors the Triton kernels do not take): queries
   in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory O(chunk * NK + N * C).
 
-Both save only q, k, v, the attention output ``o`` (in fp32: it enters ``rowsum(dO * o)``, a
-cancelling sum) and ``lse = logsumexp`` per query (fp32) for the backward, which recomputes the probabilities. The
-backward is its own custom op (``attnfast::self_attention_backward``), dispatched the same way.
+All paths save only q, k, v, the attention output ``o`` (in fp32: it enters ``rowsum(dO * o)``, a
+cancelling sum) and ``lse = logsumexp`` per query (fp32) for the backward, which recomputes the
+probabilities: from ``lse`` (Triton, batched), or with the same fused softmax as the forward (CPU
+path; its lse output is still exact). The backward is its own custom op
+(``attnfast::self_attention_backward``), dispatched the same way.
 """
 from __future__ import annotations
 
