@@ -19,16 +19,28 @@ log, fp32, (B, NQ)) for the backward, which recomputes ``P`` blockwise (flash-at
 
 ``gamma`` is folded in at the end (``dV = gamma * P^T dout`` etc.), so ``gamma * dout`` is never
 formed. Value channels beyond ``BLOCK_DV`` are split over the grid's third axis; every such
-program recomputes the scores (the value dim is a loop in the ``dP = dout^T v`` contraction).
+program recomputes the scores, and the ``dP = dout^T v`` contraction loops over all channels in
+``BLOCK_C`` chunks (only the first channel tile's dK/dV program does it, for dK).
 The query/key dim is one padded tile (``BLOCK_D`` <= ``MAX_D``); larger D is the caller's
 business (``attnfast.ops.self_attention`` uses its chunked PyTorch path there).
+
+Tiles (``tiles``): 16-bit programs own 128 rows on 8 warps, 16 per warp, so no warp repeats
+another's rows and triton 3.6/3.9 emit wgmma on sm_90 (mma.sync on sm_80); fp32 runs IEEE dots
+on FMA units with small tiles. Addresses are formed as ``base + (row * s_r + col * s_c)``: one
+32-bit offset per element, added to the pointer at the load or store, rather than a 64-bit pointer
+per element kept live across the loop (any stride is allowed, so the build for unknown strides
+loads element by element and its registers are the budget every tile is measured against).
+Launches run under ``on_device(q)`` (the tensor's CUDA device is current).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
 from .registry import KernelConfig, signature
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -58,9 +70,11 @@ def supported(d: int) -> bool:
 
 @triton.jit
 def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, other):
-    """Load a (len(offs_r), len(offs_c)) tile ``ptr[r * s_r + c * s_c]`` masked to (n_r, n_c)."""
+    """Load a (len(offs_r), len(offs_c)) tile ``ptr[r * s_r + c * s_c]`` masked to (n_r, n_c). The
+    offsets are summed before the pointer add: a pointer per element would be hoisted out of the
+    caller's loop and kept live (64 bits each), which made 16-bit tiles spill."""
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    return tl.load(ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c, mask=mask, other=other)
+    return tl.load(ptr + (offs_r[:, None] * s_r + offs_c[None, :] * s_c), mask=mask, other=other)
 
 
 @triton.jit
@@ -98,16 +112,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
         m_i = m_new
     o = acc / l_i[:, None]
     mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < DV)
+    if store_o != 0:  # fp32 copy of the attention output, for the backward's rowsum(dO * o)
+        tl.store(o_ptr + b * sOb + (offs_m[:, None] * sOn + offs_c[None, :] * sOc), o, mask=mask)
     res = o
     if residual != 0:
         g = tl.load(gamma_ptr).to(tl.float32)
-        x = tl.load(x_ptr + b * sxb + offs_m[:, None] * sxn + offs_c[None, :] * sxc, mask=mask,
+        x = tl.load(x_ptr + b * sxb + (offs_m[:, None] * sxn + offs_c[None, :] * sxc), mask=mask,
                     other=0.0).to(tl.float32)
         res = g * o + x
-    tl.store(out_ptr + b * sob + offs_m[:, None] * son + offs_c[None, :] * soc,
+    tl.store(out_ptr + b * sob + (offs_m[:, None] * son + offs_c[None, :] * soc),
              res.to(out_ptr.dtype.element_ty), mask=mask)
-    if store_o != 0:  # fp32 copy of the attention output, for the backward's rowsum(dO * o)
-        tl.store(o_ptr + b * sOb + offs_m[:, None] * sOn + offs_c[None, :] * sOc, o, mask=mask)
     lse = m_i + tl.log(l_i)
     if pid_c == 0:
         tl.store(lse_ptr + b * slb + offs_m, lse, mask=offs_m < NQ)
@@ -143,7 +157,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
                      sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sgb, sgc, sgn, slb,
                      sdkb, sdkd, sdkn, sdvb, sdvc, sdvn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, ONE_DV: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, ONE_DV: tl.constexpr,
+                     PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
@@ -174,18 +189,18 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
             dk += _dk_step(pt, tl.dot(v, gt, input_precision=PREC), qt, r_ptr, offs_m, NQ, PREC)
         elif pid_c == 0:  # dK needs dP over all DV channels: only the first channel tile computes it
             dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for c0 in range(0, DV, BLOCK_DV):
-                vc = _load_tile(v_ptr, offs_n, c0 + offs_c0, svn, svc, NK, DV, 0.0)
-                gc = _load_tile(g_ptr, c0 + offs_c0, offs_m, sgc, sgn, DV, NQ, 0.0)
+            for c0 in range(0, DV, BLOCK_C):
+                vc = _load_tile(v_ptr, offs_n, c0 + tl.arange(0, BLOCK_C), svn, svc, NK, DV, 0.0)
+                gc = _load_tile(g_ptr, c0 + tl.arange(0, BLOCK_C), offs_m, sgc, sgn, DV, NQ, 0.0)
                 dpt += tl.dot(vc, gc, input_precision=PREC)
             dk += _dk_step(pt, dpt, qt, r_ptr, offs_m, NQ, PREC)
     gm = tl.load(gamma_ptr).to(tl.float32)
     dv_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < DV)
-    tl.store(dv_ptr + b * sdvb + offs_n[:, None] * sdvn + offs_c[None, :] * sdvc,
+    tl.store(dv_ptr + b * sdvb + (offs_n[:, None] * sdvn + offs_c[None, :] * sdvc),
              (dv * gm).to(dv_ptr.dtype.element_ty), mask=dv_mask)
     if pid_c == 0:
         dk_mask = (offs_n[:, None] < NK) & (offs_d[None, :] < D)
-        tl.store(dk_ptr + b * sdkb + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+        tl.store(dk_ptr + b * sdkb + (offs_n[:, None] * sdkn + offs_d[None, :] * sdkd),
                  (dk * (gm * scale)).to(dk_ptr.dtype.element_ty), mask=dk_mask)
 
 
@@ -195,7 +210,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
                    sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sgb, sgc, sgn, slb,
                    sdqb, sdqd, sdqn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, ONE_DV: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, ONE_DV: tl.constexpr,
+                   PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,15 +238,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
             dp = tl.dot(g, vt, input_precision=PREC)
         else:
             dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for c0 in range(0, DV, BLOCK_DV):
-                gc = _load_tile(g_ptr, offs_m, c0 + offs_c0, sgn, sgc, NQ, DV, 0.0)
-                vc = _load_tile(v_ptr, c0 + offs_c0, offs_n, svc, svn, DV, NK, 0.0)
+            for c0 in range(0, DV, BLOCK_C):
+                gc = _load_tile(g_ptr, offs_m, c0 + tl.arange(0, BLOCK_C), sgn, sgc, NQ, DV, 0.0)
+                vc = _load_tile(v_ptr, c0 + tl.arange(0, BLOCK_C), offs_n, svc, svn, DV, NK, 0.0)
                 dp += tl.dot(gc, vc, input_precision=PREC)
         ds = p * (dp - r[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     gm = tl.load(gamma_ptr).to(tl.float32)
     mask = (offs_m[:, None] < NQ) & (offs_d[None, :] < D)
-    tl.store(dq_ptr + b * sdqb + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
+    tl.store(dq_ptr + b * sdqb + (offs_m[:, None] * sdqn + offs_d[None, :] * sdqd),
              (dq * (gm * scale)).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -246,23 +262,68 @@ def blocks(d: int, dv: int) -> tuple:
     return bd, bdv, dv <= bdv
 
 
-def tiles(dtype: str, bd: int, bdv: int) -> dict:
-    """kernel -> (BLOCK_M, BLOCK_N, num_warps, max_spill_bytes), chosen so that the AOT compile
-    for sm_80/sm_90 shows no spills. For dK/dV, BLOCK_M is the inner (query) loop's tile.
+class Tile(NamedTuple):
+    """Launch shape of one kernel (see ``tiles``)."""
 
-    fp32 runs IEEE (non-tensor-core) dots, whose operands need far more registers: smaller tiles.
-    Some fp32 configs spill a few dozen bytes whatever the tile (budget 128 B): fp32 is the
-    accuracy path (no tensor cores), bf16/fp16 the fast one.
+    BLOCK_M: int  # query tile: the rows of the forward and dQ programs; dK/dV: its inner loop's step
+    BLOCK_N: int  # key tile: the forward's and dQ's inner loop step; dK/dV: the rows of its programs
+    num_warps: int
+    BLOCK_C: int  # channel chunk of the dP = dO^T V contraction when DV spans several tiles (not ONE_DV)
+    max_spill_bytes: int  # AOT budget (sm_80 and sm_90) for the installed triton, see ``_spill_budget``
+
+
+def _triton_version() -> tuple:
+    return tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+
+
+def _spill_budget(t36: int, t39: int) -> int:
+    """The AOT spill budget of a config for the installed triton: ``t36`` under triton 3.6 (the GPU
+    machines' stack), ``t39`` under 3.9 (the dev stack); another triton gets the larger of the two.
+    The two differ because each ships its own LLVM and ptxas: the same kernel and tile allocate
+    differently, and neither version is uniformly better (see ``tiles``)."""
+    v = _triton_version()
+    return t36 if v == (3, 6) else t39 if v == (3, 9) else max(t36, t39)
+
+
+def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
+    """kernel -> ``Tile`` for padded dims ``bd`` (q/k) and ``bdv`` (value tile); ``one_dv``: DV fits
+    one value tile (else the backward contracts dP in ``BLOCK_C`` channel chunks).
+
+    16-bit (tensor cores): every program owns 128 rows on 8 warps (the forward's and dQ's queries,
+    dK/dV's keys), 16 rows per warp. Each dot's M is those rows, and both tritons put all warps
+    along M for these chained dots (warpsPerCTA [8, 1]): with fewer rows than 16 per warp, warps
+    would compute the same rows again (64 rows on 8 warps: twice; 32: four times). On sm_90 this
+    is wgmma (``wgmma.mma_async``): each warpgroup of 4 warps takes 64 rows, and the B operands
+    (K^T, V, dO, Q^T) are staged in shared memory; on sm_80, ``mma.sync`` m16n8k16, one 16-row
+    slice per warp. 4 warps on 64 rows would do the same work but load 2x more elements per
+    thread (the kernels take any strides, so the AOT build loads element by element): it spilled
+    236-432 B on sm_90 where 8 warps spill none.
+
+    The inner tile (BLOCK_N forward/dQ, BLOCK_M dK/dV) is what remains of the register budget
+    (255 per thread at 8 warps): 64 keys at D = 16 or a 32-wide value tile, else 32; dK/dV steps
+    32 queries (16 at D = 128, where dK and dV accumulate 128 + 128 fp32 columns). With DV above
+    one tile the backward reads dO and V in ``BLOCK_C`` = 32-channel chunks (128-channel chunks
+    spilled 200-1500 B there). Measured with both tritons: every 16-bit config spills nothing on
+    sm_90; on sm_80 a few (D >= 32 with a 128 value tile) spill up to 80 B, the budgets below.
+
+    fp32 is the accuracy path: IEEE dots (``input_precision="ieee"``, no tensor cores) on FMA
+    units, whose blocked layouts hold each output element in one thread (no warp repeats rows at
+    these tiles, checked in the TTGIR). Its operands take far more registers, hence smaller tiles.
     """
+    bc = bdv if one_dv else 32
     if dtype == "fp32":
+        budget = _spill_budget(128, 128)
         if bdv <= 32:
-            return dict(fwd=(32, 32, 4, 0), dq=(32, 32, 4, 128), dkdv=(32, 32, 4, 128))
-        return dict(fwd=(16, 32, 8, 128), dq=(16, 32, 8, 128), dkdv=(16, 32, 8, 128))
-    if bdv <= 32:
-        return dict(fwd=(64, 64, 4, 0), dq=(64, 64, 4, 0), dkdv=(32, 64, 4, 0))
-    if bd <= 32:  # dK/dV: ptxas spills 48-56 B here at any tile tried (32x32, 32x64, 16x64; 4/8 warps)
-        return dict(fwd=(64, 64, 8, 0), dq=(32, 32, 8, 0), dkdv=(32, 32, 8, 64))
-    return dict(fwd=(32, 32, 8, 0), dq=(32, 32, 8, 0), dkdv=(32, 32, 8, 0))
+            return dict(fwd=Tile(32, 32, 4, bdv, 0), dq=Tile(32, 32, 4, bc, budget), dkdv=Tile(32, 32, 4, bc, budget))
+        return dict(fwd=Tile(16, 32, 8, bdv, budget), dq=Tile(16, 32, 8, bc, budget), dkdv=Tile(16, 32, 8, bc, budget))
+    inner = 64 if bd == 16 or bdv == 32 else 32
+    sm80 = 0 if inner == 64 else _spill_budget(80, 56)
+    if one_dv:
+        dkdv = Tile(16, 64, 4, bdv, sm80) if bd == 128 else Tile(32, 128, 8, bdv, sm80)
+    else:
+        dkdv = Tile(32, 128, 8, 16 if bd == 128 else 32, sm80)
+    return dict(fwd=Tile(128, inner, 8, bdv, sm80), dq=Tile(128, inner, 8, bc, sm80),
+                dkdv=dkdv)
 
 
 def _batch3(t):
@@ -315,14 +376,16 @@ def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     residual = x is not None
     store_o = o is not None
     bd, bdv, _ = blocks(D, DV)
-    bm, bn, warps, _ = tiles(DTYPES[q.dtype], bd, bdv)["fwd"]
-    grid = (triton.cdiv(NQ, bm), B, triton.cdiv(DV, bdv))
+    t = tiles(DTYPES[q.dtype], bd, bdv)["fwd"]
+    grid = (triton.cdiv(NQ, t.BLOCK_M), B, triton.cdiv(DV, bdv))
     xs = _batch3(x) if residual else (0, 0, 0)
-    _fwd_kernel[grid](
-        q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else lse, lse,
-        float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
-        *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        BLOCK_DV=bdv, PREC=_prec(q.dtype), num_warps=warps, num_stages=NUM_STAGES)
+    with on_device(q):
+        _fwd_kernel[grid](
+            q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else lse, lse,
+            float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
+            *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o),
+            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, PREC=_prec(q.dtype),
+            num_warps=t.num_warps, num_stages=NUM_STAGES)
     return out, o, lse
 
 
@@ -338,24 +401,27 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
         return dq, dk, dv, r
     bd, bdv, one_dv = blocks(D, DV)
     g32 = _gamma32(gamma, q)
-    t = tiles(DTYPES[q.dtype], bd, bdv)
+    t = tiles(DTYPES[q.dtype], bd, bdv, one_dv)
     common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=_prec(q.dtype), num_stages=NUM_STAGES)
-    if NQ:
-        _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
-            grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
-            BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    if NK:
-        bm, bn, warps, _ = t["dkdv"]
-        _bwd_dkdv_kernel[(triton.cdiv(NK, bn), B, triton.cdiv(DV, bdv))](
-            q, k, v, grad, lse, r, g32, dk, dv, float(scale), NQ, NK, D, DV,
-            *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
-            *_batch3(dk), *_batch3(dv), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common)
-    if NQ:
-        bm, bn, warps, _ = t["dq"]
-        _bwd_dq_kernel[(triton.cdiv(NQ, bm), B)](
-            q, k, v, grad, lse, r, g32, dq, float(scale), NQ, NK, D, DV,
-            *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
-            *_batch3(dq), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common)
+    with on_device(q):
+        if NQ:
+            _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
+                grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
+                BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        if NK:
+            tk = t["dkdv"]
+            _bwd_dkdv_kernel[(triton.cdiv(NK, tk.BLOCK_N), B, triton.cdiv(DV, bdv))](
+                q, k, v, grad, lse, r, g32, dk, dv, float(scale), NQ, NK, D, DV,
+                *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
+                *_batch3(dk), *_batch3(dv), BLOCK_M=tk.BLOCK_M, BLOCK_N=tk.BLOCK_N, BLOCK_C=tk.BLOCK_C,
+                num_warps=tk.num_warps, **common)
+        if NQ:
+            tq = t["dq"]
+            _bwd_dq_kernel[(triton.cdiv(NQ, tq.BLOCK_M), B)](
+                q, k, v, grad, lse, r, g32, dq, float(scale), NQ, NK, D, DV,
+                *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
+                *_batch3(dq), BLOCK_M=tq.BLOCK_M, BLOCK_N=tq.BLOCK_N, BLOCK_C=tq.BLOCK_C,
+                num_warps=tq.num_warps, **common)
     return dq, dk, dv, r
 
 
@@ -363,31 +429,33 @@ def aot_configs() -> list:
     """Every configuration the launchers can pick: dtype x ``blocks(d, dv)`` x ``tiles(...)``."""
     configs = []
 
-    def add(name, kernel, ptrs, ce, tile=None):
-        bm, bn, warps, spill = tile if tile else (ROWSUM_BLOCK_M, None, NUM_WARPS, 0)
-        ce = dict(ce, BLOCK_M=bm) if bn is None else dict(ce, BLOCK_M=bm, BLOCK_N=bn)
+    def add(name, kernel, ptrs, ce, warps, spill, scalars=None):
         configs.append(KernelConfig(
             name=name, kernel=kernel, constexprs=ce, num_warps=warps, num_stages=NUM_STAGES,
-            max_spill_bytes=spill, signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if bn else None,
-                                                       constexprs=ce)))
+            max_spill_bytes=spill, signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=ce)))
+
+    def add_tile(name, kernel, ptrs, ce, tile: Tile):
+        ce = dict(ce, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N)
+        add(name, kernel, ptrs, ce, tile.num_warps, tile.max_spill_bytes, {"scale": "fp32"})
 
     for dt in DTYPES.values():
         prec = "ieee" if dt == "fp32" else "tf32"
-        add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel,
-            {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"}, {"BLOCK_DV": ROWSUM_BLOCK_C})
+        add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel, {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"},
+            {"BLOCK_M": ROWSUM_BLOCK_M, "BLOCK_DV": ROWSUM_BLOCK_C}, NUM_WARPS, 0)
         for bdv in BLOCK_DVS:
             for bd in (b for b in BLOCK_DS if b <= bdv):
-                t = tiles(dt, bd, bdv)
                 ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
                 ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
                 ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
-                add(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, t["fwd"])
+                add_tile(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, tiles(dt, bd, bdv)["fwd"])
                 for one_dv in ((True, False) if bdv == MAX_DV else (True,)):
-                    ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "ONE_DV": one_dv, "PREC": prec}
+                    t = tiles(dt, bd, bdv, one_dv)
                     tag = f"{dt},D={bd},DV={bdv},one_dv={int(one_dv)}"
                     common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
                     common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")
-                    add(f"self_attention.bwd_dkdv[{tag}]", _bwd_dkdv_kernel, dict(common, dk_ptr=dt, dv_ptr=dt),
-                        ce, t["dkdv"])
-                    add(f"self_attention.bwd_dq[{tag}]", _bwd_dq_kernel, dict(common, dq_ptr=dt), ce, t["dq"])
+                    for kind, kernel, out in (("dkdv", _bwd_dkdv_kernel, dict(dk_ptr=dt, dv_ptr=dt)),
+                                              ("dq", _bwd_dq_kernel, dict(dq_ptr=dt))):
+                        ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "BLOCK_C": t[kind].BLOCK_C, "ONE_DV": one_dv,
+                              "PREC": prec}
+                        add_tile(f"self_attention.bwd_{kind}[{tag}]", kernel, dict(common, **out), ce, t[kind])
     return configs
