@@ -17,8 +17,9 @@ layer's ``softmax``).
 
 **The probe.** Before replacing a module, swap runs it and each fused configuration that could express
 it (grid: ``a`` or the logits ``c``; SAGAN: tuple or tensor output times ``scale`` in 1, 1/sqrt(d),
-1/sqrt(in_dim)) on a small random input (batch 2, maps of 4x6 to 16x18; for grid attention ``l`` is
-``up_factor`` times ``g``), in the module's dtype and on its device (on CUDA that runs the kernels), twice:
+1/sqrt(in_dim)) on a small random input (batch 2; SAGAN 4x6 maps, residual attention 2**encoder_depth
+square, grid attention ``g`` of s x (s + 1) with s = max(1, 8 // up_factor) and ``l`` ``up_factor`` times
+that), in the module's dtype and on its device (on CUDA that runs the kernels), twice:
 with the module's own parameters in its current train/eval mode, then with randomly perturbed parameters
 (SAGAN's ``gamma = 0`` would hide the attention) in the other mode; forward, then backward with random
 output gradients. The output structure must be the same (tensor, tuple or list, the same length, shapes
@@ -38,13 +39,14 @@ its tensors are tiny. A forward that assigns attributes on the module (e.g. keep
 attention map) is a side effect the fused module would drop: left alone.
 
 **The swap.** The fused module adopts the original's children (its ``nn.Conv2d`` objects, so their hooks
-stay; a child of another library's class, e.g. timm's, gives its Parameters and buffers to the fused module's
-own child of that name), Parameter objects and buffers themselves: nothing is copied or moved, ``state_dict()`` keys are
-unchanged and an optimizer built before ``swap`` trains the swapped model. The module's own hooks (forward,
-pre-forward, backward, state-dict) are carried over, and its public attributes that the fused class lacks
-are copied. The original module is kept on the fused one; ``unswap`` puts it back, exactly as it was, with
-the same Parameters (re-adopting any the fused module was given meanwhile). A fused module built directly
-(``attention="fused"``) is unswapped into the reference class by the same adoption and probe.
+stay; a child of another library's class, e.g. timm's, gives its Parameters and buffers to the fused
+module's own child of that name), Parameter objects and buffers themselves: nothing is copied or moved,
+``state_dict()`` keys are unchanged and an optimizer built before ``swap`` trains the swapped model. The
+module's own hooks (forward, pre-forward, backward, state-dict) are carried over, and its public attributes
+that the fused class lacks are copied. The original module is kept on the fused one; ``unswap`` puts it
+back, exactly as it was, with the same Parameters (re-adopting any the fused module was given meanwhile).
+A fused module built directly (``attention="fused"``) is unswapped into the reference class by the same
+adoption and probe.
 
 **The report.** Both return a :class:`SwapResult`: a list of :class:`Replacement` (qualified name, old and
 new type, the chosen options, notes such as the ``(out, None)`` difference or carried hooks), ``.skipped``
