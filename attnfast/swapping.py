@@ -8,7 +8,11 @@ What is a candidate (by structure, not by class name):
 - SAGAN self-attention: 1x1 ``query_conv`` / ``key_conv`` (``max(in_dim // 8, 1)`` channels) and ``value_conv``
   (``in_dim``) with biases and a ``gamma`` of shape (1,) (attnfast.reference.SelfAttention, the forum's
   ``SelfAttention`` / ``Self_Attn``) -> ``attnfast.nn.SelfAttention2d``;
-- residual attention: an ``attnfast.reference.ResidualAttentionModule`` -> ``attnfast.nn.ResidualAttentionModule``.
+- residual attention: an ``attnfast.reference.ResidualAttentionModule`` -> ``attnfast.nn.ResidualAttentionModule``;
+- CBAM: a ``channel`` child with 1x1 ``fc1``/``fc2`` and a ``spatial.conv`` with ``conv`` (odd k x k to one
+  channel, 'same' padding, no bias) and a one-channel ``bn`` with BatchNorm2d's default settings
+  (attnfast.reference.CBAM, timm's ``CbamModule``) -> ``attnfast.nn.cbam.CBAM``; with a one-channel spatial
+  input (timm's ``LightCbamModule``, attnfast.reference.LightCBAM) -> ``attnfast.nn.cbam.LightCBAM``.
 
 A candidate must have exactly the parameters and buffers of the fused module (names and shapes), no
 public methods of its own besides ``forward``, and no hooks on children that the fused module does not run
@@ -294,6 +298,42 @@ def _ram_spec(m: nn.Module) -> Spec:
     return Spec((channels,), [Candidate(kwargs)], inputs)
 
 
+# --- CBAM (attnfast's reference, timm's CbamModule / LightCbamModule, look-alikes) ---------------------
+def _cbam_looks_like(m: nn.Module, light: bool) -> bool:
+    channel, spatial = getattr(m, "channel", None), getattr(m, "spatial", None)
+    conv = getattr(getattr(spatial, "conv", None), "conv", None)
+    if not (isinstance(getattr(channel, "fc1", None), nn.Module) and isinstance(getattr(channel, "fc2", None), nn.Module)
+            and isinstance(conv, nn.Conv2d)):
+        return False
+    return conv.in_channels == (1 if light else 2)  # the light spatial gate convolves one pooled map, CBAM two
+
+
+def _cbam_spec(m: nn.Module) -> Spec:
+    fc1 = _require_conv1x1(m.channel.fc1, "channel.fc1", bias=m.channel.fc1.bias is not None)
+    fc2 = _require_conv1x1(m.channel.fc2, "channel.fc2", bias=fc1.bias is not None, out_channels=fc1.in_channels)
+    if fc2.in_channels != fc1.out_channels:
+        raise NotSwappable(f"channel.fc1 has {fc1.out_channels} outputs but channel.fc2 takes {fc2.in_channels}")
+    conv, bn = m.spatial.conv.conv, getattr(m.spatial.conv, "bn", None)
+    k = conv.kernel_size[0]
+    if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or conv.padding != (k // 2, k // 2)
+            or conv.dilation != (1, 1) or conv.groups != 1 or conv.bias is not None or conv.out_channels != 1):
+        raise NotSwappable(f"spatial.conv.conv is not an odd k x k, stride-1, 'same'-padded, bias-free conv to one "
+                           f"channel (kernel {conv.kernel_size}, padding {conv.padding}, bias {conv.bias is not None})")
+    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != 1:
+        raise NotSwappable(f"spatial.conv.bn is {type(bn).__name__}, not a one-channel BatchNorm2d")
+    # the fused module is built with nn.BatchNorm2d's defaults; its tensors are adopted, its settings are not
+    if (bn.eps, bn.momentum, bn.affine, bn.track_running_stats) != (1e-5, 0.1, True, True):
+        raise NotSwappable(f"spatial.conv.bn has eps={bn.eps}, momentum={bn.momentum}, affine={bn.affine}, "
+                           f"track_running_stats={bn.track_running_stats}; the fused CBAM uses BatchNorm2d's defaults")
+    c = fc1.in_channels
+    kwargs = {"rd_channels": fc1.out_channels, "spatial_kernel_size": k, "mlp_bias": fc1.bias is not None}
+
+    def inputs(gen, dtype, device):
+        return (_randn(gen, dtype, device, 2, c, 6, 5),)
+
+    return Spec((c,), [Candidate(kwargs)], inputs)
+
+
 KINDS = (
     Kind("grid", "attnfast.nn.grid_attention.GridAttention", "attnfast.reference.grid_attention.GridAttention",
          _grid_looks_like, _grid_spec, fused_runs=frozenset()),
@@ -302,6 +342,11 @@ KINDS = (
          fused_runs=frozenset({"query_conv", "key_conv", "value_conv"})),
     Kind("residual_attention", "attnfast.nn.residual_attention.ResidualAttentionModule",
          "attnfast.reference.residual_attention.ResidualAttentionModule", _ram_looks_like, _ram_spec),
+    # The fused CBAM reads the gates' weights itself: it calls none of the children's forwards.
+    Kind("cbam", "attnfast.nn.cbam.CBAM", "attnfast.reference.cbam.CBAM",
+         lambda m: _cbam_looks_like(m, light=False), _cbam_spec, fused_runs=frozenset()),
+    Kind("light_cbam", "attnfast.nn.cbam.LightCBAM", "attnfast.reference.cbam.LightCBAM",
+         lambda m: _cbam_looks_like(m, light=True), _cbam_spec, fused_runs=frozenset()),
 )
 KINDS_BY_NAME = {k.name: k for k in KINDS}
 
