@@ -4,8 +4,8 @@
    CPU) at the ResNet-50 stage shapes, fp32, BatchNorm in train mode, forward and forward+backward.
    Each measurement is a fresh process (honest peak RSS), providers alternate (eager, fused, eager, ...)
    ``--rounds`` times; every process warms up at a tiny size, runs one untimed step at the real shape and
-   times ``--repeats`` more. The table gives the median over all timed steps and the peak RSS growth
-   (high-water mark) of the real-shape steps over the warmed-up process, x and the gradient included.
+   times ``--repeats`` more (wall and process CPU time). The table gives the medians over all timed steps
+   and the sampled RSS growth during the first real-shape step (x and the upstream gradient excluded).
 2. Saved for backward (``harness.SavedBytes``; backend-independent: the op's setup_context decides it):
    eager vs fused at the stage shapes with B=32 and 64, fp32 and bf16, with and without the input x.
 
@@ -26,12 +26,15 @@ STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 MIB = 1024 * 1024
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from attnfast.nn.cbam import CBAM
 from attnfast.reference.cbam import CBAM as RefCBAM
+import harness
 
-provider, mode, b, c, s, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+provider, mode, b, c, s, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+if threads:
+    torch.set_num_threads(threads)
 torch.manual_seed(0)
 ref = RefCBAM(c)
 block = ref
@@ -52,25 +55,26 @@ def step(x):
     return y
 
 step(torch.randn(2, c, 4, 4, requires_grad=True))  # warm-up at a tiny size: libraries, thread pools
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # high-water mark before any real step
-step(x)  # first real step: in the peak, not in the times (first-touch page faults)
-times = []
+with harness.PeakMemory(cuda=False) as pm:  # sampled RSS growth during the first real step
+    step(x)  # not timed (first-touch page faults)
+    x.grad = None
+times, cpu = [], []
 for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     y = step(x)
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
     x.grad = None
     del y
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-print(json.dumps({"times_s": times, "peak_rss_growth_bytes": peak}))
+print(json.dumps({"times_s": times, "cpu_s": cpu, "peak_rss_growth_bytes": int(pm.peak)}))
 """
 
 
-def run_child(provider, mode, b, c, s, repeats):
-    env = dict(os.environ, ATTNFAST_BACKEND="auto")
+def run_child(provider, mode, b, c, s, repeats, threads):
+    env = dict(os.environ, ATTNFAST_BACKEND="auto", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", CHILD, provider, mode, str(b), str(c), str(s), str(repeats)],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", CHILD, provider, mode, str(b), str(c), str(s), str(repeats),
+                        str(threads)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{provider} {mode} {b}x{c}x{s}x{s}: exit {r.returncode}: {r.stderr[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -107,6 +111,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--saved-batches", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--note", default="")
     p.add_argument("--out", default=os.path.join(HERE, "results", "cbam_cpu"))
     args = p.parse_args(argv)
@@ -133,11 +138,13 @@ def main(argv=None):
             runs = {"eager": [], "fused": []}
             for _ in range(args.rounds):
                 for provider in ("eager", "fused"):
-                    runs[provider].append(run_child(provider, mode, args.batch, c, s, args.repeats))
+                    runs[provider].append(run_child(provider, mode, args.batch, c, s, args.repeats, args.threads))
             row = {"shape": [args.batch, c, s, s], "mode": mode}
             for provider, rs in runs.items():
                 times = [t for r in rs for t in r["times_s"]]
+                cpu = [t for r in rs for t in r["cpu_s"]]
                 row[provider] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                                 "cpu_median_s": statistics.median(cpu), "cpu_s": cpu,
                                  "peak_rss_growth_bytes": int(statistics.median(r["peak_rss_growth_bytes"] for r in rs)),
                                  "times_s": times}
             row["fused_speedup"] = row["eager"]["median_s"] / row["fused"]["median_s"]
@@ -163,18 +170,21 @@ def main(argv=None):
              f"{info['date_time_utc']} UTC. Load average at start / after timing: {info['load_average_at_start']} / "
              f"{info['load_average_after_timing']}. {args.note}", "",
              f"Command: `{info['command']}`", "",
-             f"## Time, B={args.batch}, fp32, BatchNorm in train mode", "",
+             f"## Time, B={args.batch}, fp32, BatchNorm in train mode, "
+             f"{args.threads or 'default'} torch thread(s) per process", "",
              f"Median over {args.rounds} fresh processes per provider (alternating) x {args.repeats} timed steps "
-             "each (after a warm-up at a tiny size and one untimed real step); min-max in brackets. Peak RSS "
-             "growth: high-water mark of the real-shape steps over the warmed-up process (x and its gradient "
-             "were allocated before), median over the processes.", "",
-             "| shape | mode | eager s | fused s | fused speedup | eager peak MiB | fused peak MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "each (after a warm-up at a tiny size and one untimed real step); min-max in brackets. Peak MiB: "
+             "RSS growth (sampled) during the first real step over the process before it (x and the upstream "
+             "gradient were allocated before), median over the processes. CPU s: process CPU time per step, median.",
+             "",
+             "| shape | mode | eager s | fused s | fused speedup | eager CPU s | fused CPU s | eager peak MiB | "
+             "fused peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in timing:
         e, f = r["eager"], r["fused"]
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | {e['median_s']:.3f} "
                      f"[{e['min_s']:.3f}-{e['max_s']:.3f}] | {f['median_s']:.3f} [{f['min_s']:.3f}-{f['max_s']:.3f}] | "
-                     f"{r['fused_speedup']:.2f}x | {e['peak_rss_growth_bytes'] / MIB:.0f} | "
+                     f"{r['fused_speedup']:.2f}x | {e['cpu_median_s']:.3f} | {f['cpu_median_s']:.3f} | "
+                     f"{e['peak_rss_growth_bytes'] / MIB:.0f} | "
                      f"{f['peak_rss_growth_bytes'] / MIB:.0f} |")
     lines += ["", "## Saved for backward (bytes autograd keeps between forward and backward; weights excluded)", "",
               "Backend-independent: what the op saves is decided by its setup_context, the same on the Triton "
