@@ -16,8 +16,8 @@
 # Install: `pip install --no-deps --no-build-isolation --no-index .` (a regular install: no network, no
 # editable mapping to lose; it replaces an editable attnfast in that environment). Then, from an empty
 # temporary folder, `import attnfast.kernels` must resolve into site-packages, else the script stops.
-# Every Python command below runs with -P (no current folder on sys.path), so the checkout's attnfast/,
-# which has no kernels/ inside, can never shadow the installed package.
+# Every Python command after the install runs with -P (no current folder on sys.path), so the checkout's
+# attnfast/, which has no kernels/ inside, can never shadow the installed package.
 #
 # Each part writes as it goes, under RESULTS_DIR, named after the device (<dev>):
 #   smoke: gpu_smoke_<dev>.json, rewritten after every case (benchmarks/gpu_smoke.py).
@@ -33,10 +33,10 @@
 #   smoke  6 cases (grid x2, self-attention x2, gate, CBAM when present) x 3 dtypes = 18 fwd+bwd checks,
 #          ~1-3 s each, mostly Triton JIT compiles, + ~10 s start-up  => ~1 min; hard stop: no case starts
 #          after 100 s (--budget-s), so the part ends under 2 min.
-#   tests  ~594 tests on CUDA (tests/gpu 64 real-shape cases + the ops/nn matrix; count the
-#          collection: ATTNFAST_TEST_FAKE_CUDA=1 pytest --collect-only tests/gpu tests/ops tests/nn):
+#   tests  ~650 tests on CUDA (648 at this writing: tests/gpu's 64 real-shape cases + the ops/nn matrix;
+#          count: ATTNFAST_TEST_FAKE_CUDA=1 pytest --collect-only tests/gpu tests/ops tests/nn, minus skips):
 #          ~150 Triton specializations (a guess) x ~1.5 s compile / 4 workers ~ 1 min, 4 torch.compile tests x ~20 s,
-#          594 x ~0.2 s run / 4 workers ~ 0.5 min, 64 real-shape cases x ~2 s / 4 ~ 0.5 min  => ~3-4 min.
+#          648 x ~0.2 s run / 4 workers ~ 0.5 min, 64 real-shape cases x ~2 s / 4 ~ 0.5 min  => ~3-4 min.
 #   grid   4 blocks x 3 batches x 2 dtypes x 3 providers x 3 modes = 216 benchmarks x ~0.15 s (23 calls of
 #          0.1-5 ms + bookkeeping) ~ 0.5 min, + torch.compile: 2 modules x 2 dtypes x ~2 shapes x ~25 s
 #          ~ 3.5 min, + ~12 Triton compiles x ~3 s  => ~4.5 min.
