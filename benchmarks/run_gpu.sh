@@ -40,11 +40,15 @@
 #   grid   4 blocks x 3 batches x 2 dtypes x 3 providers x 3 modes = 216 benchmarks x ~0.15 s (23 calls of
 #          0.1-5 ms + bookkeeping) ~ 0.5 min, + torch.compile: 2 modules x 2 dtypes x ~2 shapes x ~25 s
 #          ~ 3.5 min, + ~12 Triton compiles x ~3 s  => ~4.5 min.
-#   self   4 sizes x 1 dtype x 5 providers x 3 modes = 60 benchmarks (eager/SDPA at 256x256 skipped on
-#          OOM) x ~2 s (23 calls up to ~0.7 s for the chunked path at 256x256)  => ~2-3 min.
+#   self   4 sizes x 1 dtype x 5 providers (eager, sdpa_default, sdpa_flash_padded, chunked, fused) x 3
+#          modes = 60 benchmarks (eager at 256x256 skipped on OOM) x ~2 s (23 calls, up to ~0.7 s for the
+#          chunked path at 256x256)  => ~2-3 min.
 #   gate   3 shapes x 2 dtypes x 3 providers x 3 modes = 54 benchmarks x ~0.1 s, + torch.compile 2 dtypes
 #          x ~2 shapes x ~15 s  => ~1 min.
-#   cbam   benchmarks/test_bench_cbam.py (when it exists): counted and printed at run time.
+#   cbam   benchmarks/test_bench_cbam.py (skipped with a message where it does not exist): 8 shapes (B 32/64
+#          x 4 ResNet-50 stages) x 2 dtypes x 3 providers x 3 modes = 144 benchmarks x ~0.2 s ~ 0.5 min,
+#          + torch.compile: 4 channel counts x 2 dtypes (dynamic after the 2nd batch) ~ 8-16 x ~20 s
+#          ~ 3-5 min, + 2 ResNet-50-CBAM train steps ~ 0.5 min  => ~4-6 min.
 #   train  3 cases x 2 amp x 2 attentions = 12 benchmarks x (~20 steps of largest-batch search ~10 s +
 #          23 timed steps ~5 s)  => ~3-4 min.
 set -euo pipefail
