@@ -212,8 +212,9 @@ def mma_evidence(dots: list, mmas: list, num_warps: int) -> dict:
       (one instruction per warpgroup of 4 warps). Static instructions: every warp runs the same code.
     - ``ratio_s = ptx_s / min_s`` is how many times each output element is computed: 1 when no warp
       repeats another's rows or columns.
-    - ``layout_s``: what the TTGIR's MMA layout predicts, ``max(1, wpc[0]*16 / M) * max(1,
-      wpc[1]*instrShape[1] / N)`` (warpsPerCTA ``wpc``). ``consistent`` holds when every site has
+    - ``layout_s``: what the TTGIR's MMA layouts predict, the ``min_s``-weighted mean over the site's
+      ops of ``max(1, wpc[0]*16 / M) * max(1, wpc[1]*instrShape[1] / N)`` (warpsPerCTA ``wpc``: 16
+      rows per warp along M, ``instrShape[1]`` columns along N). ``consistent`` holds when every site has
       ``ratio_s == layout_s`` and every PTX MMA belongs to a site: a loop body duplicated below the
       TTGIR (e.g. LLVM unrolling) or a misread would break it, so a copy can neither pass as a
       repeat nor hide one.
@@ -224,10 +225,10 @@ def mma_evidence(dots: list, mmas: list, num_warps: int) -> dict:
         if not d.version:
             continue
         s = sites.setdefault(d.site, {"site": d.site, "dots": [], "min_work": 0.0, "ptx_work": 0.0,
-                                      "count": 0, "family": set(), "layout": d.repeat()})
+                                      "count": 0, "family": set(), "layout_work": 0.0})
         s["dots"].append(f"{d.M}x{d.N}x{d.K} v{d.version} w{list(d.warps_per_cta)}")
         s["min_work"] += d.M * d.N * d.K / num_warps
-        s["layout"] = max(s["layout"], d.repeat())
+        s["layout_work"] += d.M * d.N * d.K / num_warps * d.repeat()
     unattributed = 0
     for m in mmas:
         s = sites.get(m.site)
@@ -248,7 +249,8 @@ def mma_evidence(dots: list, mmas: list, num_warps: int) -> dict:
         count += s["count"]
         min_count += s_min
         rows.append({"site": s["site"], "family": fam, "dots": s["dots"], "count": s["count"],
-                     "min_count": round(s_min, 3), "ratio": round(ratio, 3), "layout_repeat": s["layout"]})
+                     "min_count": round(s_min, 3), "ratio": round(ratio, 3),
+                     "layout_repeat": round(s["layout_work"] / s["min_work"], 3)})
     if families:
         family = "+".join(sorted(families, reverse=True))
     else:

@@ -107,7 +107,7 @@ def markdown(report: dict) -> str:
         f"- ordered atomics or fences with atomics: {len(ordered)} configurations"
         + (": " + ", ".join(f"`{n}`" for n in ordered) if ordered else ""),
         "",
-        "Columns: registers per thread; spilled bytes (SASS local stores + loads) / budget; shared memory per"
+        "Columns: registers per thread; spilled bytes (ptxas spill stores + loads) / budget; shared memory per"
         " block (dynamic + static); resident blocks per SM (`kernels/_launch.py: blocks_per_sm`); MMA family;"
         " MMA instructions per thread in the PTX (minimum for the dots' tiles when warps do not overlap);"
         " ratio: max over dot sites of the MMA work per warp / the minimum (1 = no warp repeats another's"
@@ -129,6 +129,13 @@ def markdown(report: dict) -> str:
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def to_json(report: dict) -> str:
+    """The report as JSON with one result per line (small, and diffs show which rows changed)."""
+    rows = ",\n".join(json.dumps(r, sort_keys=True) for r in report["results"])
+    rest = {k: v for k, v in report.items() if k != "results"}
+    return json.dumps(rest, indent=1)[:-2] + ',\n "results": [\n' + rows + "\n ]\n}\n"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -201,11 +208,13 @@ def main(argv=None) -> int:
         results.append(r)
     header = {"triton": triton.__version__, "ptxas": {str(c): ptxas_version(c) for c in args.caps},
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python -m attnfast.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": " ".join([f"TRITON_DEFAULT_FP_FUSION={os.environ['TRITON_DEFAULT_FP_FUSION']}"]
+                                  * ("TRITON_DEFAULT_FP_FUSION" in os.environ)
+                                  + ["python -m attnfast.kernels.aot"] + list(argv if argv is not None else sys.argv[1:])),
               "caps": args.caps}
     report = {"header": header, "results": results, "failures": failures}
     if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1) + "\n")
+        write_atomic(args.json, to_json(report))
     if args.markdown:
         write_atomic(args.markdown, markdown(report))
     print(f"{len(results)} compiled, {len(failures)} failed")
