@@ -13,17 +13,22 @@ inputs in its own layout:
   ``(B, 1, N, d)`` tensors, followed by ``torch.addcmul(x, o, gamma)``. The flash provider's
   q/k padding is part of its time and memory, as it is for a user.
 
-Each run is a fresh process. It warms up at a tiny shape, allocates its inputs and the output
-gradient, resets its peak RSS (``/proc/self/clear_refs``) and takes RSS as the baseline. It then
-times ``--steps`` forward+backward steps. "Peak growth" is the peak RSS (``VmHWM``) above that
-baseline. ``ru_maxrss`` would be wrong here: Linux carries it across fork and exec, so a child
-starts at its parent's peak. "Saved" is
-what autograd keeps for backward, counted once per storage with saved_tensors_hooks; it includes
-the inputs the op keeps (counted on one more forward). "Allocator peak" (at ``--alloc-peak-sizes``)
-is the deterministic peak of PyTorch's CPU allocator over one more step (``harness.AllocatedPeak``). The providers run interleaved, ``--rounds`` times, and the load average is
-recorded around every run. Writes ``<out>.json`` and ``<out>.md``.
+Each provider runs in its own process, so its peak RSS is its own. A process warms up at a tiny
+shape, allocates its inputs and the output gradient, resets its peak RSS
+(``/proc/self/clear_refs``) and takes RSS as the baseline. "Peak growth" is the peak RSS
+(``VmHWM``) above that baseline. ``ru_maxrss`` would be wrong here: Linux carries it across fork
+and exec, so a child starts at its parent's peak. "Saved" is what autograd keeps for backward,
+counted once per storage with saved_tensors_hooks on one more forward; it includes the inputs the
+op keeps. "Allocator peak" (at ``--alloc-peak-sizes``) is the deterministic peak of PyTorch's CPU
+allocator over one more step (``harness.AllocatedPeak``).
 
-    python benchmarks/cpu_sdpa_compare.py [--sizes 64 96] [--rounds 3] [--steps 3] [--threads N]
+All providers' processes are alive at once, but only one steps at a time. Round r runs one
+forward+backward step of each provider, in an order rotated by r, so every round's steps see the
+same machine (a shared machine's speed drifts). "Paired ratio" is the median over rounds of a
+provider's step time over sdpa_flash_padded's in the same round. The 1-minute load average is
+recorded at every step. Writes ``<out>.json`` and ``<out>.md``.
+
+    python benchmarks/cpu_sdpa_compare.py [--sizes 64 96] [--steps 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -119,7 +124,11 @@ def make_step(provider: str, b: int, c: int, n: int, scale: float = 1.0):
     return step, info
 
 
-def child(provider: str, b: int, c: int, s: int, steps: int, threads: int, alloc_peak: bool) -> dict:
+def child(provider: str, b: int, c: int, s: int, threads: int, alloc_peak: bool) -> None:
+    """One provider's process: set up, then run one timed step per ``step`` line on stdin and answer
+    with its time; on ``done``, print the process's peak growth and saved bytes and exit."""
+    import gc
+
     import torch
 
     sys.path.insert(0, HERE)
@@ -133,18 +142,19 @@ def child(provider: str, b: int, c: int, s: int, steps: int, threads: int, alloc
     warm()
     del warm
     step, info = make_step(provider, b, c, s * s)
-    import gc
-
     gc.collect()
     reset = _reset_peak_rss()
     base = _rss()
+    print(json.dumps({"ready": True}), flush=True)
     times, peaks = [], []
-    for _ in range(steps):
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         peaks.append(_peak_rss() - base)
-    peak = peaks[-1]
+        print(json.dumps({"time_s": times[-1]}), flush=True)
     with harness.SavedBytes() as sb:
         step(backward=False)  # what the forward saves; the graph is dropped unused
     extra = {}
@@ -152,34 +162,72 @@ def child(provider: str, b: int, c: int, s: int, steps: int, threads: int, alloc
         with harness.AllocatedPeak() as ap:
             step()
         extra["alloc_peak_bytes"] = ap.peak
-    return dict(info, provider=provider, B=b, C=c, H=s, W=s, N=s * s, threads=torch.get_num_threads(),
-                times_s=times, min_s=min(times), median_s=statistics.median(times),
-                peak_rss_growth_bytes=peak, peak_after_each_step=peaks, peak_reset=reset, saved_bytes=sb.total,
-                **extra)
+    print(json.dumps(dict(info, provider=provider, B=b, C=c, H=s, W=s, N=s * s, threads=torch.get_num_threads(),
+                          times_s=times, min_s=min(times), median_s=statistics.median(times),
+                          peak_rss_growth_bytes=max(peaks), peak_after_each_step=peaks, peak_reset=reset,
+                          saved_bytes=sb.total, **extra)), flush=True)
 
 
-def run_child(provider, b, c, s, steps, threads, timeout, alloc_peak=False):
+def _start(provider, b, c, s, threads, alloc_peak):
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env.pop("ATTNFAST_NAN_FILL", None)
-    env.pop("ATTNFAST_SA_CHUNK_ELEMS", None)
+    for var in ("TRITON_INTERPRET", "ATTNFAST_NAN_FILL", "ATTNFAST_SA_CHUNK_ELEMS"):
+        env.pop(var, None)
     env["ATTNFAST_BACKEND"] = "auto"
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
-    load0 = os.getloadavg()[0]
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", provider, str(b), str(c), str(s), str(steps),
-           str(threads), str(int(alloc_peak))]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", provider, str(b), str(c), str(s), str(threads),
+           str(int(alloc_peak))]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def _reply(proc) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"exit {proc.wait()}: {proc.stderr.read().strip()[-300:]}")
+    return json.loads(line)
+
+
+def run_size(providers, b, c, s, steps, threads, alloc_peak):
+    """All providers' processes at once, idle but one: step rounds A B C D, B C D A, ... so each
+    round's steps see the same machine; then each process reports its own peak and saved bytes."""
+    procs = {pr: _start(pr, b, c, s, threads, alloc_peak) for pr in providers}
+    loads = {pr: [] for pr in providers}
+    failed = {}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        res = {"provider": provider, "H": s, "ok": False, "error": f"over the {timeout} s limit"}
-    else:
-        if r.returncode != 0 or not r.stdout.strip():
-            res = {"provider": provider, "H": s, "ok": False, "error": f"exit {r.returncode}: {r.stderr.strip()[-300:]}"}
-        else:
-            res = dict(json.loads(r.stdout.strip().splitlines()[-1]), ok=True)
-    res["load_1min_before"], res["load_1min_after"] = load0, os.getloadavg()[0]
-    return res
+        for pr, proc in procs.items():
+            try:
+                _reply(proc)
+            except RuntimeError as e:
+                failed[pr] = str(e)
+        live = [pr for pr in providers if pr not in failed]
+        for r in range(steps):
+            for pr in live[r % len(live):] + live[:r % len(live)]:
+                if pr in failed:
+                    continue
+                loads[pr].append(os.getloadavg()[0])
+                procs[pr].stdin.write("step\n")
+                procs[pr].stdin.flush()
+                try:
+                    _reply(procs[pr])
+                except RuntimeError as e:
+                    failed[pr] = str(e)
+        results = []
+        for pr in providers:
+            if pr in failed:
+                results.append({"provider": pr, "H": s, "ok": False, "error": failed[pr]})
+                continue
+            procs[pr].stdin.write("done\n")
+            procs[pr].stdin.flush()
+            res = dict(_reply(procs[pr]), ok=True, load_1min_at_steps=loads[pr])
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 def summarize(runs, sizes, providers):
@@ -202,6 +250,10 @@ def summarize(runs, sizes, providers):
                 base = row
         for row in rows:
             if row["H"] == s and row.get("runs") and base:
+                mine = next(r for r in runs if r["provider"] == row["provider"] and r["H"] == s and r.get("ok"))
+                theirs = next(r for r in runs if r["provider"] == BASELINE and r["H"] == s and r.get("ok"))
+                row["paired_ratios"] = [a / b for a, b in zip(mine["times_s"], theirs["times_s"])]
+                row["paired_ratio_median"] = statistics.median(row["paired_ratios"])
                 row["median_vs_flash_padded"] = row["median_s"] / base["median_s"]
                 row["min_vs_flash_padded"] = row["min_s"] / base["min_s"]
                 row["peak_vs_flash_padded"] = row["peak_growth_median_bytes"] / base["peak_growth_median_bytes"]
@@ -216,20 +268,18 @@ def main(argv=None):
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--sdpa-default-sizes", type=int, nargs="*", default=[64],
                    help="sizes at which sdpa_default runs (on CPU it is the math path, B x N x N matrices)")
-    p.add_argument("--rounds", type=int, default=3, help="processes per provider and size, interleaved")
-    p.add_argument("--steps", type=int, default=3, help="timed forward+backward steps per process")
+    p.add_argument("--steps", type=int, default=3, help="rounds of timed forward+backward steps, one per provider")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each process (0: torch's default)")
-    p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--note", default="")
     p.add_argument("--out", default=os.path.join(HERE, "results", "self_attention_cpu_sdpa"))
     p.add_argument("--alloc-peak-sizes", type=int, nargs="*", default=[64],
                    help="sizes at which each process runs one more step under the profiler for the allocator peak")
-    p.add_argument("--child", nargs=7, metavar=("PROVIDER", "B", "C", "S", "STEPS", "THREADS", "ALLOC_PEAK"),
+    p.add_argument("--child", nargs=6, metavar=("PROVIDER", "B", "C", "S", "THREADS", "ALLOC_PEAK"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        pr, b, c, s, steps, threads, alloc_peak = args.child
-        print(json.dumps(child(pr, int(b), int(c), int(s), int(steps), int(threads), alloc_peak == "1")))
+        pr, b, c, s, threads, alloc_peak = args.child
+        child(pr, int(b), int(c), int(s), int(threads), alloc_peak == "1")
         return
     sys.path.insert(0, HERE)
     import harness
@@ -240,23 +290,16 @@ def main(argv=None):
     info["command"] = " ".join(["python", "benchmarks/cpu_sdpa_compare.py"] + list(sys.argv[1:] if argv is None else argv))
     info["load_average_at_start"] = os.getloadavg()
     runs = []
-    for rnd in range(args.rounds):
-        for s in args.sizes:
-            for pr in args.providers:
-                if pr == "sdpa_default" and s not in args.sdpa_default_sizes:
-                    continue
-                r = run_child(pr, args.batch, args.channels, s, args.steps, args.threads, args.timeout,
-                              s in args.alloc_peak_sizes)
-                r["round"] = rnd
-                runs.append(r)
-                print(json.dumps(r), flush=True)
+    for s in args.sizes:
+        provs = [pr for pr in args.providers if pr != "sdpa_default" or s in args.sdpa_default_sizes]
+        runs += run_size(provs, args.batch, args.channels, s, args.steps, args.threads, s in args.alloc_peak_sizes)
     info["load_average_at_end"] = os.getloadavg()
     rows = summarize(runs, args.sizes, args.providers)
     res = {"info": info, "note": args.note, "batch": args.batch, "channels": args.channels, "threads": args.threads,
            "summary": rows, "runs": runs}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out + ".json", lambda f: json.dump(res, f, indent=1), mode="w")
-    loads = [r["load_1min_before"] for r in runs] + [r["load_1min_after"] for r in runs]
+    loads = [x for r in runs for x in r.get("load_1min_at_steps", [])] or [0.0]
     threads = args.threads or "torch default"
     lines = [f"# SAGAN attention core on CPU: attnfast vs SDPA ({info['device']})", "",
              f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date_time_utc']} UTC; "
@@ -265,11 +308,12 @@ def main(argv=None):
              f"Command: `{info['command']}`", "",
              f"Forward+backward of `out = gamma * attention(q, k, v) + x`, B={args.batch}, C={args.channels} "
              f"(d_qk={args.channels // 8}, d_v={args.channels}), scale 1. Times: all timed steps of "
-             f"{args.rounds} processes x {args.steps} steps per provider, interleaved. Peak growth: median over the "
-             "processes of peak RSS above the process's baseline (inputs and output gradient already allocated). "
+             f"{args.steps} rounds, one step per provider per round, providers interleaved (one process each). "
+             "Peak RSS growth: the process's peak RSS above its baseline (inputs and output gradient already "
+             "allocated). "
              "Allocator peak: PyTorch's CPU allocator over one step, deterministic (- : not measured at that size). "
              "Saved: bytes autograd keeps for backward (inputs included). Ratios are against sdpa_flash_padded.", "",
-             "| map | N | provider | path / SDPA backend | min (s) | median (s) | max (s) | median vs flash-padded "
+             "| map | N | provider | path / SDPA backend | min (s) | median (s) | max (s) | paired ratio vs flash-padded "
              "| peak RSS growth (MiB) | peak vs flash-padded | allocator peak (MiB) | saved (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -279,7 +323,8 @@ def main(argv=None):
             err = next((x.get("error") for x in runs if x["provider"] == r["provider"] and x["H"] == r["H"]), "")
             lines.append(f"| {r['H']}x{r['H']} | {r['H'] ** 2} | {r['provider']} | failed: {err} | | | | | | | | |")
             continue
-        ratio = f"{r['median_vs_flash_padded']:.2f}" if "median_vs_flash_padded" in r else "-"
+        ratio = (f"{r['paired_ratio_median']:.2f} ({', '.join(f'{x:.2f}' for x in r['paired_ratios'])})"
+                 if "paired_ratio_median" in r else "-")
         pratio = f"{r['peak_vs_flash_padded']:.2f}" if "peak_vs_flash_padded" in r else "-"
         alloc = f"{r['alloc_peak_bytes'] / 2**20:.0f}" if r.get("alloc_peak_bytes") is not None else "-"
         lines.append(f"| {r['H']}x{r['H']} | {r['N']} | {r['provider']} | {r['path']} | {r['min_s']:.3f} | "
