@@ -136,7 +136,8 @@ def test_defaults_are_the_main_job_and_the_seeds():
 
 def test_console_script_train_and_predict(melanoma, tmp_path):
     """Through the installed ``attnfast`` script: a run, a submission, and a corrupt-image error."""
-    exe = shutil.which("attnfast") or pytest.skip("attnfast console script not on PATH")
+    beside_python = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # venv not activated
+    exe = shutil.which("attnfast", path=beside_python) or pytest.skip("attnfast console script not installed")
     out = str(tmp_path / "run")
     proc = subprocess.run([exe, "train", "--data", f"melanoma:{melanoma}", "--out", out, *TINY],
                           capture_output=True, text=True, timeout=300)
