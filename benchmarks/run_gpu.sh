@@ -49,8 +49,8 @@
 #          x 4 ResNet-50 stages) x 2 dtypes x 3 providers x 3 modes = 144 benchmarks x ~0.2 s ~ 0.5 min,
 #          + torch.compile: 4 channel counts x 2 dtypes (dynamic after the 2nd batch) ~ 8-16 x ~20 s
 #          ~ 3-5 min, + 2 ResNet-50-CBAM train steps ~ 0.5 min  => ~4-6 min.
-#   train  3 cases x 2 amp x 2 attentions = 12 benchmarks x (~20 steps of largest-batch search ~10 s +
-#          23 timed steps ~5 s)  => ~3-4 min.
+#   train  4 cases (AttnVGG 224/512, RAN-56 224, ResNet-50-CBAM 224) x 2 amp x 2 attentions = 16 benchmarks
+#          x (~20 steps of largest-batch search ~10 s + 23 timed steps ~5 s)  => ~4-5 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
