@@ -29,12 +29,12 @@ def test_default_attends_at_64x64():
 
 
 @pytest.mark.parametrize("backend", ["triton_backend", "torch_backend"])
-def test_fused_equals_reference(request, backend):
+def test_fused_equals_reference(request, backend, device):
     request.getfixturevalue(backend)
-    fused = build(5, width=8, attn_gamma=0.5).eval()
-    ref = build(5, attention="reference", width=8).eval()
+    fused = build(5, width=8, attn_gamma=0.5).eval().to(device)
+    ref = build(5, attention="reference", width=8).eval().to(device)
     ref.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16, device=device)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
 
 

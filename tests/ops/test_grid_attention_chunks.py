@@ -11,7 +11,7 @@ from attnfast.testing import assert_close_3way
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_a_chunked_kernels_match_reference(triton_backend, monkeypatch, normalize):
+def test_a_chunked_kernels_match_reference(triton_backend, monkeypatch, normalize, device):
     from attnfast.kernels import grid_attention as K
     from attnfast.nn.grid_attention import GridAttention
 
@@ -23,11 +23,9 @@ def test_a_chunked_kernels_match_reference(triton_backend, monkeypatch, normaliz
     assert K.main_blocks(32, torch.float32)["A_CHUNKS"] == 2
     assert K.main_blocks(32, torch.float32, backward=True)["A_CHUNKS"] == 2
 
-    ref64 = Ref(24, 40, 32, 2, normalize_attn=normalize).double()
-    l = torch.randn(2, 24, 10, 6, dtype=torch.float64)
-    g = torch.randn(2, 40, 5, 3, dtype=torch.float64)
-    da = torch.randn(2, 1, 10, 6, dtype=torch.float64)
-    dp = torch.randn(2, 24, dtype=torch.float64)
+    ref64 = Ref(24, 40, 32, 2, normalize_attn=normalize).double().to(device)
+    l, g, da, dp = (torch.randn(*shape, dtype=torch.float64).to(device)
+                    for shape in ((2, 24, 10, 6), (2, 40, 5, 3), (2, 1, 10, 6), (2, 24)))
 
     def run(module, dtype):
         module = module.to(dtype)
@@ -38,9 +36,9 @@ def test_a_chunked_kernels_match_reference(triton_backend, monkeypatch, normaliz
         grads = [li.grad, gi.grad] + [p.grad for p in module.parameters()]
         return [a.detach(), pooled.detach()] + grads
 
-    fused = GridAttention(24, 40, 32, 2, normalize_attn=normalize)
+    fused = GridAttention(24, 40, 32, 2, normalize_attn=normalize).to(device)
     fused.load_state_dict(ref64.state_dict())
-    eager = Ref(24, 40, 32, 2, normalize_attn=normalize)
+    eager = Ref(24, 40, 32, 2, normalize_attn=normalize).to(device)
     eager.load_state_dict(ref64.state_dict())
     assert_close_3way(run(fused, torch.float32), run(ref64, torch.float64), run(eager, torch.float32),
                       name="a_chunked")

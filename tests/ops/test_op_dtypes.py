@@ -32,18 +32,18 @@ def test_self_attention_gradcheck_fp64(torch_backend):
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
-def test_autocast_does_not_change_the_ops(request, backend):
+def test_autocast_does_not_change_the_ops(request, backend, device):
     request.getfixturevalue(backend)
-    l, g, wl, wg, pw, pb = (t.detach().float() for t in _grid_inputs())
+    l, g, wl, wg, pw, pb = (t.detach().float().to(device) for t in _grid_inputs())
     plain = grid_attention_op(l, g, wl, wg, pw, pb, 2, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         auto = grid_attention_op(l, g, wl, wg, pw, pb, 2, True)
     for a, b in zip(plain, auto):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
-    q, k, v = torch.randn(2, 16, 9), torch.randn(2, 16, 9), torch.randn(2, 8, 9)
+    q, k, v = (torch.randn(2, d, 9, device=device) for d in (16, 16, 8))
     plain = self_attention_op(q, k, v, None, None, 1.0, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         auto = self_attention_op(q, k, v, None, None, 1.0, True)
     for a, b in zip(plain, auto):
         assert a.dtype == b.dtype
