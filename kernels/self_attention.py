@@ -256,10 +256,16 @@ def _prec(dtype) -> str:
 
 
 def blocks(d: int, dv: int) -> tuple:
-    """(BLOCK_D, BLOCK_DV, ONE_DV) the launchers use for these dims (see ``aot_configs``)."""
+    """(BLOCK_D, BLOCK_DV, ONE_DV) the launchers use for these dims (see ``aot_configs``).
+
+    ``ONE_DV``: the value channels fit one tile, so the backward keeps V's (dK/dV) or dO's (dQ) tile
+    for the whole loop. At ``BLOCK_D`` = ``MAX_D`` it is always False: dK and dV then accumulate
+    128 + 128 fp32 columns, and streaming dO and V in ``BLOCK_C`` chunks for dP is what keeps the
+    16-bit dK/dV kernel spill-free on sm_90 under both tritons (holding V's tile spilled 208-480 B
+    at every 128-row tile tried)."""
     bd = block_d(d)
     bdv = block_dv(max(dv, bd))  # a listed value tile, never narrower than the q/k tile
-    return bd, bdv, dv <= bdv
+    return bd, bdv, dv <= bdv and bd < MAX_D
 
 
 class Tile(NamedTuple):
@@ -287,28 +293,36 @@ def _spill_budget(t36: int, t39: int) -> int:
 
 def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
     """kernel -> ``Tile`` for padded dims ``bd`` (q/k) and ``bdv`` (value tile); ``one_dv``: DV fits
-    one value tile (else the backward contracts dP in ``BLOCK_C`` channel chunks).
+    one value tile (else the backward contracts dP in ``BLOCK_C``-channel chunks, see ``blocks``).
 
     16-bit (tensor cores): every program owns 128 rows on 8 warps (the forward's and dQ's queries,
     dK/dV's keys), 16 rows per warp. Each dot's M is those rows, and both tritons put all warps
     along M for these chained dots (warpsPerCTA [8, 1]): with fewer rows than 16 per warp, warps
     would compute the same rows again (64 rows on 8 warps: twice; 32: four times). On sm_90 this
-    is wgmma (``wgmma.mma_async``): each warpgroup of 4 warps takes 64 rows, and the B operands
-    (K^T, V, dO, Q^T) are staged in shared memory; on sm_80, ``mma.sync`` m16n8k16, one 16-row
-    slice per warp. 4 warps on 64 rows would do the same work but load 2x more elements per
-    thread (the kernels take any strides, so the AOT build loads element by element): it spilled
-    236-432 B on sm_90 where 8 warps spill none.
+    is wgmma (``wgmma.mma_async``): each warpgroup of 4 warps takes 64 rows, the B operands
+    (K^T, V, dO, Q^T) staged in shared memory; on sm_80 ``mma.sync`` m16n8k16, one 16-row slice
+    per warp. 64 rows on 4 warps would do the same work per warp, but each thread then loads twice
+    the elements (the kernels take any strides, so the build for unknown strides loads element by
+    element): the forward spilled 236-432 B on sm_90 where 8 warps spill none. (At 4 warps sm_80
+    also put the warps along N, repeating the 16-column dots.)
 
-    The inner tile (BLOCK_N forward/dQ, BLOCK_M dK/dV) is what remains of the register budget
-    (255 per thread at 8 warps): 64 keys at D = 16 or a 32-wide value tile, else 32; dK/dV steps
-    32 queries (16 at D = 128, where dK and dV accumulate 128 + 128 fp32 columns). With DV above
-    one tile the backward reads dO and V in ``BLOCK_C`` = 32-channel chunks (128-channel chunks
-    spilled 200-1500 B there). Measured with both tritons: every 16-bit config spills nothing on
-    sm_90; on sm_80 a few (D >= 32 with a 128 value tile) spill up to 80 B, the budgets below.
+    The inner tile is what the register budget (255 per thread at 8 warps) leaves: the forward's
+    and dQ's key step is 64 at D = 16 or with a 32-channel value tile, else 32; dK/dV steps 32
+    queries (16 at D >= 64 and whenever dP is chunked). dP chunks are 32 channels (16 at D >= 64,
+    and for dQ at D = 128); 128-channel chunks spilled 200-1500 B on sm_90.
+
+    Spills, measured (ptxas as each triton calls it; 3.9 adds ``--regAllocOptLevel=2``): every
+    16-bit config with D <= 32 (SAGAN up to C = 256, the shipped C = 128 included) spills nothing
+    on sm_90 and sm_80 under both tritons, budget 0. At D >= 64 (C >= 512) the budget depends on
+    the triton version: under 3.6 sm_90 spills nothing and sm_80 up to 80 B (forward, D = 128);
+    under 3.9 the dK/dV kernels spill on sm_90 at every tile tried (D = 64: 56 B with one value
+    tile, 184 B chunked; D = 128: 252 B; 128- and 64-row programs, 16/32-query steps, 16/32-channel
+    chunks) and the D = 128 forward 32 B: budget 256 B, chosen to be zero under 3.6.
 
     fp32 is the accuracy path: IEEE dots (``input_precision="ieee"``, no tensor cores) on FMA
-    units, whose blocked layouts hold each output element in one thread (no warp repeats rows at
-    these tiles, checked in the TTGIR). Its operands take far more registers, hence smaller tiles.
+    units, whose blocked layouts give each output element to one thread (warpsPerCTA [8, 1] or
+    [4, 1] over 16-32 rows: no warp repeats rows at these tiles, read from the TTGIR). Its
+    operands take far more registers, hence the small tiles and a 128 B budget (measured 0-56 B).
     """
     bc = bdv if one_dv else 32
     if dtype == "fp32":
@@ -317,12 +331,12 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
             return dict(fwd=Tile(32, 32, 4, bdv, 0), dq=Tile(32, 32, 4, bc, budget), dkdv=Tile(32, 32, 4, bc, budget))
         return dict(fwd=Tile(16, 32, 8, bdv, budget), dq=Tile(16, 32, 8, bc, budget), dkdv=Tile(16, 32, 8, bc, budget))
     inner = 64 if bd == 16 or bdv == 32 else 32
-    sm80 = 0 if inner == 64 else _spill_budget(80, 56)
+    budget = 0 if bd <= 32 else _spill_budget(80, 256)
     if one_dv:
-        dkdv = Tile(16, 64, 4, bdv, sm80) if bd == 128 else Tile(32, 128, 8, bdv, sm80)
+        dkdv = Tile(16 if bd == 64 else 32, 128, 8, bdv, budget)
     else:
-        dkdv = Tile(32, 128, 8, 16 if bd == 128 else 32, sm80)
-    return dict(fwd=Tile(128, inner, 8, bdv, sm80), dq=Tile(128, inner, 8, bc, sm80),
+        dkdv = Tile(16, 128, 8, 32 if bd <= 32 else 16, budget)
+    return dict(fwd=Tile(128, inner, 8, bdv, budget), dq=Tile(128, inner, 8, 16 if bd == MAX_D else bc, budget),
                 dkdv=dkdv)
 
 
@@ -448,7 +462,7 @@ def aot_configs() -> list:
                 ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
                 ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
                 add_tile(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, tiles(dt, bd, bdv)["fwd"])
-                for one_dv in ((True, False) if bdv == MAX_DV else (True,)):
+                for one_dv in ((False,) if bd == MAX_D else (True, False) if bdv == MAX_DV else (True,)):
                     t = tiles(dt, bd, bdv, one_dv)
                     tag = f"{dt},D={bd},DV={bdv},one_dv={int(one_dv)}"
                     common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
