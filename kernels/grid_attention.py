@@ -446,20 +446,27 @@ def precision_for(dtype: torch.dtype, device: torch.device | str | None = None) 
 # (BLOCK_P, BLOCK_C, BLOCK_A, num_warps), BLOCK_A being the chunk of A channels whose slice of z is
 # live at a time (A_CHUNKS = bucket // BLOCK_A chunks, a runtime loop). Picked with
 # ``python -m attnfast.kernels.aot`` (ptxas, sm_80 and sm_90) under triton 3.6 and 3.9 as tiles that
-# spill nothing under both. Why chunks of 64 from A = 128 on: the backward's dz is the A operand of
+# spill nothing under both and in which no warp repeats another's MMA rows (MMA instructions per dot
+# at the tile's minimum): every dot's M x N output has at least 16 x 8 elements per warp. The
+# backward's dl = dz W_l dot is BLOCK_P x BLOCK_C, so 8 warps need BLOCK_P * BLOCK_C >= 1024 and 4
+# warps >= 512 (16 x 32 on 8 warps computed every row twice). Why chunks of 64 from A = 128 on: the backward's dz is the A operand of
 # the dl = dz W_l dot, and every warp holds its full K = BLOCK_A extent (at BLOCK_P = 16 a 16 x 256
 # bf16 dz is 64 registers per thread on its own), and triton 3.6 spilled 0.7-2.7 KB with one chunk
 # of 256/512. More chunks cost re-reads of the (cache-hot) l tile and, in the backward, a dl partial
 # per chunk through ``dlacc``; the MMA work is the same.
 _FWD_TILES = {16: (64, 64, 16, 4), 32: (32, 64, 32, 4), 64: (16, 32, 64, 8), 128: (16, 32, 64, 8),
               256: (16, 32, 64, 8), 512: (16, 32, 64, 8)}
-_BWD_TILES = {16: (32, 32, 16, 4), 32: (32, 32, 32, 8), 64: (16, 32, 64, 8), 128: (16, 32, 64, 8),
-              256: (16, 32, 64, 8), 512: (16, 32, 64, 8)}
-# fp32: BLOCK_C = 16 (the operand tiles of the dots are twice as wide per element), smaller chunks
+_BWD_TILES = {16: (32, 32, 16, 4), 32: (32, 32, 32, 8), 64: (16, 64, 64, 8), 128: (16, 64, 64, 8),
+              256: (16, 64, 64, 8), 512: (16, 64, 64, 8)}
+# fp32: BLOCK_C = 16 (the operand tiles of the dots are twice as wide per element), smaller chunks.
+# The backward from A = 32 on: wider dl tiles (32 x 16 on 4 warps, 32 x 32 on 8) in one pipeline
+# stage (``_BWD_STAGES_FP32``): software-pipelined, the IEEE (FMA) variant of these tiles spilled
+# 8-120 B under one triton or the other; in one stage nothing spills.
 _FWD_TILES_FP32 = {16: (64, 16, 16, 4), 32: (32, 16, 32, 4), 64: (16, 16, 64, 4), 128: (16, 16, 32, 4),
                    256: (16, 16, 32, 4), 512: (16, 16, 32, 4)}
-_BWD_TILES_FP32 = {16: (32, 16, 16, 4), 32: (16, 16, 32, 4), 64: (16, 16, 64, 8), 128: (16, 16, 64, 8),
-                   256: (16, 16, 64, 8), 512: (16, 16, 64, 8)}
+_BWD_TILES_FP32 = {16: (32, 16, 16, 4), 32: (32, 16, 32, 4), 64: (32, 32, 32, 8), 128: (32, 32, 32, 8),
+                   256: (32, 32, 32, 8), 512: (32, 32, 32, 8)}
+_BWD_STAGES_FP32 = {32: 1, 64: 1, 128: 1, 256: 1, 512: 1}  # num_stages per A bucket (3 where absent)
 
 
 def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
@@ -468,28 +475,31 @@ def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
     if bucket > MAX_ATTN_FEATURES:
         raise ValueError(f"the fused grid-attention kernels support attn_features <= {MAX_ATTN_FEATURES}; "
                          f"got {A}")
-    if dtype == torch.float32:
+    fp32 = dtype == torch.float32
+    if fp32:
         table = _BWD_TILES_FP32 if backward else _FWD_TILES_FP32
     else:
         table = _BWD_TILES if backward else _FWD_TILES
     block_p, block_c, block_a, num_warps = table[bucket]
+    num_stages = _BWD_STAGES_FP32.get(bucket, 3) if fp32 and backward else 3
     return {"BLOCK_P": block_p, "BLOCK_C": block_c, "BLOCK_A": block_a, "A_CHUNKS": bucket // block_a,
-            "num_warps": num_warps}
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def weight_blocks(C: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program.
 
-    Chosen to spill nothing on sm_80/sm_90 under triton 3.6 and 3.9: 16 pixels per tile for 16-bit
-    BLOCK_C2 = 16 and fp32 BLOCK_C2 = 32 (two pipeline stages) or 128; 8 warps for fp32 from
-    BLOCK_C2 = 64 on and for 16-bit from 128 on."""
+    Chosen to spill nothing on sm_80/sm_90 under triton 3.6 and 3.9, with no warp repeating another's
+    MMA rows (z's BLOCK_P x BLOCK_A2 dot needs 16 x 8 outputs per warp): 16 pixels per tile for 16-bit
+    BLOCK_C2 = 16 and fp32 BLOCK_C2 = 32 or 128 (both on 4 warps in two pipeline stages); 8 warps for
+    fp32 BLOCK_C2 = 64 and for 16-bit from 128 on."""
     fp32 = dtype == torch.float32
     block_c2 = min(128 if fp32 else 256, max(16, triton.next_power_of_2(C)))
     small_p = block_c2 in ((32, 128) if fp32 else (16,))
     return {"BLOCK_P": 16 if small_p else 32, "BLOCK_C": 16 if fp32 else 32,
             "BLOCK_A2": BLOCK_A2, "BLOCK_C2": block_c2,
-            "num_warps": 8 if block_c2 >= (64 if fp32 else 128) else 4,
-            "num_stages": 2 if fp32 and block_c2 == 32 else 3}
+            "num_warps": (8 if block_c2 == 64 else 4) if fp32 else (8 if block_c2 >= 128 else 4),
+            "num_stages": 2 if fp32 and block_c2 in (32, 128) else 3}
 
 
 INTERPRETER_PROGRAMS = 8  # CPU (interpreter): a few splits so the split/combine path is exercised
@@ -589,7 +599,8 @@ def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
     phi = _w2d(phi_w)[0]
     cfg = main_blocks(A, l.dtype)
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"], A_CHUNKS=cfg["A_CHUNKS"],
-              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"])
+              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
 
     def args(m, s, acc, per, nsplit):
         return (l, gp, wl, phi, phi_b, logits, m, s, acc, C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit,
@@ -622,7 +633,8 @@ def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_fac
     cfg = main_blocks(A, l.dtype, backward=True)
     scale = 1.0 if softmax else 1.0 / HW
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"], A_CHUNKS=cfg["A_CHUNKS"],
-              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"])
+              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
 
     def args(dlacc, per, nsplit):
         return (l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, dgp, dc, dlacc,
@@ -692,11 +704,13 @@ def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict) -> KernelC
         ptrs.update(logit_ptr="fp32", lse_ptr="fp32", k_ptr="fp32", da_ptr=dt, dp_ptr=dt,
                     dl_ptr=dt, dgp_ptr="fp32", dc_ptr="fp32", dlacc_ptr="fp32")
         scalars = {"inv_up": "fp32", "scale": "fp32"}
+    stages = cfg["num_stages"]
     name = (f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={cfg['BLOCK_A']}"
-            f"x{cfg['A_CHUNKS']},w={cfg['num_warps']}]")
+            f"x{cfg['A_CHUNKS']},w={cfg['num_warps']}" + (f",s={stages}" if stages != 3 else "") + "]")
     return KernelConfig(name=name, kernel=kernel,
                         signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
-                        constexprs=cx, num_warps=cfg["num_warps"], max_spill_bytes=_SPILL_BUDGET.get(name, 0))
+                        constexprs=cx, num_warps=cfg["num_warps"], num_stages=stages,
+                        max_spill_bytes=_SPILL_BUDGET.get(name, 0))
 
 
 def _weight_config(dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
