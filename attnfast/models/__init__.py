@@ -1,7 +1,9 @@
 """Models built from attnfast's attention modules, and a factory used by the CLI.
 
 ``create_model(name, num_classes, attention='fused'|'reference', **kwargs)`` with names:
-``attnvgg``, ``ran56``, ``ran92``, ``sagan_resnet`` (self-attention at high resolution).
+``attnvgg``, ``ran56``, ``ran92``, ``sagan_resnet`` (self-attention at high resolution). Any other name is a
+timm model (``resnet50-cbam``, ``resnet18-lcbam``, any timm name; see :mod:`attnfast.models.timm_models`):
+timm's own modules for ``'reference'``, ``attnfast.swap`` applied for ``'fused'``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,17 @@ __all__ = ["AttnVGG", "ResidualAttentionNet", "ran56", "ran92", "create_model", 
 
 def create_model(name: str, num_classes: int, attention: str = "fused", **kwargs):
     if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODEL_BUILDERS))}")
+        from . import timm_models
+
+        try:
+            return timm_models.create(name, num_classes, attention=attention, **kwargs)
+        except ImportError as e:
+            raise ImportError(f"model {name!r} is not one of attnfast's ({', '.join(sorted(MODEL_BUILDERS))}), so "
+                              f"it names a timm model, but {e}") from None
+        except ValueError as e:
+            if "not a timm model name" not in str(e):
+                raise
+            raise ValueError(f"unknown model {name!r}: not one of attnfast's ({', '.join(sorted(MODEL_BUILDERS))}) "
+                             f"and {e}") from None
     modname, fn = MODEL_BUILDERS[name]
     return getattr(importlib.import_module(modname), fn)(num_classes, attention=attention, **kwargs)

@@ -11,12 +11,14 @@ timm model:
   without a pretrained tag such as ``resnet50.a1_in1k``).
 
 Models are built with ``pretrained=False`` (nothing is downloaded) and timm's own modules: the reference
-computation. ``attnfast.swap`` puts attnfast's fused modules in; the trainer does that for
-``--attention fused`` and reports what it replaced. timm is an optional dependency (``attnfast[timm]``); without
-it every function here raises ``ImportError`` with the install command.
+computation (``attention="reference"``). With ``attention="fused"`` (what ``attnfast.models.create_model`` and
+``attnfast train`` default to) ``attnfast.swap`` then puts attnfast's fused modules in, and a line saying what it
+replaced, and what stayed timm's own, goes to ``report``. timm is an optional dependency (``attnfast[timm]``);
+without it every function here raises ``ImportError`` with the install command.
 """
 from __future__ import annotations
 
+import collections
 import re
 
 # name suffix -> timm's attn_layer name (timm.layers.create_attn)
@@ -48,8 +50,39 @@ def check_name(name: str) -> tuple:
     return arch, layer
 
 
-def create(name: str, num_classes: int, *, drop_rate: float | None = None):
-    """The timm model ``name`` (see the module docstring) with ``num_classes`` outputs, ``pretrained=False``."""
+def create(name: str, num_classes: int, *, attention: str = "fused", drop_rate: float | None = None,
+           report: list | None = None):
+    """The timm model ``name`` (see the module docstring) with ``num_classes`` outputs, ``pretrained=False``;
+    ``attention="fused"`` swaps attnfast's fused modules in (appending what swap did to ``report``)."""
+    if attention not in ("fused", "reference"):
+        raise ValueError(f"attention must be 'fused' or 'reference'; got {attention!r}")
+    model = _build(name, num_classes, drop_rate)
+    if attention == "reference":
+        return model
+    from ..swapping import swap
+
+    replaced = swap(model)
+    model = getattr(replaced, "model", None) or model
+    if report is not None:
+        report.append(swap_line(name, replaced, attention_modules(model)))
+    return model
+
+
+def swap_line(name: str, replaced, left: dict) -> str:
+    """One line: what ``attnfast.swap`` replaced in the model ``name`` and which timm modules stayed."""
+    if replaced:
+        kinds = collections.Counter((r.old_type.rsplit(".", 1)[-1], r.new_type.rsplit(".", 1)[-1]) for r in replaced)
+        what = ", ".join(f"{n} {old} -> {new}" for (old, new), n in sorted(kinds.items()))
+        line = f"attnfast.swap replaced {len(replaced)} modules of {name} with fused ones ({what})"
+    else:
+        line = f"attnfast.swap found no module of {name} to replace"
+    if left:
+        kinds = collections.Counter(left.values())
+        line += "; " + ", ".join(f"{n} timm {k}" for k, n in sorted(kinds.items())) + " stay timm's own"
+    return line
+
+
+def _build(name: str, num_classes: int, drop_rate: float | None):
     arch, layer = check_name(name)
     kwargs = {"pretrained": False, "num_classes": num_classes}
     if drop_rate:
@@ -75,4 +108,4 @@ def attention_modules(model) -> dict:
     return {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in names}
 
 
-__all__ = ["ATTN_SUFFIXES", "parse_name", "check_name", "create", "attention_modules"]
+__all__ = ["ATTN_SUFFIXES", "parse_name", "check_name", "create", "swap_line", "attention_modules"]

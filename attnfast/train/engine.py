@@ -1,7 +1,6 @@
 """The training loop behind ``attnfast train`` (single process or DDP under torchrun)."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import csv
 import dataclasses
@@ -62,38 +61,16 @@ def model_kwargs(cfg: TrainConfig) -> dict:
 
 
 def build_model(name: str, num_outputs: int, attention: str, kwargs: dict, report: list | None = None):
-    """attnfast's model ``name`` with ``attention`` modules, or the timm model ``name`` (any name that is not
-    attnfast's): built with timm's own modules, then, for ``attention='fused'``, given attnfast's fused
-    modules by :func:`attnfast.swap`; a line saying what swap replaced is appended to ``report``."""
+    """``create_model(name, ...)``: attnfast's model ``name`` with ``attention`` modules, or the timm model
+    ``name`` (any name that is not attnfast's), whose fused version is made by :func:`attnfast.swap`; for those,
+    a line saying what swap replaced is appended to ``report``."""
     from ..models import MODEL_BUILDERS, create_model
 
-    if name in MODEL_BUILDERS:
-        return create_model(name, num_outputs, attention=attention, **kwargs)
-    from ..models import timm_models
+    if name not in MODEL_BUILDERS:
+        from ..models import timm_models
 
-    model = timm_models.create(name, num_outputs, **kwargs)
-    if attention != "fused":
-        return model
-    from ..swapping import swap
-
-    replaced = swap(model)
-    model = getattr(replaced, "model", None) or model
-    if report is not None:
-        report.append(_swap_line(name, replaced, timm_models.attention_modules(model)))
-    return model
-
-
-def _swap_line(name: str, replaced, left: dict) -> str:
-    if replaced:
-        kinds = collections.Counter((r.old_type.rsplit(".", 1)[-1], r.new_type.rsplit(".", 1)[-1]) for r in replaced)
-        what = ", ".join(f"{n} {old} -> {new}" for (old, new), n in sorted(kinds.items()))
-        line = f"attnfast.swap replaced {len(replaced)} modules of {name} with fused ones ({what})"
-    else:
-        line = f"attnfast.swap found no module of {name} to replace"
-    if left:
-        kinds = collections.Counter(left.values())
-        line += "; " + ", ".join(f"{n} timm {k}" for k, n in sorted(kinds.items())) + " stay timm's own"
-    return line
+        return timm_models.create(name, num_outputs, attention=attention, report=report, **kwargs)
+    return create_model(name, num_outputs, attention=attention, **kwargs)
 
 
 def build_from_checkpoint(meta: dict, attention: str | None = None, report: list | None = None):

@@ -17,7 +17,7 @@ def test_parse_name():
 
 
 def test_resnet50_cbam_is_timms_resnet50_with_cbam_blocks():
-    model = timm_models.create("resnet50-cbam", 5)
+    model = timm_models.create("resnet50-cbam", 5, attention="reference")
     direct = timm.create_model("resnet50", pretrained=False, num_classes=5, block_args=dict(attn_layer="cbam"))
     assert type(model) is type(direct)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -30,11 +30,11 @@ def test_resnet50_cbam_is_timms_resnet50_with_cbam_blocks():
 
 
 def test_light_cbam_plain_names_and_dropout():
-    light = timm_models.attention_modules(timm_models.create("resnet18-lcbam", 1))
+    light = timm_models.attention_modules(timm_models.create("resnet18-lcbam", 1, attention="reference"))
     assert len(light) == 8 and set(light.values()) == {"LightCbamModule"}
-    plain = timm_models.create("resnet18.a1_in1k", 3)  # a pretrained tag, still built with pretrained=False
+    plain = timm_models.create("resnet18.a1_in1k", 3, attention="reference")  # a pretrained tag, still built with pretrained=False
     assert not timm_models.attention_modules(plain) and plain.fc.out_features == 3
-    assert timm_models.create("resnet18-cbam", 2, drop_rate=0.3).drop_rate == 0.3
+    assert timm_models.create("resnet18-cbam", 2, attention="reference", drop_rate=0.3).drop_rate == 0.3
 
 
 def test_bad_names():
@@ -48,3 +48,30 @@ def test_without_timm_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
     with pytest.raises(ImportError, match=r"timm is not installed \(pip install timm, or pip install 'attnfast\[timm\]'\)"):
         timm_models.create("resnet50-cbam", 2)
+
+
+def test_create_model_takes_timm_names():
+    from attnfast.models import create_model
+
+    ref = create_model("resnet18-cbam", 3, attention="reference")
+    assert len(timm_models.attention_modules(ref)) == 8  # timm's own CbamModule, untouched
+    report = []
+    fused = timm_models.create("resnet18-cbam", 3, attention="fused", report=report)
+    (line,) = report
+    assert line.startswith("attnfast.swap ") and "resnet18-cbam" in line
+    left = len(timm_models.attention_modules(fused))
+    assert left == 0 or f"{left} timm CbamModule stay timm's own" in line, line  # the report says what stayed
+    fused.load_state_dict(ref.state_dict())  # swap keeps the state-dict keys: weights move both ways
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(fused.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention must be 'fused' or 'reference'"):
+        create_model("resnet18-cbam", 3, attention="fast")
+
+
+def test_create_model_without_timm(monkeypatch):
+    from attnfast.models import create_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ImportError, match="model 'resnet50-cbam' is not one of attnfast's .* timm is not installed"):
+        create_model("resnet50-cbam", 2)
