@@ -183,26 +183,45 @@ def _torch_forward_maps(x, ct, mlp):
     cmax = x.amax((2, 3)).to(ct)
     s_c = mlp(sums, cmax)
     xs = x * _bc(s_c)  # in the compute dtype (type promotion); reused by the gate pass
-    return sums, cmax, s_c, xs.sum(1).flatten(1), xs.amax(1).flatten(1), xs
+    B, C = xs.shape[:2]
+    psum = torch.bmm(xs.new_ones(B, 1, C), xs.reshape(B, C, -1))  # a matmul sums over C faster than sum(1)
+    return sums, cmax, s_c, psum.view(B, -1), xs.amax(1).flatten(1), xs
 
 
-def _torch_backward_spatial(g, xs, pmax):
-    """(sum_c g x s_c, tie mask of max_c x s_c, its count): (B, P), (B, C, H, W) bool, (B, P)."""
-    H, W = xs.shape[2:]
-    tie_p = xs == _bp(pmax, H, W)
-    return (g * xs).sum(1).flatten(1), tie_p, tie_p.sum(1, dtype=xs.dtype).flatten(1)
+# Tie masks are written as 1.0 / 0.0 in the compute dtype (``torch.eq`` into a float tensor, in place where
+# the operand is dead): a float mask multiplies, adds and sums with no bool -> float conversion pass.
+def _torch_backward_spatial(g, x, s_c, pmax):
+    """(sum_c g x s_c (B, P), tie count of max_c x s_c (B, P), state for ``_torch_backward_rest``)."""
+    B, C, H, W = x.shape
+    P = H * W
+    ct = s_c.dtype
+    xc, gc = x.to(ct).reshape(B, C, P), g.to(ct).reshape(B, C, P)
+    xs = x.reshape(B, C, P) * s_c.view(B, C, 1)  # the forward's x s_c, bit for bit (promoted to ct)
+    dsp = torch.bmm(s_c.view(B, 1, C), torch.mul(gc, xc)).view(B, P)
+    tie_p = xs.eq_(pmax.view(B, 1, P))  # 1.0 where x s_c is its pixel's channel maximum
+    return dsp, tie_p.sum(1), (gc, xc, tie_p)
 
 
-def _torch_backward_rest(g, x, s_c, s_p, cm, cw, tie_p, cstat, mlp_args, light, dx):
-    """The channel-gate gradient, the MLP backward and dx; returns the MLP weight gradients."""
-    H, W = x.shape[2:]
-    dxs = torch.addcmul(_bp(cm, H, W), g, _bp(s_p, H, W)).add_(tie_p * _bp(cw, H, W))
-    ds_c = (dxs * x).sum((2, 3))
+def _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx):
+    """The channel-gate gradient, the MLP backward and dx; returns the MLP weight gradients.
+
+    dxs = g s_p + cm + tie_p cw is the gradient at x s_c; d s_c = sum_p dxs x and
+    dx = dxs s_c + d avg / P + tie_c d cmax / count (tie_c: x equals its channel's maximum)."""
+    gc, xc, dxs = state
+    B, C, H, W = x.shape
+    P = H * W
+    torch.addcmul(cm.view(B, 1, P), dxs, cw.view(B, 1, P), out=dxs).addcmul_(gc, s_p.view(B, 1, P))
+    buf = torch.mul(dxs, xc)
+    ds_c = buf.sum(2)
     cmax = cstat[:, 1]
-    tie_c = x == _bc(cmax).to(x.dtype)
+    tie_c = torch.eq(xc, cmax.view(B, C, 1), out=buf)  # cmax is x's own maximum, exact in ct
     davg, dcmax, *wgrads = _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, *mlp_args, light)
-    dxs.mul_(_bc(s_c)).add_(_bc(davg / (H * W)))
-    torch.addcmul(dxs, tie_c, _bc(dcmax / tie_c.sum((2, 3), dtype=dxs.dtype)), out=dx)
+    dx3 = dx.view(B, C, P)  # dx is laid out as x, whose pixels flatten to one stride
+    out = dx3 if dx.dtype == dxs.dtype else dxs
+    torch.addcmul((davg / P).view(B, C, 1), dxs, s_c.view(B, C, 1), out=out)
+    out.addcmul_(tie_c, (dcmax / tie_c.sum(2)).view(B, C, 1))
+    if out is not dx3:
+        dx3.copy_(out)
     return wgrads
 
 
@@ -287,7 +306,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
 
         dsp, pcnt, dsc_gate = K.backward_spatial(g, x, s_c, s_p, pmax)
     else:
-        dsp, tie_p, pcnt = _torch_backward_spatial(g, x * _bc(s_c), pmax)
+        dsp, pcnt, state = _torch_backward_spatial(g, x, s_c, pmax)
 
     # spatial gate: sigmoid -> BatchNorm -> conv, on (B, 1, H, W) maps
     da = (dsp * s_p * (1 - s_p)).view(B, 1, H, W)
@@ -320,7 +339,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
         K.backward_input(g, x, s_c, s_p, cm, cw, pmax, (davg / P).contiguous(), (dcmax / ccnt).contiguous(),
                          cmax.contiguous(), dx)
     else:
-        wgrads = _torch_backward_rest(g, x, s_c, s_p, cm, cw, tie_p, cstat, mlp_args, light, dx)
+        wgrads = _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx)
     dw1, db1, dw2, db2 = wgrads
     outs = [dx]
     for grad_v, like in ((dw1, fc1_w), (db1, fc1_b), (dw2, fc2_w), (db2, fc2_b), (dconv_w, conv_w),
