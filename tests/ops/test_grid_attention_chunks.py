@@ -1,7 +1,7 @@
 """The A-chunked variant of the grid-attention kernels (A_CHUNKS > 1).
 
-The shipped tile tables use it from A=128 upwards (A chunks of 64: nothing spills on sm_80/sm_90 under
-triton 3.6 or 3.9). This forces chunking at a small A through the tables, so the chunk loop (and the
+The shipped tile tables use it (16-bit: A chunks of 64 from A=128; fp32 backward: chunks of 32 from A=64),
+so that nothing spills on sm_80/sm_90 under triton 3.6 or 3.9. This forces chunking at a small A through the tables, so the chunk loop (and the
 backward's per-chunk dl partials) is exercised in the interpreter at test sizes."""
 import pytest
 import torch
