@@ -279,3 +279,67 @@ def check_gate(shape, dtype, *, device="cpu", channels_last=False):
     if channels_last:
         assert out[0].is_contiguous(memory_format=torch.channels_last), "output should keep channels_last"
     assert_close_3way(out, ref, eager, name=f"residual_gate{tuple(shape)} {dtype} {device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CBAM (attnfast::cbam), against timm's modules in float64
+# ----------------------------------------------------------------------------------------------
+def make_timm(C, light, seed=0, rd_ratio=0.25, mlp_bias=False, kernel=7):
+    from timm.layers import cbam as timm_cbam  # a test extra: imported where it is used
+
+    torch.manual_seed(seed)
+    cls = timm_cbam.LightCbamModule if light else timm_cbam.CbamModule
+    m = cls(C, rd_ratio=rd_ratio, mlp_bias=mlp_bias, spatial_kernel_size=kernel).double()
+    bn = m.spatial.conv.bn
+    with torch.no_grad():  # non-trivial BatchNorm state and weights
+        bn.weight.fill_(1.3)
+        bn.bias.fill_(-0.2)
+        bn.running_mean.fill_(0.1)
+        bn.running_var.fill_(0.7)
+        for p in m.channel.parameters():
+            p.mul_(3.0)
+    return m
+
+
+def fused_like(ref, light, dtype, device):
+    from attnfast.nn.cbam import CBAM, LightCBAM
+
+    C = ref.channel.fc1.in_channels
+    m = (LightCBAM if light else CBAM)(C, rd_channels=ref.channel.fc1.out_channels,
+                                       spatial_kernel_size=ref.spatial.conv.conv.kernel_size[0],
+                                       mlp_bias=ref.channel.fc1.bias is not None)
+    m.load_state_dict(ref.state_dict())
+    return m.to(device=device, dtype=dtype)
+
+
+def run(module, x, grad, train):
+    module.train(train)
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    grads = [p.grad.detach().clone() for p in module.parameters()]
+    return [y.detach(), x.grad] + grads
+
+
+def check_cbam(shape, dtype, light, train, device, channels_last=False, **kw):
+    # the truth uses the weights and inputs as rounded to ``dtype``: only the computation's error is compared
+    ref = make_timm(shape[1], light, **kw).to(device=device, dtype=dtype).double()
+    eager = make_timm(shape[1], light, **kw).to(device=device, dtype=dtype)
+    fused = fused_like(ref, light, dtype, device)
+    x = (torch.randn(shape, dtype=torch.float64, device=device) * 2).to(dtype).double()
+    g = torch.randn(shape, dtype=torch.float64, device=device).to(dtype).double()
+    xd, gd = x.to(dtype), g.to(dtype)
+    if channels_last:
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    out_ref = run(ref, x, g, train)
+    out_eager = run(eager, xd, gd, train)
+    out = run(fused, xd, gd, train)
+    assert out[0].dtype == dtype and out[1].dtype == dtype
+    if channels_last:
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+        assert out[1].is_contiguous(memory_format=torch.channels_last)
+    assert_close_3way([o.cpu() for o in out], [o.cpu() for o in out_ref], [o.cpu() for o in out_eager],
+                      name=f"cbam{shape}[{dtype},light={light},train={train}]")
+    for name, buf in ref.spatial.conv.bn.named_buffers():  # running statistics updated as BatchNorm does
+        torch.testing.assert_close(getattr(fused.spatial.conv.bn, name).double(), buf.double(),
+                                   rtol=1e-3, atol=1e-3, msg=name)

@@ -35,7 +35,7 @@ import traceback
 import pytest
 import torch
 
-from op_checks import check_gate, check_grid, check_sagan, check_sagan_variant, tf32
+from op_checks import check_cbam, check_gate, check_grid, check_sagan, check_sagan_variant, tf32
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -69,6 +69,15 @@ GATE_REAL = [
     ("stage1-channels_last", (32, 256, 56, 56), True),
 ]
 
+# CBAM in timm's ResNet-50 at 224, B = 32 (the benchmark batch): each stage's block output; light = LightCBAM.
+CBAM_REAL = [
+    ("stage1", (32, 256, 56, 56), False),
+    ("stage2", (32, 512, 28, 28), False),
+    ("stage3", (32, 1024, 14, 14), False),
+    ("stage4", (32, 2048, 7, 7), False),
+    ("stage1-light", (32, 256, 56, 56), True),
+]
+
 
 def check_real_grid(case, precision, device):
     name, B, C, Cg, A, H, up = case
@@ -94,6 +103,12 @@ def check_real_gate(case, precision, device):
     check_gate(shape, DTYPES[precision], device=device, channels_last=channels_last)
 
 
+def check_real_cbam(case, precision, device):
+    _, shape, light = case
+    for train in (True, False):  # BatchNorm on batch statistics, then on running statistics
+        check_cbam(shape, DTYPES[precision], light, train, device, channels_last=shape[1] == 256 and not light)
+
+
 def _sagan_id(case):
     b, c, h, w, options = case
     opts = "".join(f"-{k}{'' if v is True else v}" for k, v in options.items())
@@ -105,6 +120,7 @@ OPS = {
     "grid_attention": (GRID_REAL, lambda c: c[0], ("fp32", "tf32", "fp16", "bf16"), check_real_grid),
     "self_attention": (SAGAN_REAL, _sagan_id, ("fp32", "fp16", "bf16"), check_real_sagan),
     "residual_gate": (GATE_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_gate),
+    "cbam": (CBAM_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_cbam),
 }
 
 
@@ -113,6 +129,7 @@ TINY = {
     "grid_attention": [("tiny", 2, 8, 16, 16, 4, 2)],
     "self_attention": [(2, 16, 6, 5, {}), (2, 32, 5, 6, {"pool": True, "heads": 2, "value_dim": 8})],
     "residual_gate": [("tiny", (2, 4, 5, 6), False), ("tiny-channels_last", (2, 4, 5, 6), True)],
+    "cbam": [("tiny", (2, 20, 9, 9), False), ("tiny-light", (2, 8, 5, 3), True)],
 }
 
 
