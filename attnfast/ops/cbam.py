@@ -182,7 +182,9 @@ def _torch_forward_maps(x, ct, mlp):
     sums = x.sum((2, 3), dtype=ct)
     cmax = x.amax((2, 3)).to(ct)
     s_c = mlp(sums, cmax)
-    xs = x * _bc(s_c)  # in the compute dtype (type promotion); reused by the gate pass
+    # in the compute dtype (type promotion); when that is x's dtype, x s_c is written where y goes and the
+    # gate pass scales it in place (one full-size allocation per call, as eager's y)
+    xs = torch.mul(x, _bc(s_c), out=_alloc.empty_like(x)) if x.dtype == ct else x * _bc(s_c)
     B, C = xs.shape[:2]
     psum = torch.bmm(xs.new_ones(B, 1, C), xs.reshape(B, C, -1))  # a matmul sums over C faster than sum(1)
     return sums, cmax, s_c, psum.view(B, -1), xs.amax(1).flatten(1), xs
@@ -197,9 +199,10 @@ def _torch_backward_spatial(g, x, s_c, pmax):
     ct = s_c.dtype
     xc, gc = x.to(ct).reshape(B, C, P), g.to(ct).reshape(B, C, P)
     xs = x.reshape(B, C, P) * s_c.view(B, C, 1)  # the forward's x s_c, bit for bit (promoted to ct)
-    dsp = torch.bmm(s_c.view(B, 1, C), torch.mul(gc, xc)).view(B, P)
+    gx = torch.mul(gc, xc)
+    dsp = torch.bmm(s_c.view(B, 1, C), gx).view(B, P)
     tie_p = xs.eq_(pmax.view(B, 1, P))  # 1.0 where x s_c is its pixel's channel maximum
-    return dsp, tie_p.sum(1), (gc, xc, tie_p)
+    return dsp, tie_p.sum(1), (gc, xc, tie_p, gx)
 
 
 def _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx):
@@ -207,11 +210,11 @@ def _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx)
 
     dxs = g s_p + cm + tie_p cw is the gradient at x s_c; d s_c = sum_p dxs x and
     dx = dxs s_c + d avg / P + tie_c d cmax / count (tie_c: x equals its channel's maximum)."""
-    gc, xc, dxs = state
+    gc, xc, dxs, buf = state
     B, C, H, W = x.shape
     P = H * W
     torch.addcmul(cm.view(B, 1, P), dxs, cw.view(B, 1, P), out=dxs).addcmul_(gc, s_p.view(B, 1, P))
-    buf = torch.mul(dxs, xc)
+    torch.mul(dxs, xc, out=buf)  # g x is dead: its memory holds dxs x
     ds_c = buf.sum(2)
     cmax = cstat[:, 1]
     tie_c = torch.eq(xc, cmax.view(B, C, 1), out=buf)  # cmax is x's own maximum, exact in ct
@@ -265,11 +268,13 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     bnstat = _bn_stats(z, running_mean, running_var, batch_stats)
     zn = (z - bnstat[0]) * torch.rsqrt(bnstat[1] + eps) * bn_w.to(ct).reshape(()) + bn_b.to(ct).reshape(())
     s_p = torch.sigmoid(zn).view(B, P)
-    y = _alloc.empty_like(x)
     if triton_path:
+        y = _alloc.empty_like(x)
         K.gate(x, s_c, s_p, y)
+    elif xs.dtype == x.dtype:  # _torch_forward_maps wrote x s_c in y's memory
+        y = xs.mul_(_bp(s_p, H, W))
     else:
-        torch.mul(xs, _bp(s_p, H, W), out=y)
+        y = torch.mul(xs, _bp(s_p, H, W), out=_alloc.empty_like(x))
     return y, s_c, torch.stack([sums / P, cmax], 1), s_p, smap, bnstat
 
 
