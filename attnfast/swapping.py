@@ -83,6 +83,7 @@ import torch
 import torch.nn as nn
 
 _ORIGINAL = "_attnfast_swapped_from"
+_BUILT = "_attnfast_built_children"  # children swap built (another library's class), not adopted
 _PROBE_SEED = 20240917
 
 
@@ -313,6 +314,13 @@ def _cbam_spec(m: nn.Module) -> Spec:
     fc2 = _require_conv1x1(m.channel.fc2, "channel.fc2", bias=fc1.bias is not None, out_channels=fc1.in_channels)
     if fc2.in_channels != fc1.out_channels:
         raise NotSwappable(f"channel.fc1 has {fc1.out_channels} outputs but channel.fc2 takes {fc2.in_channels}")
+    act = getattr(m.channel, "act", None)
+    if act is not None and type(act) is not nn.ReLU:
+        raise NotSwappable(f"channel.act is {type(act).__name__}; the fused CBAM computes a ReLU MLP")
+    for where in ("channel", "spatial"):
+        gate = getattr(getattr(m, where), "gate", None)
+        if gate is not None and type(gate).__name__ != "Sigmoid":  # nn.Sigmoid or timm's Sigmoid
+            raise NotSwappable(f"{where}.gate is {type(gate).__name__}; the fused CBAM computes sigmoid gates")
     conv, bn = m.spatial.conv.conv, getattr(m.spatial.conv, "bn", None)
     k = conv.kernel_size[0]
     if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or conv.padding != (k // 2, k // 2)
@@ -321,6 +329,10 @@ def _cbam_spec(m: nn.Module) -> Spec:
                            f"channel (kernel {conv.kernel_size}, padding {conv.padding}, bias {conv.bias is not None})")
     if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != 1:
         raise NotSwappable(f"spatial.conv.bn is {type(bn).__name__}, not a one-channel BatchNorm2d")
+    for extra in ("act", "drop"):  # timm's BatchNormAct2d: only as a plain BatchNorm
+        layer = getattr(bn, extra, None)
+        if layer is not None and not isinstance(layer, nn.Identity):
+            raise NotSwappable(f"spatial.conv.bn.{extra} is {type(layer).__name__}; the fused CBAM's BatchNorm has none")
     # the fused module is built with nn.BatchNorm2d's defaults; its tensors are adopted, its settings are not
     if (bn.eps, bn.momentum, bn.affine, bn.track_running_stats) != (1e-5, 0.1, True, True):
         raise NotSwappable(f"spatial.conv.bn has eps={bn.eps}, momentum={bn.momentum}, affine={bn.affine}, "
@@ -406,7 +418,7 @@ def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | Non
             new = cls(*args, **kwargs)
     except (ValueError, TypeError) as e:
         raise NotSwappable(f"{cls.__name__}{args} does not accept these options: {e}") from None
-    adopted = set()
+    adopted, built = set(), set()
     for name, child in new._modules.items():
         theirs = old._modules.get(name)
         if child is None or theirs is None:
@@ -416,6 +428,8 @@ def _build(old: nn.Module, cls, args: tuple, kwargs: dict, runs: frozenset | Non
             adopted.add(name)
         else:  # another library's class for the same layer (timm's): adopt its Parameters and buffers
             _adopt_tensors(child, theirs)
+            built.add(name)
+    new.__dict__[_BUILT] = frozenset(built)  # unswap gives these back to the original's own children
     for store in ("_parameters", "_buffers"):
         mine, theirs = getattr(new, store), getattr(old, store)
         for name in mine:
@@ -691,8 +705,10 @@ def _probe(old: nn.Module, candidates: list, spec: Spec) -> tuple:
                 values = _perturbed(params, gen) if perturbed else dict(params)
                 wrt_names = [n for n, _ in params if values[n].requires_grad]
                 buffers = dict(old.named_buffers())
-                for m in [old] + [m for _, m in candidates]:
-                    _set_mode(m, training)
+                if run:  # the first run keeps every submodule's own flag (e.g. a frozen BatchNorm in a
+                    # training model: candidates mirror the original's flags), the second forces the other mode
+                    for m in [old] + [m for _, m in candidates]:
+                        _set_mode(m, training)
                 try:
                     ref, ref_x = _run(old, {**values, **{n: b.clone() for n, b in buffers.items()}},
                                       inputs, device, _PROBE_SEED + run)
@@ -848,9 +864,12 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> str:
 def _restore(m: nn.Module) -> nn.Module:
     """The original module kept by swap, holding ``m``'s current Parameters, buffers, hooks and mode."""
     original = m.__dict__[_ORIGINAL]
-    for name, child in m._modules.items():  # children the user replaced on the fused module meanwhile
-        if name in original._modules and child is not None and original._modules[name] is not child:
-            original._modules[name] = child
+    built = m.__dict__.get(_BUILT, frozenset())
+    for name, child in m._modules.items():
+        if name in built:  # swap's own child holding the original child's tensors: give them (and modes) back
+            _adopt_tensors(original._modules[name], child)
+        elif name in original._modules and child is not None and original._modules[name] is not child:
+            original._modules[name] = child  # a child the user replaced on the fused module meanwhile
     current = dict(m.named_parameters())
     current.update(m.named_buffers())
     for name, tensor in current.items():  # Parameters re-assigned meanwhile (e.g. ``.to()`` that replaces them)

@@ -91,7 +91,10 @@ def test_reference_cbam_swapped(ref_cls, fused_cls):
 
 
 @pytest.mark.parametrize("make, reason", [
-    (lambda: timm_cbam.CbamModule(32, act_layer=nn.SiLU), "differ"),
+    (lambda: timm_cbam.CbamModule(32, act_layer=nn.SiLU), "ReLU"),
+    (lambda: timm_cbam.CbamModule(64, act_layer=nn.LeakyReLU), "ReLU"),
+    (lambda: timm_cbam.LightCbamModule(64, act_layer=nn.ReLU6), "ReLU"),
+    (lambda: timm_cbam.CbamModule(32, gate_layer="hard_sigmoid"), "sigmoid"),
     (lambda: _bn_eps(timm_cbam.CbamModule(32)), "eps"),
 ])
 def test_cbam_look_alikes_are_left_alone(make, reason):
@@ -106,3 +109,39 @@ def test_cbam_look_alikes_are_left_alone(make, reason):
 def _bn_eps(m):
     m.spatial.conv.bn.eps = 1e-3
     return m
+
+
+@pytest.mark.parametrize("make", [lambda: timm_cbam.CbamModule(16), lambda: ref_cbam.CBAM(16)], ids=["timm", "reference"])
+def test_frozen_batchnorm_inside_cbam(make):
+    """Fine-tuning with frozen BatchNorms (model.train(), every BN .eval()): the fused CBAM's BN keeps using
+    and keeping its running statistics, like the original's."""
+    model = nn.Sequential(make())
+    bn = model[0].spatial.conv.bn
+    with torch.no_grad():
+        bn.running_mean.fill_(0.7)
+        bn.running_var.fill_(3.0)
+    model.train()
+    bn.eval()
+    oracle = copy.deepcopy(model)
+    result = attnfast.swap(model)
+    assert len(result) == 1 and not result.skipped
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(model(x), oracle(x), rtol=1e-4, atol=1e-5)
+    assert model[0].spatial.conv.bn.running_mean.item() == pytest.approx(0.7)  # frozen: unchanged
+    model[0].spatial.conv.bn.train()  # unfreezing after the swap follows the flag too
+    oracle[0].spatial.conv.bn.train()
+    torch.testing.assert_close(model(x), oracle(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[0].spatial.conv.bn.running_mean, oracle[0].spatial.conv.bn.running_mean)
+
+
+def test_unswap_gives_timm_its_own_children_back():
+    m = timm_cbam.CbamModule(16)
+    channel, spatial, act, gate = m.channel, m.spatial, m.channel.act, m.spatial.gate
+    model = nn.Sequential(m)
+    attnfast.swap(model)
+    assert isinstance(model[0], CBAM)
+    model[0].eval()
+    attnfast.unswap(model)
+    assert model[0] is m and m.channel is channel and m.spatial is spatial
+    assert m.channel.act is act and m.spatial.gate is gate
+    assert not m.training and not m.spatial.conv.bn.training  # modes set on the fused module come back

@@ -47,14 +47,17 @@ class _Fused:
         fc1, fc2 = self.channel.fc1, self.channel.fc2
         conv, bn = self.spatial.conv.conv, self.spatial.conv.bn
         check_module_inputs({"x": x}, fc1.weight, "channel.fc1.weight")
+        # The BatchNorm follows its own train/eval flag, as nn.BatchNorm2d does: a frozen BN (``bn.eval()``
+        # inside a model in train mode, the usual fine-tuning setup) keeps using and keeping its running stats.
+        bn_training = bn.training
         momentum = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        if bn_training and bn.track_running_stats and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        use_running = not self.training or bn.track_running_stats
+        use_running = not bn_training or bn.track_running_stats
         return cbam(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv.weight, bn.weight, bn.bias,
                     bn.running_mean if use_running else None, bn.running_var if use_running else None,
-                    training=self.training or bn.running_mean is None, momentum=momentum, eps=bn.eps,
+                    training=bn_training or bn.running_mean is None, momentum=momentum, eps=bn.eps,
                     light=self.light)
 
 
