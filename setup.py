@@ -35,7 +35,7 @@ setup(
         "torchvision>=0.26",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=2.0",
-        "tqdm>=4.66",
+        "tqdm>=4.66.1",  # 4.66.0 breaks on TQDM_* environment overrides (string compared with int)
         "scikit-learn>=1.5",
         "matplotlib>=3.9",
         "pillow>=10.4",

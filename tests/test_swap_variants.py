@@ -104,9 +104,11 @@ def check_swap_trains_like_oracle(model, inputs, expected, *, dropped=(), steps=
         opt.zero_grad()
         opt_oracle.zero_grad()
     state = model.state_dict()
+    # a parameter whose exact gradient is 0 (SAGAN's key bias) moves by rounding noise: scale by the model's largest
+    largest = max(v.abs().max().item() for v in oracle.state_dict().values() if v.is_floating_point() and v.numel())
     for k, v in oracle.state_dict().items():
         if v.is_floating_point():
-            close(state[k], v, msg=f"{k} after the optimizer steps")
+            close(state[k], v, msg=f"{k} after the optimizer steps", group=largest)
         else:
             assert torch.equal(state[k], v), k
     return result

@@ -156,10 +156,10 @@ def test_backend_setting_is_respected(monkeypatch):
         assert calls
 
 
-def test_float64_takes_the_torch_path(triton_backend):
-    ref = make_timm(8, True).float().double()  # fused_like loads through fp32 parameters
-    fused = fused_like(ref, True, torch.float64, "cpu")
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+def test_float64_takes_the_torch_path(triton_backend, device):
+    ref = make_timm(8, True).float().double().to(device)  # fused_like loads through fp32 parameters
+    fused = fused_like(ref, True, torch.float64, device)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, device=device)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-12, atol=1e-12)
 
 
