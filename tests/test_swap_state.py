@@ -11,14 +11,7 @@ from attnfast.reference import ResidualAttentionModule as RefRAM
 from attnfast.reference import SelfAttention as RefSelf
 from attnfast.swapping import SwapWarning, swap, unswap
 from seed_modules import AttentionBlock, SelfAttention
-
-
-def _randomize(model, scale=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model
+from seed_modules import randomize as _randomize
 
 
 class BlockWithBN(nn.Module):

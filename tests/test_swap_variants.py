@@ -16,14 +16,7 @@ from attnfast.nn import GridAttention as FusedGrid
 from attnfast.nn import SelfAttention2d
 from attnfast.swapping import SwapWarning, swap, unswap
 from seed_modules import AttentionBlock, GridAttentionBlock, ScaledSelfAttention, SelfAttention, SelfAttentionOutOnly
-
-
-def _randomize(model, scale=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model
+from seed_modules import randomize as _randomize
 
 
 def _flat(out):
