@@ -16,7 +16,8 @@ def overlay_note(model_name: str, names: list, count: int) -> str:
     if not names:
         return (f"overlays: none; {model_name} has no attention map attnfast can draw (grid attention, residual "
                 "attention masks, CBAM spatial gates and SAGAN self-attention have one)")
-    return f"overlays/epoch_NNN.png: {len(names)} attention map(s) ({names[0]}{', ...' if len(names) > 1 else ''})"
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]}, ..., {names[-1]}"
+    return f"overlays/epoch_NNN.png: {len(names)} attention map(s) ({shown})"
 
 
 def epoch_line(row: dict) -> str:
