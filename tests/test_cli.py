@@ -126,11 +126,11 @@ def test_defaults_are_the_main_job_and_the_seeds():
     args = build_parser().parse_args(["train"])
     assert (args.data, args.model, args.attention, args.optimizer, args.lr) == \
         ("synthetic", "attnvgg", "fused", "adam", 1e-4)
-    from attnfast.cli import _train_config
+    from attnfast.cli import train_config
 
-    cfg = _train_config(args).resolved()
+    cfg = train_config(args).resolved()
     assert (cfg.image_size, cfg.width_mult, cfg.epochs) == (64, 0.125, 4)
-    real = _train_config(build_parser().parse_args(["train", "--data", "melanoma:/d"])).resolved()
+    real = train_config(build_parser().parse_args(["train", "--data", "melanoma:/d"])).resolved()
     assert (real.image_size, real.batch_size, real.width_mult, real.max_benign) == (224, 100, 1.0, 6000)
 
 
@@ -161,3 +161,111 @@ def test_console_script_train_and_predict(melanoma, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "ISIC_0000002.jpg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def test_bare_attnfast_prints_help_and_does_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("attnfast.train.train", lambda *a, **k: pytest.fail("bare attnfast started a job"))
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: attnfast") and "train" in out and "predict" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_version(capsys):
+    import attnfast
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"attnfast {attnfast.__version__}"
+
+
+def _subparsers():
+    import argparse
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_every_option_has_help_and_no_none_default(command):
+    p = _subparsers()[command]
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    assert options
+    for a in options:
+        assert a.help and len(a.help) > 10, a.option_strings
+    text = p.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    for block in text.split("\n  --")[1:]:  # a help text that gives its default does not get a second one
+        assert block.count("default") <= 1, block
+
+
+def test_train_options_are_the_config_fields():
+    import dataclasses
+
+    from attnfast.train import TrainConfig
+    from attnfast.train.config import option_name
+
+    p = _subparsers()["train"]
+    flags = {a.option_strings[0]: a.dest for a in p._actions if a.option_strings and a.dest != "help"}
+    assert flags == {option_name(f.name): f.name for f in dataclasses.fields(TrainConfig)}
+    assert option_name("normalize_attn") == "--sigmoid-attn" and option_name("progress") == "--no-progress"
+    args = build_parser().parse_args(["train", "--sigmoid-attn", "--no-progress", "--max-benign", "5"])
+    from attnfast.cli import train_config
+
+    cfg = train_config(args)
+    assert (cfg.normalize_attn, cfg.progress, cfg.max_benign) == (False, False, 5)
+    assert train_config(build_parser().parse_args(["train"])) == TrainConfig()
+
+
+def test_resume_without_out(capsys):
+    code, lines = _run_main(capsys, ["train", "--resume"])
+    assert code == 2 and lines == ["error: --resume needs --out: the folder of the run to continue"]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--device", "foo"], "--device must be auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda (the "
+                          "current GPU) or cuda:N; got 'foo'"),
+    (["--device", "meta"], "--device must be auto"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more; got -1.0"),
+    (["--momentum", "-1"], "--momentum must be in [0, 1); got -1.0"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295; got -1"),
+    (["--split-seed", "4294967296"], "--split-seed must be in 0..4294967295; got 4294967296"),
+    (["--lr", "nan"], "--lr must be a positive finite number; got nan"),
+    (["--width-mult", "inf"], "--width-mult must be a positive finite number; got inf"),
+    (["--overlay-count", "-1"], "--overlay-count must be 0 or more; got -1"),
+])
+def test_bad_option_values_are_one_line(tmp_path, capsys, argv, expected):
+    code, lines = _run_main(capsys, ["train", "--out", str(tmp_path / "o"), *argv])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: " + expected), lines
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu(melanoma, tmp_path, capsys):
+    code, lines = _run_main(capsys, ["train", "--data", f"melanoma:{melanoma}", "--out", str(tmp_path / "o"),
+                                     "--device", "cuda", *TINY])
+    assert code == 2 and lines == ["error: --device cuda: no CUDA GPU is visible to PyTorch "
+                                   "(torch.cuda.is_available() is False); use --device cpu"]
+
+
+def test_device_cuda_gets_an_index():
+    import torch
+
+    from attnfast.train.build import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").index == torch.cuda.current_device()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
+    (["--device", "meta"], "--device must be auto"),
+])
+def test_predict_bad_options(melanoma, tmp_path, capsys, argv, expected):
+    code, lines = _run_main(capsys, ["predict", "--checkpoint", str(tmp_path / "x.pt"), "--data",
+                                     f"melanoma:{melanoma}", "--out", str(tmp_path / "s.csv"), *argv])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: " + expected), lines

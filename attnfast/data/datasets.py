@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -57,14 +58,46 @@ def mask_transform(p: Preprocessing):
     return T.Compose([T.Resize(p.image_size), T.CenterCrop(p.image_size), T.ToTensor()])
 
 
+HIGH_BIT_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """The image at ``path`` in PIL ``mode``; one :class:`AttnfastDataError` line for any file that cannot be read.
+
+    Images with more than 8 bits per sample are scaled into the 8-bit range, never clipped: integer images
+    (16-bit PNG/TIFF, PIL modes ``I;16*`` and ``I``) are read as 16-bit, value / 257 (65535 -> 255); float images
+    (mode ``F``, e.g. a 32-bit float TIFF) are read as intensities in [0, 1], value * 255. An integer image with
+    values outside 0..65535, or a float image with values outside [0, 1] (or NaN/inf), is refused: its scale is
+    unknown. Images larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused.
+    """
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            return _eight_bit(img, path).convert(mode)
     except FileNotFoundError:
         raise AttnfastDataError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise AttnfastDataError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise AttnfastDataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _eight_bit(img: Image.Image, path: str) -> Image.Image:
+    """``img`` itself, or an 8-bit ``L`` image scaled from a 16-bit integer or a float one (see load_image)."""
+    if img.mode in HIGH_BIT_INT_MODES:
+        a = np.asarray(img).astype(np.int64)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise AttnfastDataError(f"{path}: {img.mode} image with values {lo}..{hi}; attnfast reads integer "
+                                    "images as 16-bit (0..65535); convert it to 8 or 16 bits")
+        return Image.fromarray(np.rint(a / 257.0).astype(np.uint8), "L")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise AttnfastDataError(f"{path}: float image with values {np.nanmin(a):g}..{np.nanmax(a):g}; attnfast "
+                                    "reads float images as intensities in [0, 1]; rescale it or save it as 8 or "
+                                    "16 bits")
+        return Image.fromarray(np.rint(a * 255.0).astype(np.uint8), "L")
+    return img
 
 
 class ImageDataset(Dataset):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -163,14 +164,29 @@ def _csv_samples(root: str, csv_path: str, id_col: str, label_col: str, subdirs:
     mask_dir = os.path.join(root, "masks")
     mask_index = _index_images(mask_dir) if os.path.isdir(mask_dir) else {}
     samples = []
+    first_row = {}  # image file -> the row that listed it first
     for i, row in enumerate(rows, start=2):  # row numbers as a spreadsheet shows them (header is row 1)
         image_id = row[id_col]
         if not image_id:
             raise AttnfastDataError(f"{csv_path}: row {i}: empty {id_col!r}")
         label = _int_label(row[label_col], csv_path, label_col, i, allowed) if require_label else -1
         path = _resolve(index, image_dir, image_id, csv_path, i)
+        if path in first_row:  # refused, not deduplicated: the copies could land in train and validation
+            raise AttnfastDataError(f"{csv_path}: rows {first_row[path]} and {i} both list image "
+                                    f"{os.path.basename(path)!r}; an image listed twice can be trained on and "
+                                    "validated on at once: remove the duplicate row")
+        first_row[path] = i
         samples.append(Sample(path, label, image_id, _mask_for(mask_index, mask_dir, image_id)))
     return samples
+
+
+def listing_digest(samples) -> str:
+    """SHA-256 of the sorted ``(image id, label)`` pairs: what a train/validation split is made from. A
+    resumed run compares it with the one recorded in its checkpoint."""
+    h = hashlib.sha256()
+    for image_id, label in sorted((s.image_id, s.label) for s in samples):
+        h.update(f"{image_id}\t{label}\n".encode())
+    return h.hexdigest()
 
 
 def read_melanoma(root: str, *, test: bool = False) -> DatasetInfo:

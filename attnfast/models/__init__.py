@@ -23,12 +23,18 @@ MODEL_BUILDERS = {
 __all__ = ["AttnVGG", "ResidualAttentionNet", "ran56", "ran92", "create_model", "MODEL_BUILDERS"]
 
 
-def create_model(name: str, num_classes: int, attention: str = "fused", **kwargs):
+def create_model(name: str, num_classes: int, attention: str = "fused", *, report: list | None = None, **kwargs):
+    """The model ``name`` with ``num_classes`` outputs and ``attention`` modules (``'fused'`` or ``'reference'``).
+
+    ``report``: a list to which a timm model built with ``attention='fused'`` appends one line saying what
+    ``attnfast.swap`` replaced and what stayed timm's own (attnfast's models are built with their modules and
+    append nothing).
+    """
     if name not in MODEL_BUILDERS:
         from . import timm_models
 
         try:
-            return timm_models.create(name, num_classes, attention=attention, **kwargs)
+            return timm_models.create(name, num_classes, attention=attention, report=report, **kwargs)
         except ImportError as e:
             raise ImportError(f"model {name!r} is not one of attnfast's ({', '.join(sorted(MODEL_BUILDERS))}), so "
                               f"it names a timm model, but {e}") from None

@@ -77,3 +77,16 @@ def test_create_model_without_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ImportError, match="model 'resnet50-cbam' is not one of attnfast's .* timm is not installed"):
         create_model("resnet50-cbam", 2)
+
+
+def test_create_model_reports_what_swap_did():
+    """``create_model(..., report=)``: the trainer's one way to build any model (issue 16 item 4)."""
+    from attnfast.models import create_model
+
+    report = []
+    create_model("resnet18-cbam", 3, attention="fused", report=report)
+    assert report == ["attnfast.swap replaced 8 modules of resnet18-cbam with fused ones (8 CbamModule -> CBAM)"]
+    report = []
+    create_model("resnet18-cbam", 3, attention="reference", report=report)
+    create_model("attnvgg", 2, report=report, width_mult=0.125)
+    assert report == []  # nothing swapped, nothing to say

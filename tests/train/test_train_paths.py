@@ -155,7 +155,7 @@ def _corrupt_every_image(root):
 
 def _delete_after_listing(monkeypatch):
     """The files exist when the layout is read and disappear before the workers open them."""
-    import attnfast.train.engine as engine
+    import attnfast.train.loop as engine
 
     real = engine.build_datasets
 
