@@ -19,8 +19,8 @@ _LAZY = {
     "ResidualAttentionModule": "attnfast.nn.residual_attention",
     "CBAM": "attnfast.nn.cbam",
     "LightCBAM": "attnfast.nn.cbam",
-    "swap": "attnfast.swapping",
-    "unswap": "attnfast.swapping",
+    "swap": None,  # the package attnfast.swap, which is callable: attnfast.swap(model)
+    "unswap": "attnfast.swap",
     "reference": None,
     "ops": None,
     "nn": None,

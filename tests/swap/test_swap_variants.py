@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from attnfast.nn import GridAttention as FusedGrid
 from attnfast.nn import SelfAttention2d
-from attnfast.swapping import SwapWarning, swap, unswap
+from attnfast.swap import SwapWarning, swap, unswap
 from seed_modules import AttentionBlock, GridAttentionBlock, ScaledSelfAttention, SelfAttention, SelfAttentionOutOnly
 from seed_modules import randomize as _randomize
 
