@@ -114,14 +114,14 @@ import types
 from .families import FAMILIES
 from .family import Candidate, Family, NotSwappable, Spec
 from .report import Replacement, Skipped, SwapResult, SwapWarning
-from .walk import swap, unswap
+from .walk import _walk, swap, unswap
 
 
 class _CallableModule(types.ModuleType):
     """``attnfast.swap(model)`` calls :func:`swap`; ``attnfast.swap.SwapResult`` etc. are this package's names."""
 
-    def __call__(self, model, **kwargs):
-        return swap(model, **kwargs)
+    def __call__(self, model, *, inplace: bool = True, dry_run: bool = False, strict: bool = False, autocast=None):
+        return _walk(model, inplace=inplace, to_fused=True, dry_run=dry_run, strict=strict, autocast=autocast)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -9,6 +9,7 @@ from .family import NotSwappable
 
 ORIGINAL = "_attnfast_swapped_from"  # the original module, kept on the fused one for unswap
 BUILT = "_attnfast_built_children"  # children swap built (another library's class) and gave adopted tensors
+SHARED = "_attnfast_shared_attributes"  # public attributes the original and the fused module share
 _KEEP_METHODS = {"forward", "extra_repr"}
 
 
@@ -117,11 +118,25 @@ def finish(old: nn.Module, new: nn.Module, runs: frozenset | None) -> nn.Module:
     for name, child in new._modules.items():
         if name not in adopted and child is not None and name not in old._modules:
             child.train(old.training)
-    if not is_ours(old):
-        for key, value in vars(old).items():
-            if not key.startswith("_") and key != "training" and not hasattr(new, key):
-                new.__dict__[key] = value
+    shared = []  # public attributes meaning the same on both: unswap gives their current values back
+    for key, value in vars(old).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if not hasattr(new, key) and not is_ours(old):
+            new.__dict__[key] = value
+        if key in new.__dict__ and _same_value(new.__dict__[key], value):
+            shared.append(key)
+    new.__dict__[SHARED] = tuple(shared)
     return new
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors, arrays, objects with odd __eq__: not the same
+        return False
 
 
 def carry_hooks(old: nn.Module, new: nn.Module) -> str:
@@ -150,6 +165,9 @@ def restore(m: nn.Module) -> nn.Module:
         store = owner._parameters if leaf in owner._parameters else owner._buffers
         if store.get(leaf) is not tensor:
             store[leaf] = tensor
+    for key in m.__dict__.get(SHARED, ()):
+        if key in m.__dict__:
+            original.__dict__[key] = m.__dict__[key]
     for attr in hook_dicts(m):
         original.__dict__[attr] = m.__dict__[attr]
     original.training = m.training

@@ -38,8 +38,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
@@ -65,10 +63,13 @@ class _Direct(nn.Module):
 
 @dataclasses.dataclass
 class _Fail(Exception):
-    """A configuration's mismatch: ``ratio`` (worst err_c / allowed; inf for a structural difference) and text."""
+    """A configuration's mismatch: ``ratio`` (worst err_c / allowed; inf for a structural difference), text, and
+    (set where it is caught) the run it failed in and whether the fused module raised."""
 
     ratio: float
     text: str
+    run: int = 0
+    raised: bool = False
 
 
 def _leaves(out, where="output"):
@@ -371,13 +372,18 @@ def probe(old: nn.Module, candidates: list, spec: Spec, autocast: tuple = ()) ->
                             names = sorted({k for _, k in dropped_attrs})
                             raise _Fail(math.inf, f"its forward assigns attributes ({', '.join(names)}) that the "
                                                   "fused module's would not (a side effect it would drop)")
-                        out_m, dropped = _compare_outputs(ref, new, truth[0] if truth else None, cand.dropped, rtol)
+                        try:
+                            out_m, dropped = _compare_outputs(ref, new, truth[0] if truth else None, cand.dropped,
+                                                              rtol)
+                        except _Fail as e:
+                            e.text += f" ({mode})"
+                            raise
                         if out_m.ratio > 1.0:
                             raise _Fail(out_m.ratio, _numbers(out_m, mode, exact))
                         drops[i].update(dropped)
                         paths = _differentiable(ref, cand.dropped)
                         if paths != _differentiable(new, cand.dropped):
-                            raise _Fail(math.inf, f"different outputs carry gradients ({mode})")
+                            raise _Fail(math.inf, f"other outputs carry gradients ({mode})")
                         key = tuple(paths)
                         if key not in ref_grads:
                             ref_map = dict(_leaves(ref))
@@ -398,11 +404,12 @@ def probe(old: nn.Module, candidates: list, spec: Spec, autocast: tuple = ()) ->
                             raise _Fail(g_m.ratio, _numbers(g_m, mode, exact))
                         worst[i] = max(worst[i], out_m.ratio, g_m.ratio)
                     except _Fail as e:
+                        e.run = run
                         failures[i] = e
                         del alive[i]
                     except Exception as e:  # noqa: BLE001 - a fused configuration that cannot run this input
-                        where = f" {_amp_name(device, amp)}" if amp is not None else ""
-                        failures[i] = _Fail(math.inf, f"the fused module raised{where} {type(e).__name__}: {e}")
+                        failures[i] = _Fail(math.inf, f"the fused module raised {type(e).__name__} ({mode}): {e}",
+                                            run, raised=True)
                         del alive[i]
                 if not alive:
                     break
@@ -411,12 +418,14 @@ def probe(old: nn.Module, candidates: list, spec: Spec, autocast: tuple = ()) ->
         for sub, flag in flags.items():
             sub.training = flag
         _restore_attributes(before)
-    if not alive:
-        closest = min(failures, key=lambda i: (failures[i].ratio, i))
+    if not alive:  # the closest: the one that passed the most runs, then the smallest error ratio
+        closest = min(failures, key=lambda i: (-failures[i].run, failures[i].ratio, i))
+        fail = failures[closest]
+        text = fail.text if fail.raised else f"the probe found different maths: {fail.text}"
         if len(candidates) == 1:
-            raise NotSwappable(f"the probe found different maths: {failures[closest].text}")
-        raise NotSwappable(f"no fused configuration computes the same; the closest [{options_text(candidates[closest][0])}]"
-                           f": {failures[closest].text}")
+            raise NotSwappable(text)
+        raise NotSwappable(f"no fused configuration computes the same; the closest "
+                           f"[{options_text(candidates[closest][0])}]: {text}")
     best = min(alive, key=lambda i: worst[i])
     note = candidates[best][0].note
     return best, [note] if note and (drops[best] or not candidates[best][0].dropped) else []

@@ -26,7 +26,7 @@ from .reads import forward_names
 MAX_LAYER_SIZE = 16  # conv/linear layers: above this a module named like attention is a network, not a layer
 _TOKENS = {"attention", "attn", "att", "atten", "attend", "gate", "gated", "gating", "cbam", "bam", "nonlocal",
            "nl", "gc", "gcnet", "globalcontext", "se", "sse", "cse", "scse", "ese", "squeeze", "excitation", "excite",
-           "eca", "ceca", "selfattention", "selfattn", "coordatt", "sknet", "selective", "splat"}
+           "eca", "ceca", "selfattention", "selfattn", "coordatt"}
 _GATE_FUNCS = {"softmax", "sigmoid", "hardsigmoid", "hard_sigmoid", "softmax2d", "gumbel_softmax"}
 _GATE_TOKENS = {"sigmoid", "softmax", "hardsigmoid", "softmax2d"}
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

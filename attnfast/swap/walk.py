@@ -12,7 +12,7 @@ from . import families as registry
 from .family import FUSED, Family, NotSwappable
 from .probe import probe
 from .reads import forward_reads
-from .report import REFUSED, UNKNOWN, Replacement, Skipped, SwapResult, SwapWarning
+from .report import NO_OP, OUT_OF_SCOPE, PARTIAL, UNKNOWN, Replacement, Skipped, SwapResult, SwapWarning
 from .scan import MAX_LAYER_SIZE, attention_like, layer_count
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -96,7 +96,9 @@ def _to_fused(m: nn.Module, families: list, autocast: tuple):
         if family.status != FUSED:
             if refusals:
                 break  # a fused family recognised it first: its reason is the one to give
-            raise _Refusal(family.explain(m), family, family.status, -1)
+            what = {NO_OP: "no fused op yet", PARTIAL: "only partly fusable", OUT_OF_SCOPE: "out of scope"}
+            raise _Refusal(f"recognised as {family.title} ({what.get(family.status, family.status)}): "
+                           f"{family.explain(m)}", family, family.status, -1)
         try:
             return (family, *_attempt(m, family, autocast))
         except _Refusal as e:
@@ -138,7 +140,7 @@ def _check_autocast(autocast) -> tuple:
 
 
 def _walk(model: nn.Module, *, inplace: bool, to_fused: bool, dry_run: bool, strict: bool,
-          autocast=None) -> SwapResult:
+          autocast=None, stacklevel: int = 3) -> SwapResult:
     if not isinstance(model, nn.Module):
         raise ValueError(f"swap/unswap expect a torch.nn.Module; got {type(model).__name__}")
     for flag, name in ((inplace, "inplace"), (dry_run, "dry_run"), (strict, "strict")):
@@ -202,7 +204,7 @@ def _walk(model: nn.Module, *, inplace: bool, to_fused: bool, dry_run: bool, str
         warnings.warn(f"attnfast.{what} left {len(skipped)} attention layer(s) as they are:\n"
                       + "\n".join(f"  [{s.status}] {s}" for s in skipped)
                       + f"\n({what}(model, dry_run=True).skipped lists them; strict=True raises instead)",
-                      SwapWarning, stacklevel=3)
+                      SwapWarning, stacklevel=stacklevel)
     return result
 
 

@@ -22,6 +22,6 @@ class RanPort(Family):
             k.startswith("softmax") for k in m._modules)
 
     def explain(self, m: nn.Module) -> str:
-        return ("only its last step, (1 + mask) * trunk after the mask's Sigmoid, could run the fused "
-                "residual_gate op, and swap does not rewrite a layer's forward; its trunk, mask branch and "
-                "residual blocks stay eager (attnfast.models.ResidualAttentionNet fuses the gate)")
+        return ("the fused residual_gate op computes only its last step, (1 + sigmoid mask) * trunk, and swap "
+                "does not rewrite a layer's forward: it stays eager (attnfast.models.ResidualAttentionNet "
+                "fuses that gate)")
