@@ -6,10 +6,11 @@ A module looks like attention when
 - its class name has an attention token: ``attention``/``attn``/``att``, ``gate``/``gated``/``gating``,
   ``cbam``/``bam``, ``nonlocal``/``nl``, ``gc``/``context``, ``se``/``squeeze``/``excitation``/``eca``, ... (the
   name split at CamelCase, underscores and digits; e.g. ``GCBlock``, ``Self_Attn``, ``NonLocalBlock``); or
-- by its structure (containers such as ``nn.Sequential`` excepted): a direct child that is a gate (a Sigmoid,
-  Softmax or hard-sigmoid module), or a forward whose code calls ``softmax``/``sigmoid``/``hardsigmoid`` by
-  name, in a module that holds convolution or Linear layers. The forward is never run and its maths is not
-  inferred: only the names its code mentions are read.
+- by its structure (containers such as ``nn.Sequential`` and the model itself excepted): a direct child that
+  is a gate (a Sigmoid, Softmax or hard-sigmoid module; not LogSoftmax), or a forward whose code calls
+  ``softmax``/``sigmoid``/``hardsigmoid`` by name, in a module that holds convolution or Linear layers. The
+  forward is never run and its maths is not inferred: only the names its code mentions are read (so a block
+  with an inline Swish, ``x * torch.sigmoid(x)``, is reported too: its reason says what was seen).
 
 Such a module is reported as unknown unless it is a container of attention rather than a layer: a module
 holding a recognised or fused layer, or more than ``MAX_LAYER_SIZE`` convolution/Linear layers (a network or a
@@ -43,15 +44,21 @@ def layer_count(m: nn.Module) -> int:
     return sum(isinstance(s, _LAYERS) for s in m.modules())
 
 
-def attention_like(m: nn.Module) -> str | None:
-    """Why ``m`` looks like attention (a phrase for the report), or None."""
+def _is_gate(m: nn.Module) -> bool:
+    words = tokens(type(m).__name__)
+    return bool(words & _GATE_TOKENS) and "log" not in words  # LogSoftmax: a classifier's, not a gate
+
+
+def attention_like(m: nn.Module, root: bool = False) -> str | None:
+    """Why ``m`` looks like attention (a phrase for the report), or None. The structural tests are not applied
+    to the model itself (``root``): a classifier's forward may end in a softmax."""
     cls = type(m)
     hits = sorted(tokens(cls.__name__) & _TOKENS)
     if hits:
         return f"its class name has {', '.join(repr(h) for h in hits)}"
-    if isinstance(m, _CONTAINERS) or not layer_count(m):
+    if root or isinstance(m, _CONTAINERS) or not layer_count(m):
         return None
-    gates = [n for n, c in m._modules.items() if c is not None and tokens(type(c).__name__) & _GATE_TOKENS]
+    gates = [n for n, c in m._modules.items() if c is not None and _is_gate(c)]
     if gates:
         return f"a {type(m._modules[gates[0]]).__name__} gate ({gates[0]}) next to its conv/linear layers"
     if cls.__module__.split(".")[0] != "torch":

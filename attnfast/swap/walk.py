@@ -222,7 +222,7 @@ def _unrecognised(model: nn.Module, claimed: set) -> list:
     def visit(m: nn.Module, qual: str):
         if id(m) in claimed:
             return
-        why = attention_like(m)
+        why = attention_like(m, root=m is model)
         if why is not None and not has_claimed(m) and layer_count(m) <= MAX_LAYER_SIZE:
             found.append(Skipped(qual, type_name(m), f"looks like attention ({why}) but is no layout swap knows; "
                                  "left alone", "", UNKNOWN))

@@ -81,6 +81,26 @@ def test_refusal_names_the_closest_configuration_with_numbers():
     assert "max|fused - float64| = " in reason and "max|original - float64| = " in reason and "allowed" in reason
 
 
+def test_forward_tied_to_float32_is_judged_against_itself():
+    """A forward that cannot run in float64 (it casts to float32 midway): the original in its own dtype is the
+    truth, and a matching fused configuration is still found."""
+    class Float32Energy(SelfAttention):
+        def forward(self, x):
+            b, c, w, h = x.size()
+            q = self.query_conv(x).view(b, -1, w * h).permute(0, 2, 1)
+            k = self.key_conv(x).view(b, -1, w * h)
+            attention = self.softmax(torch.bmm(q, k).float())
+            out = torch.bmm(self.value_conv(x).view(b, -1, w * h), attention.permute(0, 2, 1)).view(b, c, w, h)
+            return self.gamma * out + x
+
+    layer = randomize(Float32Energy(16, None))
+    with pytest.raises(RuntimeError):
+        layer.double()(torch.randn(1, 16, 2, 2, dtype=torch.float64))
+    layer.float()
+    result = _quiet_swap(nn.Sequential(layer))
+    assert [r.family for r in result] == ["sagan"] and dict(result[0].options)["tuple_output"] is False
+
+
 # --- state the fused module does not read (issue 14 item 6) ---------------------------------------------------
 class TemperatureBlock(AttentionBlock):
     """The seed's block with a temperature on its local features."""

@@ -116,11 +116,36 @@ def test_strict_raises_for_layers_left_alone_of_any_status():
     assert isinstance(model["net"].sagan, SelfAttention)  # nothing was changed
 
 
+class Head(nn.Module):
+    """A classifier head with a LogSoftmax child: not a gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+        self.out = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        return self.out(self.fc(x.mean((2, 3))))
+
+
+class SoftmaxClassifier(nn.Module):
+    """A model whose forward ends in a softmax: the model itself is not taken for an attention layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = Head()
+
+    def forward(self, x):
+        return F.softmax(self.head(self.conv(x)), dim=1)
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)),
+    SoftmaxClassifier,
     lambda: pytest.importorskip("timm").create_model("resnet18", pretrained=False, num_classes=2),
     lambda: pytest.importorskip("timm").create_model("convnext_atto", pretrained=False, num_classes=2),
-], ids=["sequential", "timm_resnet18", "timm_convnext"])
+], ids=["sequential", "softmax_classifier", "timm_resnet18", "timm_convnext"])
 def test_models_without_attention_report_nothing(make):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SwapWarning)
