@@ -14,26 +14,26 @@ function) returns a :class:`SwapResult`. Layout of the package:
 - ``family.py``: the :class:`Family` base class and helpers;
 - ``families/``: one file per family (source layout of an attention layer), listed in ``families.FAMILIES``.
 
-**The families** (``families.FAMILIES``, tried in that order; "->" is the fused module):
+**The families** (``families.FAMILIES``, tried in that order):
 
-================== ========================================================================= =================
-family             layout                                                                    fused module
-================== ========================================================================= =================
-grid               attnfast GridAttention, AttnMel AttentionBlock, LTPA GridAttentionBlock   nn.GridAttention
-sagan              SAGAN (forum SelfAttention, SAGAN Self_Attn): plain query/key/value convs nn.SelfAttention2d
-sagan_projected    SAGAN with spectral norm / parametrizations / bias-free projections       ProjectedSelfAttention2d
-biggan             BigGAN-PyTorch Attention (theta/phi/g/o, pooled keys, scalar gamma)       ProjectedSelfAttention2d
-timm_nonlocal      timm NonLocalAttn (t/p/g, z + norm, scale)                                ProjectedSelfAttention2d
-residual_attention attnfast ResidualAttentionModule                                          nn.ResidualAttentionModule
-cbam, light_cbam   attnfast CBAM/LightCBAM, timm CbamModule/LightCbamModule                  nn.CBAM / nn.LightCBAM
-cbam_authors       CBAM authors' code (ChannelGate + SpatialGate)                            nn.cbam_authors.AuthorsCBAM
-ltpa_linear        LTPA LinearAttentionBlock                                                 none yet (reported)
-agn_grid           Attention-Gated-Networks GridAttentionBlock2D                             none yet (reported)
-monai_attention    MONAI AttentionBlock                                                      none yet (reported)
+=================== ======================================================================== ===========================
+family              layout                                                                   fused module
+=================== ======================================================================== ===========================
+grid                attnfast GridAttention, AttnMel AttentionBlock, LTPA GridAttentionBlock  nn.GridAttention
+sagan               SAGAN (forum SelfAttention, SAGAN Self_Attn), plain query/key/value      nn.SelfAttention2d
+sagan_projected     SAGAN with spectral norm / parametrizations / bias-free projections      ProjectedSelfAttention2d
+biggan              BigGAN-PyTorch Attention (theta/phi/g/o, pooled keys, scalar gamma)      ProjectedSelfAttention2d
+timm_nonlocal       timm NonLocalAttn (t/p/g, z + norm, scale)                               ProjectedSelfAttention2d
+residual_attention  attnfast ResidualAttentionModule                                         nn.ResidualAttentionModule
+cbam, light_cbam    attnfast CBAM/LightCBAM, timm CbamModule/LightCbamModule                 nn.CBAM, nn.LightCBAM
+cbam_authors        the CBAM authors' code (ChannelGate + SpatialGate)                       AuthorsCBAM
+ltpa_linear         LTPA LinearAttentionBlock                                                none yet (reported)
+agn_grid            Attention-Gated-Networks GridAttentionBlock2D                            none yet (reported)
+monai_attention     MONAI AttentionBlock                                                     none yet (reported)
 timm_global_context timm GlobalContext                                                       none yet (reported)
-ran_port           ResidualAttentionNetwork-pytorch AttentionModule_stage*                   only the gate could be (reported)
-channel_gate       SE / ECA channel-only gates                                               out of scope (reported)
-================== ========================================================================= =================
+ran_port            ResidualAttentionNetwork-pytorch AttentionModule_stage*                  only its gate (reported)
+channel_gate        SE / ECA channel-only gates                                              out of scope (reported)
+=================== ======================================================================== ===========================
 
 **A family file** (``families/<name>.py``) defines one :class:`~attnfast.swap.family.Family` subclass
 (importing the classes it needs; nothing is named by strings) and is listed, as an instance, in

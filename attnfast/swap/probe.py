@@ -21,8 +21,8 @@ may well be the accurate one). For every output and gradient tensor:
   among the outputs (or among the gradients); rtol is 1e-5 for float64, 2e-3 for float32 (TF32 on CUDA), 1e-2
   for float16 and 5e-2 for bfloat16 (the autocast dtype under autocast).
 
-When the float64 run is impossible (a forward tied to its dtype), the original in its own dtype is the truth,
-and the refusal says so. The closest passing configuration is used. If none passes, the refusal names the
+When the float64 run is impossible (a forward or backward tied to its dtype), the original in its own dtype is
+the truth, and the refusal says so. The closest passing configuration is used. If none passes, the refusal names the
 closest one (the smallest worst ratio ``err_c / allowed``) with its measured numbers.
 
 The probe leaves the layer as it was: it calls ``forward`` directly (the layer's own hooks do not run; its
@@ -391,18 +391,27 @@ def probe(old: nn.Module, candidates: list, spec: Spec, autocast: tuple = ()) ->
                             wrt = [t for t in ref_x if t.requires_grad] + [values[n] for n in wrt_names]
                             labels = [f"input {j} gradient" for j, t in enumerate(ref_x) if t.requires_grad] + [
                                 f"{n} gradient" for n in wrt_names]
+                            try:
+                                g_ref = _grads(ref, paths, wrt, cot)
+                            except Exception as e:  # noqa: BLE001 - the user's backward may raise anything
+                                raise NotSwappable(f"its backward raised ({mode}): {type(e).__name__}: {e}") from None
                             g_truth = None
                             if truth:
                                 t_out, t_x, t_values = truth
                                 t_wrt = [t for t in t_x if t.requires_grad] + [t_values[n] for n in wrt_names]
-                                g_truth = _grads(t_out, paths, t_wrt, [c.double() for c in cot])
-                            ref_grads[key] = (labels, _grads(ref, paths, wrt, cot), cot, g_truth)
+                                try:
+                                    g_truth = _grads(t_out, paths, t_wrt, [c.double() for c in cot])
+                                except Exception:  # noqa: BLE001 - a backward tied to its dtype: judged by itself
+                                    g_truth = None
+                            ref_grads[key] = (labels, g_ref, cot, g_truth)
                         labels, g_ref, cot, g_truth = ref_grads[key]
                         wrt_new = [t for t in new_x if t.requires_grad] + [values[n] for n in wrt_names]
                         g_m = _compare_grads(labels, g_ref, _grads(new, paths, wrt_new, cot), g_truth, rtol)
                         if g_m.ratio > 1.0:
-                            raise _Fail(g_m.ratio, _numbers(g_m, mode, exact))
+                            raise _Fail(g_m.ratio, _numbers(g_m, mode, g_truth is None))
                         worst[i] = max(worst[i], out_m.ratio, g_m.ratio)
+                    except NotSwappable:
+                        raise
                     except _Fail as e:
                         e.run = run
                         failures[i] = e

@@ -7,8 +7,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .adopt import ORIGINAL, build_by_adoption, carry_hooks, finish, own_methods, restore, type_name
 from . import families as registry
+from .adopt import ORIGINAL, build_by_adoption, carry_hooks, finish, own_methods, restore, type_name
 from .family import FUSED, Family, NotSwappable
 from .probe import probe
 from .reads import forward_reads
@@ -110,7 +110,7 @@ def _to_fused(m: nn.Module, families: list, autocast: tuple):
 
 def _to_reference(m: nn.Module):
     """(family, module, options, notes) for unswap, or None when ``m`` is not swap's nor a fused class's."""
-    if ORIGINAL in m.__dict__:
+    if ORIGINAL in m.__dict__ and is_fused(m):  # (a reference module unswap made keeps its fused original too)
         return None, restore(m), (), ()
     for family in registry.FAMILIES:
         if family.fused is not None and family.reference is not None and isinstance(m, family.fused):

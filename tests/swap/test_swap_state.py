@@ -204,6 +204,7 @@ def test_fused_models_unswap_to_the_reference_and_back():
         after = model(x)
     for u, v in zip(before, after):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    assert unswap(model) == [] and type(model.attn1).__module__ == "attnfast.reference.grid_attention"  # idempotent
     assert [r.name for r in swap(model)] == ["attn1", "attn2"] and isinstance(model.attn1, FusedGrid)
 
 

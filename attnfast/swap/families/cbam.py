@@ -15,14 +15,14 @@ from ...nn.cbam import CBAM as Fused
 from ...nn.cbam import LightCBAM as FusedLight
 from ...reference.cbam import CBAM as Reference
 from ...reference.cbam import LightCBAM as LightReference
-from ..family import Candidate, Family, NotSwappable, Spec, randn, require_conv1x1, require_plain_conv
+from ..family import (Candidate, Family, NotSwappable, Spec, has_modules, randn, require_conv1x1,
+                      require_plain_conv)
 
 
 def _looks_like(m: nn.Module, light: bool) -> bool:
     channel, spatial = m._modules.get("channel"), m._modules.get("spatial")
     conv = getattr(getattr(spatial, "conv", None), "conv", None)
-    if not (isinstance(getattr(channel, "fc1", None), nn.Module) and isinstance(getattr(channel, "fc2", None), nn.Module)
-            and isinstance(conv, nn.Conv2d)):
+    if not isinstance(channel, nn.Module) or not has_modules(channel, "fc1", "fc2") or not isinstance(conv, nn.Conv2d):
         return False
     return conv.in_channels == (1 if light else 2)  # the light spatial gate convolves one pooled map, CBAM two
 
@@ -51,7 +51,8 @@ def cbam_spec(m: nn.Module) -> Spec:
     for extra in ("act", "drop"):  # timm's BatchNormAct2d: only as a plain BatchNorm
         layer = getattr(bn, extra, None)
         if layer is not None and not isinstance(layer, nn.Identity):
-            raise NotSwappable(f"spatial.conv.bn.{extra} is {type(layer).__name__}; the fused CBAM's BatchNorm has none")
+            raise NotSwappable(f"spatial.conv.bn.{extra} is {type(layer).__name__}; the fused CBAM's BatchNorm has "
+                               "none")
     # the fused module is built with nn.BatchNorm2d's defaults; its tensors are adopted, its settings are not
     if (bn.eps, bn.momentum, bn.affine, bn.track_running_stats) != (1e-5, 0.1, True, True):
         raise NotSwappable(f"spatial.conv.bn has eps={bn.eps}, momentum={bn.momentum}, affine={bn.affine}, "
