@@ -9,9 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import public_layers as P
+from attnfast.nn.cbam import CBAM as FusedCBAM
 from attnfast.reference import CBAM as RefCBAM
 from attnfast.reference import ResidualAttentionModule as RefRAM
 from attnfast.swap import SwapWarning, swap
+from attnfast.swap import families as registry
+from attnfast.swap.families.cbam import Cbam
 from attnfast.ops.grid_attention import grid_attention
 from attnfast.swap.families.grid import Grid
 from attnfast.swap.probe import PROBE_SEED
@@ -184,14 +187,47 @@ def _unswapped(model):
     return model
 
 
-def test_autocast_probe_leaves_a_module_that_fails_there_alone():
-    """The fused ResidualAttentionModule does not run under autocast yet (its gate receives mixed dtypes): with
-    autocast=torch.bfloat16 it is left alone with that reason; without, it is swapped as before."""
-    model = nn.Sequential(RefRAM(8, encoder_depth=1))
-    with pytest.warns(SwapWarning, match=r"under torch\.autocast\('cpu', bfloat16\)"):
-        result = swap(copy.deepcopy(model), autocast=torch.bfloat16)
-    assert not result and result.skipped[0].family == "residual_attention"
-    assert [r.family for r in swap(model)] == ["residual_attention"]
+class AmpOffCBAM(FusedCBAM):
+    """A fused CBAM that is right in float32 and 10% off under autocast (a stand-in for a module-side bug)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 1.1 if torch.is_autocast_enabled("cpu") else out
+
+
+class AmpOffFamily(Cbam):
+    name = "amp_off_cbam"
+    fused = AmpOffCBAM
+
+
+def test_autocast_probe_leaves_a_module_that_fails_there_alone(monkeypatch):
+    monkeypatch.setattr(registry, "FAMILIES", (AmpOffFamily(),) + registry.FAMILIES)
+    model = nn.Sequential(randomize(RefCBAM(16)))
+    assert [r.family for r in _quiet_swap(copy.deepcopy(model))] == ["amp_off_cbam"]  # fine without autocast
+    with pytest.warns(SwapWarning, match=r"the probe found different maths: output differs \(train mode, perturbed "
+                                         r"parameters, under torch\.autocast\('cpu', bfloat16\)\): max\|fused - "
+                                         r"float64\| = "):
+        result = swap(model, autocast=torch.bfloat16)
+    assert not result and result.skipped[0].family == "amp_off_cbam" and isinstance(model[0], RefCBAM)
+
+
+def test_fused_residual_attention_is_swapped_under_autocast_only_if_it_matches_there():
+    """The fused ResidualAttentionModule did not run under autocast (its gate got mixed dtypes; the module-side fix
+    is another change): with autocast=torch.bfloat16 it is left alone saying so, or, once fixed, swapped and then
+    it gives the reference's result under autocast."""
+    model = nn.Sequential(RefRAM(8, encoder_depth=1)).eval()
+    oracle = copy.deepcopy(model)
+    result = _quiet_swap(model, autocast=torch.bfloat16)
+    x = torch.randn(2, 8, 4, 4)
+    if result:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = model(x), oracle(x)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=5e-2)
+    else:
+        assert result.skipped[0].family == "residual_attention"
+        assert "under torch.autocast('cpu', bfloat16)" in result.skipped[0].reason
+    assert [r.family for r in swap(copy.deepcopy(oracle))] == ["residual_attention"]  # without autocast: swapped
 
 
 def test_autocast_probe_compares_output_dtypes():
