@@ -42,7 +42,8 @@ setup(
     ],
     extras_require={
         "timm": ["timm>=1.0.9"],
-        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "psutil>=5.9", "timm>=1.0.9"],
+        # monai: swap's tests recognise MONAI's AttentionBlock (1.5.1: the first with numpy 2 and torch >= 2.7)
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "psutil>=5.9", "timm>=1.0.9", "monai>=1.5.1"],
     },
     entry_points={"console_scripts": ["attnfast=attnfast.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux"],

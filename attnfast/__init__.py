@@ -4,7 +4,8 @@
 - ``attnfast.ops``: torch.library custom ops (autograd, PyTorch path, Triton dispatch).
 - ``attnfast.kernels``: the Triton kernels (installed from the top-level ``kernels/`` folder).
 - ``attnfast.nn``: drop-in modules over the ops; ``attnfast.models``: AttnVGG, RAN, ...
-- ``attnfast.swap`` / ``attnfast.unswap``: replace reference attention modules in any model.
+- ``attnfast.swap(model)`` / ``attnfast.unswap(model)``: put the fused modules into a model you already have
+  (``attnfast.swap`` is a callable package: its families, probe and report live there).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ _LAZY = {
     "ResidualAttentionModule": "attnfast.nn.residual_attention",
     "CBAM": "attnfast.nn.cbam",
     "LightCBAM": "attnfast.nn.cbam",
-    "swap": "attnfast.swapping",
-    "unswap": "attnfast.swapping",
+    "swap": None,  # the package attnfast.swap, which is callable: attnfast.swap(model)
+    "unswap": "attnfast.swap",
     "reference": None,
     "ops": None,
     "nn": None,

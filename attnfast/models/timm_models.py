@@ -59,7 +59,7 @@ def create(name: str, num_classes: int, *, attention: str = "fused", drop_rate: 
     model = _build(name, num_classes, drop_rate)
     if attention == "reference":
         return model
-    from ..swapping import swap
+    from ..swap import swap
 
     replaced = swap(model)
     model = getattr(replaced, "model", None) or model

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import attnfast.swapping
+import attnfast.swap
 from attnfast.cli import main
 from attnfast.data import write_dataset
 from attnfast.train import TrainConfig, Trainer, predict
@@ -32,12 +32,12 @@ def cassava(tmp_path_factory):
 def swap_calls(monkeypatch):
     """Every model attnfast.swap is called on (the real swap still runs)."""
     calls = []
-    real = attnfast.swapping.swap
+    real = attnfast.swap.swap
 
     def spy(model, *args, **kwargs):
         calls.append(model)
         return real(model, *args, **kwargs)
-    monkeypatch.setattr(attnfast.swapping, "swap", spy)
+    monkeypatch.setattr(attnfast.swap, "swap", spy)
     return calls
 
 

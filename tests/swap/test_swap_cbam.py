@@ -100,7 +100,7 @@ def test_reference_cbam_swapped(ref_cls, fused_cls):
 def test_cbam_look_alikes_are_left_alone(make, reason):
     model = nn.Sequential(make())
     before = type(model[0])
-    with pytest.warns(attnfast.swapping.SwapWarning):
+    with pytest.warns(attnfast.swap.SwapWarning):
         result = attnfast.swap(model)
     assert type(model[0]) is before and not result
     assert len(result.skipped) == 1 and reason in result.skipped[0].reason, result.summary()

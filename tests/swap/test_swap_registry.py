@@ -1,39 +1,44 @@
-"""A new kind is one ``Kind`` entry and a spec function: shown with timm's CbamModule and attnfast's fused CBAM.
+"""A new family is one Family subclass in the registry: shown with timm's CbamModule and attnfast's fused CBAM.
 
-The kind is registered only inside this test (monkeypatched ``KINDS``): it checks that the table, the probe and
-the adoption of another library's children (timm's ``ChannelAttn``/``SpatialAttn`` -> attnfast's own) work
-for a module with BatchNorm buffers, not that swap ships a CBAM kind.
+The family is registered only inside this test (monkeypatched ``FAMILIES``, ahead of the built-in ``cbam``): it
+checks that the registry, the probe and the adoption of another library's children (timm's ``ChannelAttn`` /
+``SpatialAttn`` -> attnfast's own) work for a module with BatchNorm buffers.
 """
 import copy
 
 import pytest
 import torch
 
-from attnfast import swapping
-from attnfast.swapping import Candidate, Kind, Spec, swap, unswap
+from attnfast.swap import families as registry
+from attnfast.swap import swap, unswap
+from attnfast.swap.family import Candidate, Family, Spec
 
 cbam_layers = pytest.importorskip("timm.layers.cbam")
 fused_cbam = pytest.importorskip("attnfast.nn.cbam")
 
 
-def _timm_cbam_spec(m):
-    fc1, conv = m.channel.fc1, m.spatial.conv.conv
-    kwargs = {"rd_channels": fc1.out_channels, "spatial_kernel_size": conv.kernel_size[0],
-              "mlp_bias": fc1.bias is not None}
+class TimmCbam(Family):
+    name = "test_timm_cbam"
+    title = "timm CbamModule (test family)"
+    fused = fused_cbam.CBAM
+    fused_runs = frozenset()
 
-    def inputs(gen, dtype, device):
-        return (torch.randn((2, fc1.in_channels, 6, 5), generator=gen, dtype=dtype, device=device),)
+    def matches(self, m):
+        return isinstance(m, cbam_layers.CbamModule)
 
-    return Spec((fc1.in_channels,), [Candidate(kwargs)], inputs)
+    def spec(self, m):
+        fc1, conv = m.channel.fc1, m.spatial.conv.conv
+        kwargs = {"rd_channels": fc1.out_channels, "spatial_kernel_size": conv.kernel_size[0],
+                  "mlp_bias": fc1.bias is not None}
+
+        def inputs(gen, dtype, device):
+            return (torch.randn((2, fc1.in_channels, 6, 5), generator=gen, dtype=dtype, device=device),)
+
+        return Spec((fc1.in_channels,), [Candidate(kwargs)], inputs)
 
 
-TIMM_CBAM = Kind("timm_cbam", "attnfast.nn.cbam.CBAM", "attnfast.reference.cbam.CBAM",
-                 looks_like=lambda m: isinstance(m, cbam_layers.CbamModule), spec=_timm_cbam_spec,
-                 fused_runs=frozenset())
-
-
-def test_one_table_entry_adds_a_kind(monkeypatch):
-    monkeypatch.setattr(swapping, "KINDS", swapping.KINDS + (TIMM_CBAM,))
+def test_one_family_class_adds_a_family(monkeypatch):
+    monkeypatch.setattr(registry, "FAMILIES", (TimmCbam(),) + registry.FAMILIES)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), cbam_layers.CbamModule(32))
     with torch.no_grad():
         for p in model.parameters():
@@ -44,7 +49,7 @@ def test_one_table_entry_adds_a_kind(monkeypatch):
     opt_oracle = torch.optim.SGD(oracle.parameters(), lr=0.1)
     keys, ids = list(model.state_dict()), [id(t) for t in list(model.parameters()) + list(model.buffers())]
     result = swap(model)
-    assert [(r.name, r.new_type) for r in result] == [("1", "attnfast.nn.cbam.CBAM")]
+    assert [(r.name, r.new_type, r.family) for r in result] == [("1", "attnfast.nn.cbam.CBAM", "test_timm_cbam")]
     assert list(model.state_dict()) == keys
     assert [id(t) for t in list(model.parameters()) + list(model.buffers())] == ids
     x = torch.randn(2, 3, 8, 8)

@@ -11,7 +11,7 @@ import attnfast
 from attnfast.reference import GridAttention as RefGrid
 from attnfast.reference import ResidualAttentionModule as RefRAM
 from attnfast.reference import SelfAttention as RefSelf
-from attnfast.swapping import Replacement, swap, unswap
+from attnfast.swap import Replacement, swap, unswap
 
 HAS_FUSED_GRID = importlib.util.find_spec("attnfast.nn.grid_attention") is not None
 HAS_FUSED_SELF = importlib.util.find_spec("attnfast.nn.self_attention") is not None
@@ -143,7 +143,7 @@ def test_user_subclass_of_the_reference_ram_is_left_alone():
     model.stage2[1] = ScaledRAM(model.stage2[1].channels, encoder_depth=2)
     x = torch.randn(1, 3, 64, 64)
     before = _outputs(model, x)
-    with pytest.warns(attnfast.swapping.SwapWarning, match=r"stage2\.1 \(.*ScaledRAM\)"):
+    with pytest.warns(attnfast.swap.SwapWarning, match=r"stage2\.1 \(.*ScaledRAM\)"):
         result = swap(model)
     assert [r.name for r in result] == ["stage1.1", "stage3.1"]
     assert [s.name for s in result.skipped] == ["stage2.1"] and "different maths" in result.skipped[0].reason
@@ -166,7 +166,7 @@ def test_inplace_false_leaves_the_original_alone():
 def test_structural_lookalikes_are_not_swapped():
     model = nn.Sequential(LookAlike(), ExtraParam(), nn.Conv2d(3, 3, 1))
     snapshot = copy.deepcopy(model.state_dict())
-    with pytest.warns(attnfast.swapping.SwapWarning):
+    with pytest.warns(attnfast.swap.SwapWarning):
         result = swap(model)
     assert result == []
     assert [(s.name, s.reason) for s in result.skipped] == [
