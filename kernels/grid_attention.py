@@ -486,20 +486,25 @@ def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-def weight_blocks(C: int, dtype: torch.dtype) -> dict:
+def weight_blocks(C: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
     """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program.
 
-    Chosen to spill nothing on sm_80/sm_90 under triton 3.6 and 3.9, with no warp repeating another's
-    MMA rows (z's BLOCK_P x BLOCK_A2 dot needs 16 x 8 outputs per warp): 16 pixels per tile for 16-bit
-    BLOCK_C2 = 16 and fp32 BLOCK_C2 = 32 or 128 (both on 4 warps in two pipeline stages); 8 warps for
-    fp32 BLOCK_C2 = 64 and for 16-bit from 128 on."""
+    No warp repeats another's MMA rows (z's BLOCK_P x BLOCK_A2 dot needs 16 x 8 outputs per warp):
+    16 pixels per tile for 16-bit BLOCK_C2 <= 32 and fp32 BLOCK_C2 = 32 or 128 (4 warps), 32 pixels
+    otherwise; 8 warps for fp32 BLOCK_C2 = 64 and for 16-bit from 128 on. fp32 pipeline stages: two at
+    BLOCK_C2 = 32, one at 64, and at 128 one with IEEE dots, three with TF32 (``precision``). The
+    spill measurements behind these choices are in benchmarks/results/kernel_tuning.md."""
     fp32 = dtype == torch.float32
     block_c2 = min(128 if fp32 else 256, max(16, triton.next_power_of_2(C)))
-    small_p = block_c2 in ((32, 128) if fp32 else (16,))
+    small_p = block_c2 in ((32, 128) if fp32 else (16, 32))
+    if fp32:
+        stages = {32: 2, 64: 1, 128: 3 if precision == "tf32" else 1}.get(block_c2, 3)
+    else:
+        stages = 3
     return {"BLOCK_P": 16 if small_p else 32, "BLOCK_C": 16 if fp32 else 32,
             "BLOCK_A2": BLOCK_A2, "BLOCK_C2": block_c2,
             "num_warps": (8 if block_c2 == 64 else 4) if fp32 else (8 if block_c2 >= 128 else 4),
-            "num_stages": 2 if fp32 and block_c2 in (32, 128) else 3}
+            "num_stages": stages}
 
 
 INTERPRETER_PROGRAMS = 8  # CPU (interpreter): a few splits so the split/combine path is exercised
@@ -657,12 +662,12 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
     HW = H * W
     wl = _w2d(w_l)
     phi = _w2d(phi_w)[0]
-    cfg = weight_blocks(C, l.dtype)
+    precision = precision_for(l.dtype, l.device)
+    cfg = weight_blocks(C, l.dtype, precision)
     n_a, n_c = triton.cdiv(A, cfg["BLOCK_A2"]), triton.cdiv(C, cfg["BLOCK_C2"])
     n_tiles = B * triton.cdiv(HW, cfg["BLOCK_P"])
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A2=cfg["BLOCK_A2"], BLOCK_C2=cfg["BLOCK_C2"],
-              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
-              num_stages=cfg["num_stages"])
+              PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def args(dwl, dphi, per):
         return (l, gp, wl, phi, dc, dwl, dphi, C, A, HW, W, h, w, 1.0 / up_factor, n_tiles, per,
@@ -680,8 +685,8 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
 # Spill budgets (bytes) per config: none. Every config above spills nothing on sm_80 and sm_90 under
-# triton 3.6 and 3.9 (``python -m attnfast.kernels.aot --filter grid_attention`` with each). Not
-# measured on a GPU.
+# triton 3.6.0, 3.7.1, 3.8.0 and 3.9.0 (``python -m attnfast.kernels.aot --filter grid_attention``
+# with each). Not measured on a GPU.
 _SPILL_BUDGET = {}
 
 
@@ -741,7 +746,7 @@ def aot_configs() -> list:
                     kc = _main_config(kind, dtype, prec, main_blocks(bucket, dtype, backward=kind == "bwd"))
                     configs.setdefault(kc.name, kc)
             for c in (16, 32, 64, 128, 256, 512):
-                kc = _weight_config(dtype, prec, weight_blocks(c, dtype))
+                kc = _weight_config(dtype, prec, weight_blocks(c, dtype, prec))
                 configs.setdefault(kc.name, kc)
         cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C, "BLOCK_HW": COMBINE_BLOCK_HW}
         configs[f"grid_attention.combine[{dt}]"] = KernelConfig(

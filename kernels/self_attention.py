@@ -308,7 +308,7 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
 
     The inner tile is what the register budget (255 per thread at 8 warps) leaves: the forward's
     and dQ's key step is 64 at D = 16 or with a 32-channel value tile, else 32; dK/dV steps 32
-    queries (16 at D >= 64 and whenever dP is chunked). dP chunks are 32 channels (16 at D >= 64,
+    queries with a 32-channel value tile, else 16. dP chunks are 32 channels (16 at D >= 64,
     and for dQ at D = 128); 128-channel chunks spilled 200-1500 B on sm_90.
 
     Spills, measured (ptxas as each triton calls it; 3.9 adds ``--regAllocOptLevel=2``): every
@@ -333,7 +333,7 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
     inner = 64 if bd == 16 or bdv == 32 else 32
     budget = 0 if bd <= 32 else _spill_budget(80, 256)
     if one_dv:
-        dkdv = Tile(16 if bd == 64 else 32, 128, 8, bdv, budget)
+        dkdv = Tile(32 if bdv == 32 else 16, 128, 8, bdv, budget)
     else:
         dkdv = Tile(16, 128, 8, 32 if bd <= 32 else 16, budget)
     return dict(fwd=Tile(128, inner, 8, bdv, budget), dq=Tile(128, inner, 8, 16 if bd == MAX_D else bc, budget),

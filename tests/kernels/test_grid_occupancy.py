@@ -56,7 +56,7 @@ def _configs_at_a256():
         for kind in ("fwd", "bwd"):
             names[(kind, dtype)] = G._main_config(kind, dtype, prec, G.main_blocks(A, dtype, kind == "bwd")).name
         for _, C, _ in SHAPES:
-            names[("bwd_weight", dtype, C)] = G._weight_config(dtype, prec, G.weight_blocks(C, dtype)).name
+            names[("bwd_weight", dtype, C)] = G._weight_config(dtype, prec, G.weight_blocks(C, dtype, prec)).name
     return names
 
 

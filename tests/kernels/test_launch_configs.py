@@ -37,7 +37,7 @@ def test_grid_attention_choices_are_registered():
                     if name not in names:
                         missing.add(f"{name} (A={a})")
             for c in range(1, 2049):
-                name = G._weight_config(dtype, prec, G.weight_blocks(c, dtype)).name
+                name = G._weight_config(dtype, prec, G.weight_blocks(c, dtype, prec)).name
                 if name not in names:
                     missing.add(f"{name} (C={c})")
     assert not missing, sorted(missing)[:10]

@@ -206,7 +206,7 @@ def _grid_launches(G, dtype, prec, C, HW, B):
         cfg = G.main_blocks(A, dtype, backward=kind == "bwd")
         out.append((kind, G._main_config(kind, dtype, prec, cfg).name, triton.cdiv(HW, cfg["BLOCK_P"]), B,
                     G.BLOCK_S if kind == "fwd" else None))
-    cfg = G.weight_blocks(C, dtype)
+    cfg = G.weight_blocks(C, dtype, prec)
     n_outer = triton.cdiv(A, cfg["BLOCK_A2"]) * triton.cdiv(C, cfg["BLOCK_C2"])
     out.append(("bwd_weight", G._weight_config(dtype, prec, cfg).name, B * triton.cdiv(HW, cfg["BLOCK_P"]),
                 n_outer, None))
