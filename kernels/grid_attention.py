@@ -457,10 +457,11 @@ def precision_for(dtype: torch.dtype, device: torch.device | str | None = None) 
 # Chunks of 64 from A = 128 on: the backward's dz is the A operand of the dl = dz W_l dot, and every
 # warp holds its full K = BLOCK_A extent (at BLOCK_P = 16 a 16 x 256 bf16 dz is 64 registers per
 # thread on its own). More chunks cost re-reads of the (cache-hot) l tile and, in the backward, a dl
-# partial per chunk through ``dlacc``; the MMA work is the same. Measurements behind the table:
-# benchmarks/results/kernel_tuning.md.
-_FWD_TILES = {16: (64, 64, 16, 4), 32: (32, 64, 32, 4), 64: (16, 32, 64, 8), 128: (16, 32, 64, 8),
-              256: (16, 32, 64, 8), 512: (16, 32, 64, 8)}
+# partial per chunk through ``dlacc``; the MMA work is the same. The 16-bit forward from A = 64 on
+# takes 32-pixel tiles: every tile re-reads all of W_l (L2), so 32 pixels halve those reads against
+# 16 (a traffic model: benchmarks/results/kernel_tuning.md, with the measurements behind the table).
+_FWD_TILES = {16: (64, 64, 16, 4), 32: (32, 64, 32, 4), 64: (32, 32, 64, 8), 128: (32, 32, 64, 8),
+              256: (32, 32, 64, 8), 512: (32, 32, 64, 8)}
 _BWD_TILES = {16: (32, 32, 16, 4), 32: (32, 32, 32, 8), 64: (16, 64, 64, 8), 128: (16, 64, 64, 8),
               256: (16, 64, 64, 8), 512: (16, 64, 64, 8)}
 # fp32: BLOCK_C = 16 (the operand tiles of the dots are twice as wide per element), smaller chunks.

@@ -96,6 +96,10 @@ def test_budgets_are_the_envelope_of_the_measured_tritons():
         for i, cap in enumerate(budgets.CAPS):
             assert budgets.spill_budget(name, cap) == max(row[i] for row in rows.values())
     assert budgets.spill_budget("no.such[config]", 90) == 0
+    from attnfast.kernels.aot.registry import all_configs
+
+    stale = set(budgets.SPILLS) - {c.name for c in all_configs()}
+    assert not stale, f"budgets for configurations that no longer exist: {sorted(stale)}"
 
 
 def test_over_budget_message_says_how_to_remeasure():
