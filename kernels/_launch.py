@@ -6,7 +6,8 @@
 - ``blocks_per_sm(regs, shared_bytes, num_warps, cap)``: how many blocks of one compiled kernel fit on
   one streaming multiprocessor at once, from the limits of the compute capability (registers per SM
   with the allocation granularity, shared memory per SM, warps per SM, blocks per SM). The AOT
-  harness reports it for every registered config, and the launchers size their splits with it.
+  tooling (``attnfast.kernels.aot``) reports it for every compiled binary, and the launchers size
+  their splits with it.
 """
 from __future__ import annotations
 

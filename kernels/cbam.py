@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from ._launch import on_device
-from .registry import KernelConfig, arg_names, signature
 
 NUM_WARPS = 4
 TILE = 2048  # BLOCK_C * BLOCK_P
@@ -320,6 +319,8 @@ _MAPS = [  # (kernel, its full-map pointer arguments in the storage dtype); ever
 
 
 def aot_configs() -> list:
+    from .aot.registry import KernelConfig, arg_names, signature
+
     configs = []
     for kernel, maps in _MAPS:
         ptrs_f32 = [a for a in arg_names(kernel) if a.endswith("_ptr") and a not in maps]

@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from ._launch import blocks_per_sm, compute_capability, on_device
-from .registry import KernelConfig, signature
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_ATTN_FEATURES = 512  # larger A -> PyTorch path (configs are compiled and checked up to 512)
@@ -235,7 +234,7 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
     tl.store(s_ptr + b64 * nsplit + sp, s_run)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nsplit"])  # the split count depends on the occupancy, the binary must not
 def grid_combine_kernel(m_ptr, s_ptr, acc_ptr, logit_ptr, a_ptr, pooled_ptr, pooled32_ptr, lse_ptr,
                         C, HW, nsplit, softmax, inv_hw, sp_b, sp_c,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
@@ -292,12 +291,15 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
                     sl_b, sl_c, sl_h, sl_w, sdl_b, sdl_c, sdl_h, sdl_w, swl_a, swl_c, sphi,
                     sda_b, sda_h, sda_w, sdp_b, sdp_c,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_A: tl.constexpr,
-                    A_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+                    A_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, DZ_OUT: tl.constexpr):
     """``BLOCK_A`` is a chunk of the A channels (A_CHUNKS * BLOCK_A >= A, a runtime loop; dc does not
     depend on z, so each chunk of dz is independent). dl = s a dpooled + sum over chunks of
     dz[:, chunk] W_l[chunk]; with more than one
     chunk the partial sums go through ``dlacc``, a program-private fp32 (BLOCK_P, C) tile in global
-    memory (cache-hot), and the last chunk writes dl."""
+    memory (cache-hot), and the last chunk writes dl.
+
+    ``DZ_OUT`` (deterministic mode): no atomics; dz itself is stored to ``dgp_ptr``, then a (B, H*W, A)
+    fp32 buffer, for the caller's fixed-order adjoint of the upsampling (``upsample_adjoint``)."""
     b = tl.program_id(0)
     sp = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -336,7 +338,10 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
             if ia == 0:
                 tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
             dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
-            _scatter_gp(dgp_b, y, x, a0, mask2, dz, inv_up, h, w, A, BLOCK_A)
+            if DZ_OUT:
+                tl.store(dgp_ptr + (b64 * HW + pix)[:, None] * A + offs_a[None, :], dz, mask=mask2)
+            else:
+                _scatter_gp(dgp_b, y, x, a0, mask2, dz, inv_up, h, w, A, BLOCK_A)
             dz_lp = dz.to(l_ptr.dtype.element_ty)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -362,7 +367,7 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
                 tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["tiles_per_split"])
+@triton.jit(do_not_specialize=["n_tiles", "tiles_per_split"])  # n_tiles varies with the batch: one binary
 def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi_ptr,
                            C, A, HW, W, h, w, inv_up, n_tiles, tiles_per_split,
                            sl_b, sl_c, sl_h, sl_w, swl_a, swl_c, sphi,
@@ -444,24 +449,24 @@ def precision_for(dtype: torch.dtype, device: torch.device | str | None = None) 
 
 # Tile table of the main kernels, per A bucket (A rounded up to a power of two, >= 16):
 # (BLOCK_P, BLOCK_C, BLOCK_A, num_warps), BLOCK_A being the chunk of A channels whose slice of z is
-# live at a time (A_CHUNKS = bucket // BLOCK_A chunks, a runtime loop). Picked with
-# ``python -m attnfast.kernels.aot`` (ptxas, sm_80 and sm_90) under triton 3.6 and 3.9 as tiles that
-# spill nothing under both and in which no warp repeats another's MMA rows (MMA instructions per dot
-# at the tile's minimum): every dot's M x N output has at least 16 x 8 elements per warp. The
-# backward's dl = dz W_l dot is BLOCK_P x BLOCK_C, so 8 warps need BLOCK_P * BLOCK_C >= 1024 and 4
-# warps >= 512 (16 x 32 on 8 warps computed every row twice). Why chunks of 64 from A = 128 on: the backward's dz is the A operand of
-# the dl = dz W_l dot, and every warp holds its full K = BLOCK_A extent (at BLOCK_P = 16 a 16 x 256
-# bf16 dz is 64 registers per thread on its own), and triton 3.6 spilled 0.7-2.7 KB with one chunk
-# of 256/512. More chunks cost re-reads of the (cache-hot) l tile and, in the backward, a dl partial
-# per chunk through ``dlacc``; the MMA work is the same.
-_FWD_TILES = {16: (64, 64, 16, 4), 32: (32, 64, 32, 4), 64: (16, 32, 64, 8), 128: (16, 32, 64, 8),
-              256: (16, 32, 64, 8), 512: (16, 32, 64, 8)}
+# live at a time (A_CHUNKS = bucket // BLOCK_A chunks, a runtime loop). Rules: spills within the
+# budgets (``attnfast.kernels.aot.budgets`` lists every spill measured: a few bytes in some launch
+# binaries, where ptxas trades them for occupancy, and in the fp32 deterministic backward), and no
+# warp repeats another's MMA rows: every dot's M x N output has at least 16 x 8 elements per warp. The backward's
+# dl = dz W_l dot is BLOCK_P x BLOCK_C, so 8 warps need BLOCK_P * BLOCK_C >= 1024 and 4 warps >= 512.
+# Chunks of 64 from A = 128 on: the backward's dz is the A operand of the dl = dz W_l dot, and every
+# warp holds its full K = BLOCK_A extent (at BLOCK_P = 16 a 16 x 256 bf16 dz is 64 registers per
+# thread on its own). More chunks cost re-reads of the (cache-hot) l tile and, in the backward, a dl
+# partial per chunk through ``dlacc``; the MMA work is the same. The 16-bit forward from A = 64 on
+# takes 32-pixel tiles: every tile re-reads all of W_l (L2), so 32 pixels halve those reads against
+# 16 (a traffic model: benchmarks/results/kernel_tuning.md, with the measurements behind the table).
+_FWD_TILES = {16: (64, 64, 16, 4), 32: (32, 64, 32, 4), 64: (32, 32, 64, 8), 128: (32, 32, 64, 8),
+              256: (32, 32, 64, 8), 512: (32, 32, 64, 8)}
 _BWD_TILES = {16: (32, 32, 16, 4), 32: (32, 32, 32, 8), 64: (16, 64, 64, 8), 128: (16, 64, 64, 8),
               256: (16, 64, 64, 8), 512: (16, 64, 64, 8)}
 # fp32: BLOCK_C = 16 (the operand tiles of the dots are twice as wide per element), smaller chunks.
 # The backward from A = 32 on: wider dl tiles (32 x 16 on 4 warps, 32 x 32 on 8) in one pipeline
-# stage (``_BWD_STAGES_FP32``): software-pipelined, the IEEE (FMA) variant of these tiles spilled
-# 8-120 B under one triton or the other; in one stage nothing spills.
+# stage (``_BWD_STAGES_FP32``; software-pipelined, the IEEE (FMA) variant spilled).
 _FWD_TILES_FP32 = {16: (64, 16, 16, 4), 32: (32, 16, 32, 4), 64: (16, 16, 64, 4), 128: (16, 16, 32, 4),
                    256: (16, 16, 32, 4), 512: (16, 16, 32, 4)}
 _BWD_TILES_FP32 = {16: (32, 16, 16, 4), 32: (32, 16, 32, 4), 64: (32, 32, 32, 8), 128: (32, 32, 32, 8),
@@ -486,20 +491,25 @@ def main_blocks(A: int, dtype: torch.dtype, backward: bool = False) -> dict:
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-def weight_blocks(C: int, dtype: torch.dtype) -> dict:
+def weight_blocks(C: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
     """Tile sizes of the weight-gradient kernel: BLOCK_A2 channels of A x BLOCK_C2 of C per program.
 
-    Chosen to spill nothing on sm_80/sm_90 under triton 3.6 and 3.9, with no warp repeating another's
-    MMA rows (z's BLOCK_P x BLOCK_A2 dot needs 16 x 8 outputs per warp): 16 pixels per tile for 16-bit
-    BLOCK_C2 = 16 and fp32 BLOCK_C2 = 32 or 128 (both on 4 warps in two pipeline stages); 8 warps for
-    fp32 BLOCK_C2 = 64 and for 16-bit from 128 on."""
+    No warp repeats another's MMA rows (z's BLOCK_P x BLOCK_A2 dot needs 16 x 8 outputs per warp):
+    16 pixels per tile for 16-bit BLOCK_C2 <= 32 and fp32 BLOCK_C2 = 32 or 128 (4 warps), 32 pixels
+    otherwise; 8 warps for fp32 BLOCK_C2 = 64 and for 16-bit from 128 on. fp32 pipeline stages: two at
+    BLOCK_C2 = 32, one at 64, and at 128 one with IEEE dots, three with TF32 (``precision``). The
+    spill measurements behind these choices are in benchmarks/results/kernel_tuning.md."""
     fp32 = dtype == torch.float32
     block_c2 = min(128 if fp32 else 256, max(16, triton.next_power_of_2(C)))
-    small_p = block_c2 in ((32, 128) if fp32 else (16,))
+    small_p = block_c2 in ((32, 128) if fp32 else (16, 32))
+    if fp32:
+        stages = {32: 2, 64: 1, 128: 3 if precision == "tf32" else 1}.get(block_c2, 3)
+    else:
+        stages = 3
     return {"BLOCK_P": 16 if small_p else 32, "BLOCK_C": 16 if fp32 else 32,
             "BLOCK_A2": BLOCK_A2, "BLOCK_C2": block_c2,
             "num_warps": (8 if block_c2 == 64 else 4) if fp32 else (8 if block_c2 >= 128 else 4),
-            "num_stages": 2 if fp32 and block_c2 in (32, 128) else 3}
+            "num_stages": stages}
 
 
 INTERPRETER_PROGRAMS = 8  # CPU (interpreter): a few splits so the split/combine path is exercised
@@ -555,16 +565,31 @@ def compiled_resident_blocks(compiled, cap: int) -> int:
     return resident_blocks(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, cap)
 
 
-_RESIDENT = {}  # (kernel, device index, dtype, constexprs) -> resident blocks per SM
+_RESIDENT = {}  # (kernel, device index, argument specialization, constexprs) -> resident blocks per SM
+
+
+def _specialization(args: tuple) -> tuple:
+    """What Triton specializes a launch on (``triton/runtime/jit.py``): tensors by dtype and 16-byte
+    alignment, integers equal to 1 or divisible by 16; floats are not specialized. Launches with the
+    same key run the same binary (NCHW and channels_last strides do not)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            key.append(type(a).__name__)
+        else:
+            key.append("1" if a == 1 else "D" if a % 16 == 0 else "i")
+    return tuple(key)
 
 
 def _resident_per_sm(kernel, device: torch.device, args: tuple, kw: dict) -> int:
     """Resident blocks per SM of ``kernel`` compiled for ``args``/``kw`` on ``device``, compiled
     ahead of the launch with ``warmup`` (no launch; the launch then hits the JIT cache) and cached
-    per config and device. ``args`` carry placeholders for what depends on the split count: those
-    arguments are not specialized on (``do_not_specialize``) or are buffers that any fresh
-    allocation matches."""
-    key = (kernel.fn.__name__, device.index, args[0].dtype, tuple(sorted(kw.items())))
+    per binary (the arguments' specialization, e.g. the memory layout: ``_specialization``) and
+    device. ``args`` carry placeholders for what depends on the split count: those arguments are not
+    specialized on (``do_not_specialize``) or are buffers that any fresh allocation matches."""
+    key = (kernel.fn.__name__, device.index, _specialization(args), tuple(sorted(kw.items())))
     hit = _RESIDENT.get(key)
     if hit is None:
         compiled = kernel.warmup(*args, grid=(1,), **kw)
@@ -621,33 +646,67 @@ def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
 
 
 def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_factor: int, softmax: bool,
-                       dl, dgp, dc):
+                       dl, dgp, dc, deterministic: bool | None = None):
     """Main backward: writes dl (strided like ``dl``), dc (B, H*W) fp32 and accumulates into
     ``dgp`` (B, h, w, A) fp32, which must be zero on entry. ``da``: (B, 1, H, W) any strides
-    (stride 0 ok); ``dpooled``: (B, C) any strides; ``kvec``: (B,) fp32 = sum_q a_q ghat_q."""
+    (stride 0 ok); ``dpooled``: (B, C) any strides; ``kvec``: (B,) fp32 = sum_q a_q ghat_q.
+
+    ``deterministic`` (None: ``torch.are_deterministic_algorithms_enabled()``): no atomics, bitwise
+    reproducible. The kernel stores dz (B, H*W, A) fp32 instead
+    of scattering it into dgp with atomics (their order varies from run to run), and
+    ``upsample_adjoint`` reduces it in a fixed order (two matmuls): an A x H x W fp32 buffer, what
+    the atomic path never allocates."""
     B, C, H, W = l.shape
     h, w, A = gp.shape[1], gp.shape[2], gp.shape[3]
     HW = H * W
     wl = _w2d(w_l)
     phi = _w2d(phi_w)[0]
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     cfg = main_blocks(A, l.dtype, backward=True)
     scale = 1.0 if softmax else 1.0 / HW
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"], A_CHUNKS=cfg["A_CHUNKS"],
-              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
+              PRECISION=precision_for(l.dtype, l.device), DZ_OUT=bool(deterministic), num_warps=cfg["num_warps"],
               num_stages=cfg["num_stages"])
 
-    def args(dlacc, per, nsplit):
-        return (l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, dgp, dc, dlacc,
-                C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit, int(softmax), scale,
-                *l.stride(), *dl.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
-                da.stride(0), da.stride(2), da.stride(3), dpooled.stride(0), dpooled.stride(1))
-
     with on_device(l):
+        target = torch.empty((B, HW, A), device=l.device, dtype=torch.float32) if deterministic else dgp
+
+        def args(dlacc, per, nsplit):
+            return (l, gp, wl, phi, logits, lse, kvec, da, dpooled, dl, target, dc, dlacc,
+                    C, A, HW, W, h, w, 1.0 / up_factor, per, nsplit, int(softmax), scale,
+                    *l.stride(), *dl.stride(), wl.stride(0), wl.stride(1), phi.stride(0),
+                    da.stride(0), da.stride(2), da.stride(3), dpooled.stride(0), dpooled.stride(1))
+
         nsplit, per = _splits(grid_bwd_kernel, args(dc, 2, 2), kw, triton.cdiv(HW, cfg["BLOCK_P"]), B, l.device)
         # partial dl of the A chunks (only when A needs more than one chunk)
         n_acc = B * nsplit * cfg["BLOCK_P"] * C if cfg["A_CHUNKS"] > 1 else 1
         dlacc = torch.empty((n_acc,), device=l.device, dtype=torch.float32)
         grid_bwd_kernel[(B, nsplit)](*args(dlacc, per, nsplit), **kw)
+        if deterministic:
+            dgp += upsample_adjoint(target.view(B, H, W, A), h, w, up_factor)
+
+
+def interpolation_matrix(n_out: int, n_in: int, up_factor: int, device) -> torch.Tensor:
+    """(n_out, n_in) fp32: row d holds the weights of bilinear upsampling (align_corners=False, edge
+    clamping) at output index d over the inputs, as ``_src_index`` / ``_tap`` compute them."""
+    d = torch.arange(n_out, device=device, dtype=torch.float32)
+    inv_up = torch.tensor(1.0 / up_factor, dtype=torch.float32, device=device)  # the kernels' fp32 inv_up
+    src = ((d + 0.5) * inv_up - 0.5).clamp_min(0.0)
+    i0 = src.to(torch.int64).clamp_max(n_in - 1)
+    lam1 = src - i0.to(torch.float32)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    onehot = torch.nn.functional.one_hot
+    return onehot(i0, n_in).to(torch.float32) * (1.0 - lam1)[:, None] + onehot(i1, n_in).to(torch.float32) * lam1[:, None]
+
+
+def upsample_adjoint(dz: torch.Tensor, h: int, w: int, up_factor: int) -> torch.Tensor:
+    """The adjoint of ``_upsampled_gp``: (B, H, W, A) -> (B, h, w, A) fp32, in a fixed summation
+    order (two matmuls with the separable interpolation matrices; no atomics)."""
+    _, H, W, _ = dz.shape
+    uy = interpolation_matrix(H, h, up_factor, dz.device)
+    ux = interpolation_matrix(W, w, up_factor, dz.device)
+    return torch.einsum("yi,byja->bija", uy, torch.einsum("xj,byxa->byja", ux, dz))
 
 
 def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
@@ -657,12 +716,12 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
     HW = H * W
     wl = _w2d(w_l)
     phi = _w2d(phi_w)[0]
-    cfg = weight_blocks(C, l.dtype)
+    precision = precision_for(l.dtype, l.device)
+    cfg = weight_blocks(C, l.dtype, precision)
     n_a, n_c = triton.cdiv(A, cfg["BLOCK_A2"]), triton.cdiv(C, cfg["BLOCK_C2"])
     n_tiles = B * triton.cdiv(HW, cfg["BLOCK_P"])
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A2=cfg["BLOCK_A2"], BLOCK_C2=cfg["BLOCK_C2"],
-              PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
-              num_stages=cfg["num_stages"])
+              PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def args(dwl, dphi, per):
         return (l, gp, wl, phi, dc, dwl, dphi, C, A, HW, W, h, w, 1.0 / up_factor, n_tiles, per,
@@ -679,21 +738,19 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
-# Spill budgets (bytes) per config: none. Every config above spills nothing on sm_80 and sm_90 under
-# triton 3.6 and 3.9 (``python -m attnfast.kernels.aot --filter grid_attention`` with each). Not
-# measured on a GPU.
-_SPILL_BUDGET = {}
-
-
 def _precisions(dtype):
     return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
 
 
-def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
+def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict, deterministic: bool = False) -> KernelConfig:
+    from .aot.registry import KernelConfig, signature
+
     dt = DTYPES[dtype]
     tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
     cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A": cfg["BLOCK_A"],
           "A_CHUNKS": cfg["A_CHUNKS"], "PRECISION": prec}
+    if kind == "bwd":
+        cx["DZ_OUT"] = bool(deterministic)
     ptrs = {"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt}
     if kind == "fwd":
         kernel = grid_fwd_kernel
@@ -706,14 +763,16 @@ def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict) -> KernelC
         scalars = {"inv_up": "fp32", "scale": "fp32"}
     stages = cfg["num_stages"]
     name = (f"grid_attention.{kind}[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A={cfg['BLOCK_A']}"
-            f"x{cfg['A_CHUNKS']},w={cfg['num_warps']}" + (f",s={stages}" if stages != 3 else "") + "]")
+            f"x{cfg['A_CHUNKS']},w={cfg['num_warps']}" + (f",s={stages}" if stages != 3 else "")
+            + (",det" if deterministic else "") + "]")
     return KernelConfig(name=name, kernel=kernel,
                         signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=cx),
-                        constexprs=cx, num_warps=cfg["num_warps"], num_stages=stages,
-                        max_spill_bytes=_SPILL_BUDGET.get(name, 0))
+                        constexprs=cx, num_warps=cfg["num_warps"], num_stages=stages)
 
 
 def _weight_config(dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
+    from .aot.registry import KernelConfig, signature
+
     dt = DTYPES[dtype]
     tag = f"{dt}" + (f",{prec}" if dtype == torch.float32 else "")
     cx = {"BLOCK_P": cfg["BLOCK_P"], "BLOCK_C": cfg["BLOCK_C"], "BLOCK_A2": cfg["BLOCK_A2"],
@@ -722,7 +781,7 @@ def _weight_config(dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
     name = (f"grid_attention.bwd_weight[{tag},P={cfg['BLOCK_P']},C={cfg['BLOCK_C']},A2={cfg['BLOCK_A2']},"
             f"C2={cfg['BLOCK_C2']},w={cfg['num_warps']}{stages}]")
     return KernelConfig(
-        name=name, kernel=grid_bwd_weight_kernel, max_spill_bytes=_SPILL_BUDGET.get(name, 0),
+        name=name, kernel=grid_bwd_weight_kernel,
         signature=signature(grid_bwd_weight_kernel,
                             ptrs={"l_ptr": dt, "gp_ptr": "fp32", "wl_ptr": dt, "phi_ptr": dt,
                                   "dc_ptr": "fp32", "dwl_ptr": "fp32", "dphi_ptr": "fp32"},
@@ -732,16 +791,19 @@ def _weight_config(dtype: torch.dtype, prec: str, cfg: dict) -> KernelConfig:
 
 def aot_configs() -> list:
     """Every config the launchers can pick: main kernels for every A bucket (16..512, deduplicated:
-    several buckets share one A-chunked config), the weight kernel for every C bucket, the combine."""
+    several buckets share one A-chunked config; the backward with atomics and deterministic), the
+    weight kernel for every C bucket, the combine."""
+    from .aot.registry import KernelConfig, signature
+
     configs = {}
     for dtype, dt in DTYPES.items():
         for prec in _precisions(dtype):
             for bucket in (16, 32, 64, 128, 256, 512):
-                for kind in ("fwd", "bwd"):
-                    kc = _main_config(kind, dtype, prec, main_blocks(bucket, dtype, backward=kind == "bwd"))
+                for kind, det in (("fwd", False), ("bwd", False), ("bwd", True)):
+                    kc = _main_config(kind, dtype, prec, main_blocks(bucket, dtype, backward=kind == "bwd"), det)
                     configs.setdefault(kc.name, kc)
             for c in (16, 32, 64, 128, 256, 512):
-                kc = _weight_config(dtype, prec, weight_blocks(c, dtype))
+                kc = _weight_config(dtype, prec, weight_blocks(c, dtype, prec))
                 configs.setdefault(kc.name, kc)
         cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C, "BLOCK_HW": COMBINE_BLOCK_HW}
         configs[f"grid_attention.combine[{dt}]"] = KernelConfig(

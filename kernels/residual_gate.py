@@ -22,7 +22,6 @@ import triton.language as tl
 
 from ._launch import on_device
 from ._strided import permuted_views, shared_dense_layout
-from .registry import KernelConfig, signature
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -141,6 +140,8 @@ def residual_gate_bwd(grad: torch.Tensor, m: torch.Tensor, t: torch.Tensor,
 def aot_configs() -> list:
     """Both paths, both directions, every dtype: the dense kernels with a 32-bit ``numel``, the
     strided ones with a 64-bit one."""
+    from .aot.registry import KernelConfig, signature
+
     configs = []
     cx = {"BLOCK": BLOCK}
     for dt in DTYPES.values():

@@ -25,11 +25,11 @@ The query/key dim is one padded tile (``BLOCK_D`` <= ``MAX_D``); larger D is the
 business (``attnfast.ops.self_attention`` uses its chunked PyTorch path there).
 
 Tiles (``tiles``): 16-bit programs own 128 rows on 8 warps, 16 per warp, so no warp repeats
-another's rows and triton 3.6/3.9 emit wgmma on sm_90 (mma.sync on sm_80); fp32 runs IEEE dots
-on FMA units with small tiles. Addresses are formed as ``base + (row * s_r + col * s_c)``: one
+another's rows and every measured triton emits wgmma on sm_90 (mma.sync on sm_80); fp32 runs IEEE
+dots on FMA units with small tiles. Addresses are formed as ``base + (row * s_r + col * s_c)``: one
 32-bit offset per element, added to the pointer at the load or store, rather than a 64-bit pointer
-per element kept live across the loop (any stride is allowed, so the build for unknown strides
-loads element by element and its registers are the budget every tile is measured against).
+per element kept live across the loop (any stride is allowed: a launch with unit inner strides gets
+a vectorizing build, any other an element-by-element one; both are compiled and checked).
 Launches run under ``on_device(q)`` (the tensor's CUDA device is current).
 """
 from __future__ import annotations
@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 
 from ._launch import on_device
-from .registry import KernelConfig, signature
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BLOCK_DS = (16, 32, 64, 128)  # padded query/key dims
@@ -52,7 +51,6 @@ ROWSUM_BLOCK_M = 64
 ROWSUM_BLOCK_C = 32  # channel chunk of the rowsum loop (fp32 o: larger chunks spill)
 NUM_WARPS = 4
 NUM_STAGES = 2
-LOG2E = 1.4426950408889634
 
 
 def block_d(d: int) -> int:
@@ -260,9 +258,8 @@ def blocks(d: int, dv: int) -> tuple:
 
     ``ONE_DV``: the value channels fit one tile, so the backward keeps V's (dK/dV) or dO's (dQ) tile
     for the whole loop. At ``BLOCK_D`` = ``MAX_D`` it is always False: dK and dV then accumulate
-    128 + 128 fp32 columns, and streaming dO and V in ``BLOCK_C`` chunks for dP spills least:
-    holding V's tile, the 16-bit dK/dV kernel spilled 208-480 B on sm_90 under triton 3.9 at every
-    128-row tile tried (some under 3.6 too); chunked, it spills none under 3.6 and 252 B under 3.9."""
+    128 + 128 fp32 columns, and streaming dO and V in ``BLOCK_C`` chunks for dP spills least
+    (benchmarks/results/kernel_tuning.md)."""
     bd = block_d(d)
     bdv = block_dv(max(dv, bd))  # a listed value tile, never narrower than the q/k tile
     return bd, bdv, dv <= bdv and bd < MAX_D
@@ -275,20 +272,6 @@ class Tile(NamedTuple):
     BLOCK_N: int  # key tile: the forward's and dQ's inner loop step; dK/dV: the rows of its programs
     num_warps: int
     BLOCK_C: int  # channel chunk of the dP = dO^T V contraction when DV spans several tiles (not ONE_DV)
-    max_spill_bytes: int  # AOT budget (sm_80 and sm_90) for the installed triton, see ``_spill_budget``
-
-
-def _triton_version() -> tuple:
-    return tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
-
-
-def _spill_budget(t36: int, t39: int) -> int:
-    """The AOT spill budget of a config for the installed triton: ``t36`` under triton 3.6 (the GPU
-    machines' stack), ``t39`` under 3.9 (the dev stack); another triton gets the larger of the two.
-    The two differ because each ships its own LLVM and ptxas: the same kernel and tile allocate
-    differently, and neither version is uniformly better (see ``tiles``)."""
-    v = _triton_version()
-    return t36 if v == (3, 6) else t39 if v == (3, 9) else max(t36, t39)
 
 
 def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
@@ -302,42 +285,33 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
     is wgmma (``wgmma.mma_async``): each warpgroup of 4 warps takes 64 rows, the B operands
     (K^T, V, dO, Q^T) staged in shared memory; on sm_80 ``mma.sync`` m16n8k16, one 16-row slice
     per warp. 64 rows on 4 warps would do the same work per warp, but each thread then loads twice
-    the elements (the kernels take any strides, so the build for unknown strides loads element by
-    element): the forward spilled 236-432 B on sm_90 where 8 warps spill none. (At 4 warps sm_80
-    also put the warps along N, repeating the 16-column dots.)
+    the elements and the forward spilled where 8 warps spill none. (At 4 warps sm_80 also put the
+    warps along N, repeating the 16-column dots.)
 
     The inner tile is what the register budget (255 per thread at 8 warps) leaves: the forward's
     and dQ's key step is 64 at D = 16 or with a 32-channel value tile, else 32; dK/dV steps 32
-    queries (16 at D >= 64 and whenever dP is chunked). dP chunks are 32 channels (16 at D >= 64,
-    and for dQ at D = 128); 128-channel chunks spilled 200-1500 B on sm_90.
-
-    Spills, measured (ptxas as each triton calls it; 3.9 adds ``--regAllocOptLevel=2``): every
-    16-bit config with D <= 32 (SAGAN up to C = 256, the shipped C = 128 included) spills nothing
-    on sm_90 and sm_80 under both tritons, budget 0. At D >= 64 (C >= 512) the budget depends on
-    the triton version: under 3.6 sm_90 spills nothing and sm_80 up to 80 B (forward, D = 128);
-    under 3.9 the dK/dV kernels spill on sm_90 at every tile tried (D = 64: 56 B with one value
-    tile, 184 B chunked; D = 128: 252 B; 128- and 64-row programs, 16/32-query steps, 16/32-channel
-    chunks) and the D = 128 forward 32 B: budget 256 B, chosen to be zero under 3.6.
+    queries with a 32-channel value tile, else 16. dP chunks are 32 channels (16 at D >= 64,
+    and for dQ at D = 128). Every 16-bit config with D <= 32 (SAGAN up to C = 256, the shipped
+    C = 128 included) spills nothing on sm_80 and sm_90 under every measured triton; at D >= 64 no
+    tile tried avoids some spill under every triton (budgets: ``attnfast.kernels.aot.budgets``;
+    measurements: benchmarks/results/kernel_tuning.md).
 
     fp32 is the accuracy path: IEEE dots (``input_precision="ieee"``, no tensor cores) on FMA
     units, whose blocked layouts give each output element to one thread (warpsPerCTA [8, 1], [4, 2]
     or [4, 1] over 16-32 rows: no warp repeats rows at these tiles, read from the TTGIR). Its
-    operands take far more registers, hence the small tiles and a 128 B budget (measured 0-112 B).
+    operands take far more registers, hence the small tiles.
     """
     bc = bdv if one_dv else 32
     if dtype == "fp32":
-        budget = _spill_budget(128, 128)
         if bdv <= 32:
-            return dict(fwd=Tile(32, 32, 4, bdv, 0), dq=Tile(32, 32, 4, bc, budget), dkdv=Tile(32, 32, 4, bc, budget))
-        return dict(fwd=Tile(16, 32, 8, bdv, budget), dq=Tile(16, 32, 8, bc, budget), dkdv=Tile(16, 32, 8, bc, budget))
+            return dict(fwd=Tile(32, 32, 4, bdv), dq=Tile(32, 32, 4, bc), dkdv=Tile(32, 32, 4, bc))
+        return dict(fwd=Tile(16, 32, 8, bdv), dq=Tile(16, 32, 8, bc), dkdv=Tile(16, 32, 8, bc))
     inner = 64 if bd == 16 or bdv == 32 else 32
-    budget = 0 if bd <= 32 else _spill_budget(80, 256)
     if one_dv:
-        dkdv = Tile(16 if bd == 64 else 32, 128, 8, bdv, budget)
+        dkdv = Tile(32 if bdv == 32 else 16, 128, 8, bdv)
     else:
-        dkdv = Tile(16, 128, 8, 32 if bd <= 32 else 16, budget)
-    return dict(fwd=Tile(128, inner, 8, bdv, budget), dq=Tile(128, inner, 8, 16 if bd == MAX_D else bc, budget),
-                dkdv=dkdv)
+        dkdv = Tile(16, 128, 8, 32 if bd <= 32 else 16)
+    return dict(fwd=Tile(128, inner, 8, bdv), dq=Tile(128, inner, 8, 16 if bd == MAX_D else bc), dkdv=dkdv)
 
 
 def _batch3(t):
@@ -441,21 +415,23 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
 
 def aot_configs() -> list:
     """Every configuration the launchers can pick: dtype x ``blocks(d, dv)`` x ``tiles(...)``."""
+    from .aot.registry import KernelConfig, signature
+
     configs = []
 
-    def add(name, kernel, ptrs, ce, warps, spill, scalars=None):
+    def add(name, kernel, ptrs, ce, warps, scalars=None):
         configs.append(KernelConfig(
             name=name, kernel=kernel, constexprs=ce, num_warps=warps, num_stages=NUM_STAGES,
-            max_spill_bytes=spill, signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=ce)))
+            signature=signature(kernel, ptrs=ptrs, scalars=scalars, constexprs=ce)))
 
     def add_tile(name, kernel, ptrs, ce, tile: Tile):
         ce = dict(ce, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N)
-        add(name, kernel, ptrs, ce, tile.num_warps, tile.max_spill_bytes, {"scale": "fp32"})
+        add(name, kernel, ptrs, ce, tile.num_warps, {"scale": "fp32"})
 
     for dt in DTYPES.values():
         prec = "ieee" if dt == "fp32" else "tf32"
         add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel, {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"},
-            {"BLOCK_M": ROWSUM_BLOCK_M, "BLOCK_DV": ROWSUM_BLOCK_C}, NUM_WARPS, 0)
+            {"BLOCK_M": ROWSUM_BLOCK_M, "BLOCK_DV": ROWSUM_BLOCK_C}, NUM_WARPS)
         for bdv in BLOCK_DVS:
             for bd in (b for b in BLOCK_DS if b <= bdv):
                 ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}

@@ -11,7 +11,7 @@ import attnfast.kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = (
-    "import importlib.util, attnfast.kernels, attnfast.kernels.registry as r; "
+    "import importlib.util, attnfast.kernels, attnfast.kernels.aot.registry as r; "
     "print(attnfast.kernels.__file__); print(importlib.util.find_spec('kernels'))"
 )
 
@@ -37,7 +37,8 @@ def test_regular_install(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "--target", str(site), REPO], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (site / "attnfast" / "kernels" / "registry.py").is_file()
+    assert (site / "attnfast" / "kernels" / "aot" / "registry.py").is_file()
+    assert (site / "attnfast" / "kernels" / "aot" / "__main__.py").is_file()
     assert not (site / "kernels").exists(), "kernels/ must not be installed at the top level"
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
     f = _check_in(sys.executable, env, str(tmp_path))

@@ -11,7 +11,7 @@ through ``--module``; never launched).
 import triton
 import triton.language as tl
 
-from attnfast.kernels.registry import KernelConfig, signature
+from attnfast.kernels.aot.registry import KernelConfig, signature
 
 
 @triton.jit

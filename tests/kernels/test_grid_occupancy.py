@@ -3,16 +3,12 @@
 The launchers split H*W (and, for the weight kernel, B*H*W) into ``nsplit`` ranges so that one wave
 of programs fills every SM: ``sm_count * resident blocks per SM``. On CUDA the resident blocks are
 read from the compiled kernel (registers, shared memory, warps) through ``blocks_per_sm``; here the
-AOT compile for sm_90 stands in for it, at the benchmark shapes (AttnVGG pool-3/pool-4 at 224 and
-512, B = 8..64, A = 256). The compile runs in a subprocess without TRITON_INTERPRET.
+session's AOT run stands in for it with the binaries the benchmark launches really run (captured and
+specialized as Triton specializes them at launch: ``benchmarks/aot_launches.py``), for sm_80 and
+sm_90, at the benchmark shapes (AttnVGG pool-3/pool-4 at 224 and 512, B = 8 and 64, A = 256).
 """
-import json
-import os
-import subprocess
-import sys
 import types
 
-import pytest
 import torch
 import triton
 
@@ -20,107 +16,84 @@ from attnfast.kernels import grid_attention as G
 from attnfast.kernels._launch import blocks_per_sm
 
 H100_SMS = 132  # H100 SXM and H200: 132 SMs
+SMS = {90: H100_SMS, 80: 108}
 A = 256
-# (name, C_l, H=W) of the AttnVGG benchmark blocks (benchmarks/test_bench_grid_attention.py)
-SHAPES = [("pool3@224", 256, 28), ("pool3@512", 256, 64), ("pool4@224", 512, 14), ("pool4@512", 512, 32)]
-BATCHES = (8, 16, 32, 64)
-DTYPES = (torch.bfloat16, torch.float32)
-
-_SCRIPT = r"""
-import json, sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from attnfast.kernels import grid_attention as G
-from attnfast.kernels.registry import compile_config
-wanted = json.loads(sys.argv[1])
-configs = {c.name: c for c in G.aot_configs()}
-out = {}
-for name in wanted:
-    cfg = configs[name]
-    r = compile_config(cfg, 90)
-    src = triton.compiler.ASTSource(fn=cfg.kernel, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs))
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}).asm["ptx"]
-    atoms = [line.strip() for line in ptx.splitlines() if "atom." in line or "red." in line]
-    r["atomics"] = atoms
-    out[name] = r
-print(json.dumps(out))
-"""
-
-
-def _configs_at_a256():
-    names = {}
-    for dtype in DTYPES:
-        prec = "ieee"
-        for kind in ("fwd", "bwd"):
-            names[(kind, dtype)] = G._main_config(kind, dtype, prec, G.main_blocks(A, dtype, kind == "bwd")).name
-        for _, C, _ in SHAPES:
-            names[("bwd_weight", dtype, C)] = G._weight_config(dtype, prec, G.weight_blocks(C, dtype)).name
-    return names
-
-
-@pytest.fixture(scope="module")
-def sm90():
-    """{config name: compile result for sm_90} for every config the benchmark shapes launch."""
-    names = sorted(set(_configs_at_a256().values()))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(names)], capture_output=True, text=True,
-                       env=env, timeout=1500)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+GRID_SHAPES = {"pool3@224": (256, 28), "pool3@512": (256, 64), "pool4@224": (512, 14), "pool4@512": (512, 32)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _fake_compiled(res):
     """What the launcher reads from a loaded CompiledKernel, filled from the AOT compile."""
     return types.SimpleNamespace(n_regs=res["regs"], metadata=types.SimpleNamespace(
-        shared=res["shared_bytes"], num_warps=res["num_warps"]))
+        shared=res["dynamic_shared_bytes"], num_warps=res["num_warps"]))
 
 
-def _launch_shape(kind, dtype, C, HW, B):
+def _launch_shape(kind, dtype, prec, C, HW, B):
     """(n_tiles, n_outer, max_splits) as the launcher passes them to the split logic."""
     if kind == "bwd_weight":
-        cfg = G.weight_blocks(C, dtype)
+        cfg = G.weight_blocks(C, dtype, prec)
         n_outer = triton.cdiv(A, cfg["BLOCK_A2"]) * triton.cdiv(C, cfg["BLOCK_C2"])
         return B * triton.cdiv(HW, cfg["BLOCK_P"]), n_outer, None
     cfg = G.main_blocks(A, dtype, backward=kind == "bwd")
     return triton.cdiv(HW, cfg["BLOCK_P"]), B, G.BLOCK_S if kind == "fwd" else None
 
 
-@pytest.mark.slow
-def test_split_logic_counts_the_resident_blocks_of_the_compiled_kernels(sm90):
-    names = _configs_at_a256()
-    for (kind, dtype, *rest), name in names.items():
-        res = sm90[name]
-        expected = blocks_per_sm(res["regs"], res["shared_bytes"], res["num_warps"], 90)
-        assert expected >= 1, f"{name}: cannot launch on sm_90 ({res})"
-        assert G.resident_blocks(res["regs"], res["shared_bytes"], res["num_warps"], 90) == expected, name
-        assert G.compiled_resident_blocks(_fake_compiled(res), 90) == expected, name
-        for shape, C, side in SHAPES:
-            if kind == "bwd_weight" and rest[0] != C:
-                continue
-            for B in BATCHES:
-                n_tiles, n_outer, cap = _launch_shape(kind, dtype, C, side * side, B)
-                nsplit, per = G.splits_for(n_tiles, n_outer, H100_SMS, expected, cap)
-                where = f"{name} at {shape} B={B}: {n_outer} x {nsplit} programs, {expected}/SM"
-                assert (nsplit - 1) * per < n_tiles <= nsplit * per, where  # every split has tiles
-                # no split count (up to the cap) is faster in the wave model at this occupancy
-                slots = H100_SMS * expected
-                most = min(n_tiles, cap or n_tiles)
-                best = min(G.split_time(n_tiles, n_outer, slots, k) for k in range(1, most + 1))
-                assert G.split_time(n_tiles, n_outer, slots, nsplit) == best, where
+def _grid_launches(launch_results):
+    """(binary name, cap, result, kind, label, n_tiles, n_outer, max_splits) of every captured grid
+    launch at the benchmark shapes, as the launcher hands it to the split logic."""
+    for (name, cap), res in sorted(launch_results.items()):
+        module, kind = res["base"].split("[")[0].split(".")
+        if module != "grid_attention" or kind not in ("fwd", "bwd", "bwd_weight"):
+            continue
+        prec = "tf32" if ",tf32" in res["base"] else "ieee"
+        for label in res["launches"]:
+            _, shape, batch, dt, *_ = label.split()
+            C, side = GRID_SHAPES[shape]
+            yield (name, cap, res, kind, label, *_launch_shape(kind, DTYPES[dt], prec, C, side * side, int(batch[2:])))
 
 
-@pytest.mark.slow
-def test_relaxed_atomics_in_the_backward(sm90):
-    """The dGp scatter's atomics are relaxed: no acq_rel/acquire/release ordering (a GPU-wide fence
-    each) in the pixel loop."""
-    for (kind, dtype, *_), name in _configs_at_a256().items():
-        atoms = sm90[name]["atomics"]
-        if kind == "bwd":
-            assert atoms, f"{name}: expected the dGp atomics in the PTX"
-        ordered = [a for a in atoms if any(s in a for s in (".acq_rel", ".acquire", ".release", ".sc."))]
-        assert not ordered, f"{name}: ordered atomics {ordered[:3]}"
+def test_split_logic_counts_the_resident_blocks_of_the_launch_binaries(launch_results):
+    """For every grid launch binary at the benchmark shapes: the split logic's resident blocks (from
+    what the launcher reads off the loaded kernel) are the binary's blocks/SM, and the split count it
+    picks is the fastest in its wave model at that occupancy."""
+    kinds = set()
+    for name, cap, res, kind, label, n_tiles, n_outer, most in _grid_launches(launch_results):
+        expected = blocks_per_sm(res["regs"], res["shared_bytes"], res["num_warps"], cap)
+        assert expected >= 1, f"{name}: cannot launch on sm_{cap} ({res})"
+        assert expected == res["blocks_per_sm"], name
+        assert G.compiled_resident_blocks(_fake_compiled(res), cap) == G.resident_blocks(
+            res["regs"], res["dynamic_shared_bytes"], res["num_warps"], cap), name
+        nsplit, per = G.splits_for(n_tiles, n_outer, SMS[cap], expected, most)
+        where = f"{name} sm_{cap} at {label}: {n_outer} x {nsplit} programs, {expected}/SM"
+        assert (nsplit - 1) * per < n_tiles <= nsplit * per, where  # every split has tiles
+        slots = SMS[cap] * expected
+        best = min(G.split_time(n_tiles, n_outer, slots, k) for k in range(1, min(n_tiles, most or n_tiles) + 1))
+        assert G.split_time(n_tiles, n_outer, slots, nsplit) == best, where
+        kinds.add(kind)
+    assert kinds == {"fwd", "bwd", "bwd_weight"}, f"grid launch binaries missing: {kinds}"
+
+
+def test_grid_occupancy_at_the_benchmark_shapes(launch_results):
+    """At AttnVGG's shapes (pool-3/pool-4 at 224 and 512, A=256, B=8 and 64, NCHW and channels_last)
+    on an H100 (sm_90, 132 SMs) and an A100 (sm_80, 108 SMs), with the binary each launch runs (its
+    captured launch binary, specialized as Triton specializes it): the programs launched fill
+    ``SMs x blocks/SM``, or the split logic assumed exactly those blocks/SM (so it knows why it
+    launches fewer: not enough tiles, or the cap on splits).
+
+    The split logic's assumption is ``grid_attention.resident_blocks`` of what the launcher reads from
+    the loaded kernel (registers, Triton's ``metadata.shared``, warps); ``splits_for`` turns it into
+    the split count."""
+    bad, checked = [], 0
+    for name, cap, r, _, label, n_tiles, n_outer, most in _grid_launches(launch_results):
+        assumed = G.resident_blocks(r["regs"], r["dynamic_shared_bytes"], r["num_warps"], cap)
+        nsplit, _ = G.splits_for(n_tiles, n_outer, SMS[cap], assumed, most)
+        programs, slots = n_outer * nsplit, SMS[cap] * r["blocks_per_sm"]
+        checked += 1
+        if programs < slots and assumed != r["blocks_per_sm"]:
+            bad.append(f"sm_{cap} {label} {name}: {programs} programs < {SMS[cap]} SMs x {r['blocks_per_sm']} "
+                       f"blocks/SM, split logic assumed {assumed}/SM")
+    assert checked, "no launch checked"
+    assert not bad, "SMs left idle without the split logic knowing:\n" + "\n".join(bad)
 
 
 def test_splits_for_fills_one_wave():
@@ -155,33 +128,61 @@ def test_interpreter_keeps_a_few_splits():
     assert G._splits(None, (), {}, 100, 2, cpu)[0] == 4
 
 
-def test_cuda_split_count_uses_the_compiled_kernel(monkeypatch):
-    """On CUDA: the kernel is compiled ahead of the launch (``warmup``), its resident blocks computed
-    from the loaded kernel's registers / shared memory / warps, cached per config and device."""
-    calls = []
+class _FakeKernel:
+    """Counts ``warmup`` compiles; every compile reports 168 registers, 5 KiB shared, 8 warps."""
 
-    class FakeKernel:
-        fn = types.SimpleNamespace(__name__="fake_kernel")
+    fn = types.SimpleNamespace(__name__="fake_kernel")
 
-        def warmup(self, *args, grid, **kw):
-            calls.append((args, grid, kw))
-            return types.SimpleNamespace(n_regs=168, metadata=types.SimpleNamespace(shared=5120, num_warps=8))
+    def __init__(self, calls):
+        self.calls = calls
 
+    def warmup(self, *args, grid, **kw):
+        self.calls.append((args, grid, kw))
+        return types.SimpleNamespace(n_regs=168, metadata=types.SimpleNamespace(shared=5120, num_warps=8))
+
+
+def _fake_cuda(monkeypatch):
     monkeypatch.setattr(G, "_RESIDENT", {})
     monkeypatch.setattr(G, "compute_capability", lambda device: 90)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(multi_processor_count=H100_SMS))
+
+
+def test_cuda_split_count_uses_the_compiled_kernel(monkeypatch):
+    """On CUDA: the kernel is compiled ahead of the launch (``warmup``), its resident blocks computed
+    from the loaded kernel's registers / shared memory / warps, cached per config and device."""
+    calls = []
+    _fake_cuda(monkeypatch)
     args = (torch.empty(1, dtype=torch.bfloat16), 7)
     kw = {"BLOCK_P": 16, "num_warps": 8}
     cuda1 = torch.device("cuda", 1)
     resident = blocks_per_sm(168, 5120, 8, 90)
     assert resident == 1  # 168 registers x 256 threads: one block per SM
-    assert G._splits(FakeKernel(), args, kw, 196, 8, cuda1) == G.splits_for(196, 8, H100_SMS, resident)
-    assert G._splits(FakeKernel(), args, kw, 64, 16, cuda1) == G.splits_for(64, 16, H100_SMS, resident)
+    assert G._splits(_FakeKernel(calls), args, kw, 196, 8, cuda1) == G.splits_for(196, 8, H100_SMS, resident)
+    assert G._splits(_FakeKernel(calls), args, kw, 64, 16, cuda1) == G.splits_for(64, 16, H100_SMS, resident)
     assert len(calls) == 1, "the occupancy is read once per config and device"
     assert calls[0][1] == (1,) and calls[0][2] == kw
-    G._splits(FakeKernel(), args, kw, 196, 8, torch.device("cuda", 0))
+    G._splits(_FakeKernel(calls), args, kw, 196, 8, torch.device("cuda", 0))
     assert len(calls) == 2, "another device compiles and reads its own"
+
+
+def test_occupancy_cache_is_keyed_by_the_launch_specialization(monkeypatch):
+    """NCHW and channels_last inputs compile different binaries (Triton specializes strides equal to 1
+    and divisible by 16, and 16-byte aligned pointers): each layout reads its own occupancy, so the
+    split count (and the summation order) does not depend on which layout ran first."""
+    calls = []
+    _fake_cuda(monkeypatch)
+    cuda = torch.device("cuda", 0)
+    kw = {"BLOCK_P": 16, "num_warps": 8}
+    x = torch.empty(2, 32, 6, 6)
+    nchw, cl = x, x.contiguous(memory_format=torch.channels_last)
+    for t in (nchw, cl, nchw, cl):
+        G._splits(_FakeKernel(calls), (t, *t.stride()), kw, 100, 2, cuda)
+    assert len(calls) == 2, "one occupancy read per layout"
+    G._splits(_FakeKernel(calls), (x[:, :, :, 1:], *x[:, :, :, 1:].stride()), kw, 100, 2, cuda)
+    assert len(calls) == 3, "a pointer off 16-byte alignment compiles another binary"
+    G._splits(_FakeKernel(calls), (torch.empty(2, 32, 6, 6), 1152, 36, 6, 1), kw, 100, 2, cuda)
+    assert len(calls) == 3, "the same specialization (another tensor, same layout) hits the cache"
 
 
 def test_split_arguments_are_not_specialized():

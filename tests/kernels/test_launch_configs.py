@@ -31,13 +31,13 @@ def test_grid_attention_choices_are_registered():
     for dtype in G.DTYPES:
         for prec in G._precisions(dtype):
             for a in range(1, G.MAX_ATTN_FEATURES + 1):
-                for kind in ("fwd", "bwd"):
+                for kind, det in (("fwd", False), ("bwd", False), ("bwd", True)):
                     cfg = G.main_blocks(a, dtype, backward=kind == "bwd")
-                    name = G._main_config(kind, dtype, prec, cfg).name
+                    name = G._main_config(kind, dtype, prec, cfg, det).name
                     if name not in names:
                         missing.add(f"{name} (A={a})")
             for c in range(1, 2049):
-                name = G._weight_config(dtype, prec, G.weight_blocks(c, dtype)).name
+                name = G._weight_config(dtype, prec, G.weight_blocks(c, dtype, prec)).name
                 if name not in names:
                     missing.add(f"{name} (C={c})")
     assert not missing, sorted(missing)[:10]

@@ -1,16 +1,15 @@
 """Static GPU evidence, read without a GPU from what Triton compiles for sm_80 and sm_90.
 
 Every check reads the session's one AOT run (``aot_report`` in this folder's conftest): the TTGIR,
-PTX and SASS of every registered configuration (``attnfast.kernels._asm`` does the reading). They fail
-when:
+PTX and SASS of every registered configuration's binaries (``attnfast.kernels.aot.asm`` does the
+reading). They fail when:
 
 - an atomic is ordered (acquire / release / acq_rel / sc), or a kernel with atomics has an ordering
-  fence: each is a GPU-wide fence in the grid backward's pixel loop;
+  fence: each is a GPU-wide fence in the grid backward's pixel loop; a kernel other than the grid
+  backward's atomic build has atomics (the deterministic build has none);
 - a 16-bit self-attention kernel (forward, dQ, dK/dV) does not use wgmma on sm_90;
 - a warp repeats another's work: per dot site, the PTX's MMA work per warp exceeds the tile's minimum
   (``_asm.mma_evidence`` states the rule), or the count disagrees with the TTGIR's MMA layout;
-- at the benchmark shapes, grid attention launches fewer programs than the SMs hold while its split
-  logic assumes another occupancy than the compiled kernel has;
 - the committed table for this Triton version (``benchmarks/results/aot_evidence_triton-<version>``)
   no longer matches a fresh compile.
 
@@ -21,10 +20,9 @@ import json
 import os
 
 import pytest
-import torch
 import triton
 
-from attnfast.kernels import _asm
+from attnfast.kernels.aot import asm as _asm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -54,6 +52,18 @@ def test_no_ordered_atomics(registry_results):
         "expected the grid backward's dGp atomics in the PTX: is the check reading the right code?"
     bad = [f"{name} sm_{cap}: {r['atomics']['forms']}" for (name, cap), r in sorted(results.items()) if _ordered(r)]
     assert not bad, "ordered atomics (a GPU-wide fence each; use sem='relaxed'):\n" + "\n".join(bad)
+
+
+def test_only_the_grid_backward_has_atomics_and_not_its_deterministic_build(registry_results):
+    """Atomics per binary, read from the PTX: the grid backward's dGp scatter is the only atomic in any
+    kernel, and its deterministic build (``DZ_OUT``, taken under
+    ``torch.use_deterministic_algorithms(True)``) has none."""
+    results = _ok(registry_results)
+    det = [k for k in results if "grid_attention.bwd[" in k[0] and ",det]" in k[0]]
+    assert det, "no deterministic grid backward build in the AOT report"
+    bad = [f"{name} sm_{cap}: {r['atomics']['forms']}" for (name, cap), r in sorted(results.items())
+           if r["atomics"]["total"] and not (name.startswith("grid_attention.bwd[") and ",det]" not in name)]
+    assert not bad, "atomics outside the grid backward's atomic build:\n" + "\n".join(bad)
 
 
 def test_atomic_check_flags_the_default_atomic_add(fixture_results, fixture_kernels):
@@ -189,65 +199,6 @@ def test_ttgir_dot_sites_and_layouts():
 
 
 # ----------------------------------------------------------------------------------------------
-# occupancy at the benchmark shapes (grid attention's split logic)
-# ----------------------------------------------------------------------------------------------
-A = 256
-# (name, C_l, H=W of l) of AttnVGG's attention blocks (benchmarks/test_bench_grid_attention.py)
-GRID_SHAPES = [("pool3@224", 256, 28), ("pool3@512", 256, 64), ("pool4@224", 512, 14), ("pool4@512", 512, 32)]
-BATCHES = (8, 16, 32, 64)
-DEVICES = {"H100": (90, 132), "A100": (80, 108)}  # cap, SMs
-
-
-def _grid_launches(G, dtype, prec, C, HW, B):
-    """(kind, config name, n_tiles, n_outer, max_splits) of the three split kernels, as
-    ``grid_attention_fwd`` / ``_bwd`` / ``_bwd_weight`` hand them to the split logic."""
-    out = []
-    for kind in ("fwd", "bwd"):
-        cfg = G.main_blocks(A, dtype, backward=kind == "bwd")
-        out.append((kind, G._main_config(kind, dtype, prec, cfg).name, triton.cdiv(HW, cfg["BLOCK_P"]), B,
-                    G.BLOCK_S if kind == "fwd" else None))
-    cfg = G.weight_blocks(C, dtype)
-    n_outer = triton.cdiv(A, cfg["BLOCK_A2"]) * triton.cdiv(C, cfg["BLOCK_C2"])
-    out.append(("bwd_weight", G._weight_config(dtype, prec, cfg).name, B * triton.cdiv(HW, cfg["BLOCK_P"]),
-                n_outer, None))
-    return out
-
-
-def test_grid_occupancy_at_the_benchmark_shapes(registry_results):
-    """At AttnVGG's shapes (pool-3/pool-4 at 224 and 512, A=256, B=8..64) on an H100 (sm_90, 132 SMs)
-    and an A100 (sm_80, 108 SMs): the programs launched fill ``SMs x blocks/SM`` (the table's), or the
-    split logic assumed exactly the table's blocks/SM (so it knows why it launches fewer: not enough
-    tiles, or the cap on splits).
-
-    The split logic's assumption is ``grid_attention.resident_blocks`` of what the launcher reads from
-    the loaded kernel (registers, Triton's ``metadata.shared``, warps); ``splits_for`` turns it into
-    the split count."""
-    from attnfast.kernels import grid_attention as G
-
-    missing = [f for f in ("splits_for", "resident_blocks") if not hasattr(G, f)]
-    assert not missing, f"kernels/grid_attention.py has no {missing}: the split logic cannot be checked"
-    bad, checked = [], 0
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for prec in G._precisions(dtype):
-            for shape, C, side in GRID_SHAPES:
-                for B in BATCHES:
-                    for kind, name, n_tiles, n_outer, max_splits in _grid_launches(G, dtype, prec, C, side * side, B):
-                        for device, (cap, sms) in DEVICES.items():
-                            r = registry_results.get((name, cap))
-                            assert r is not None and "error" not in r, f"{name} sm_{cap} missing from the AOT run"
-                            table = r["blocks_per_sm"]
-                            assumed = G.resident_blocks(r["regs"], r["dynamic_shared_bytes"], r["num_warps"], cap)
-                            nsplit, _ = G.splits_for(n_tiles, n_outer, sms, assumed, max_splits)
-                            programs, slots = n_outer * nsplit, sms * table
-                            checked += 1
-                            if programs < slots and assumed != table:
-                                bad.append(f"{device} {shape} B={B} {name}: {programs} programs < {sms} SMs x "
-                                           f"{table} blocks/SM, split logic assumed {assumed}/SM")
-    assert checked, "no launch checked"
-    assert not bad, "SMs left idle without the split logic knowing:\n" + "\n".join(bad)
-
-
-# ----------------------------------------------------------------------------------------------
 # the committed table
 # ----------------------------------------------------------------------------------------------
 def _table_fields(r: dict) -> dict:
@@ -270,8 +221,9 @@ def test_committed_table_is_current(registry_results):
     assert table["header"]["triton"] == triton.__version__, path
     committed = {(r["name"], r["cap"]): r for r in table["results"]}
     fresh = _ok(registry_results)
-    regen = ("regenerate: python -m attnfast.kernels.aot --json benchmarks/results/aot_evidence_triton-"
-             f"{triton.__version__}.json --markdown benchmarks/results/aot_evidence_triton-{triton.__version__}.md")
+    regen = ("regenerate: TRITON_DEFAULT_FP_FUSION=1 python -m attnfast.kernels.aot --launches benchmarks/aot_launches.py"
+             f" --json benchmarks/results/aot_evidence_triton-{triton.__version__}.json"
+             f" --markdown benchmarks/results/aot_evidence_triton-{triton.__version__}.md")
     assert set(committed) == set(registry_results), (
         f"{os.path.relpath(path, ROOT)} is stale: configs added {sorted(set(registry_results) - set(committed))[:5]}, "
         f"removed {sorted(set(committed) - set(registry_results))[:5]}; {regen}")

@@ -1,17 +1,24 @@
-"""Compile every registered kernel configuration for CUDA targets without a GPU, and tabulate what
-the compiled code shows.
+"""AOT evidence: compile the kernels' binaries for CUDA targets without a GPU and tabulate them.
+
+Every registered kernel configuration, and the binaries that captured launches run.
 
     python -m attnfast.kernels.aot [--caps 80 90] [--filter SUBSTR] [--jobs N]
                                    [--json OUT.json] [--markdown OUT.md] [--module FILE.py ...]
+                                   [--launches FILE.py ...]
 
 For every configuration (``registry.all_configs()``, plus the ``aot_configs()`` of each ``--module``
-file) and compute capability, one ``triton.compile``; from its TTGIR, PTX and cubin (SASS) the table
-gives registers, spills, shared memory, resident blocks per SM, the MMA instruction family, MMA
-instructions per thread against the dots' minimum, and atomics by memory order (see ``_asm``).
-``--json`` / ``--markdown`` are written atomically and name the Triton and ptxas versions and the
-date. Exits non-zero if any configuration fails to compile, spills beyond its budget, uses more
-registers than its budget or more shared memory than the target has, cannot launch (0 blocks per
-SM). Must run *without* ``TRITON_INTERPRET``.
+file) and compute capability, one ``triton.compile`` of its plain build (every integer argument a
+plain ``i32``, no alignment); with ``--launches``, the binaries the launches of each file's
+``launches()`` really run (``launches``: Triton's own specialization of their arguments: integers
+equal to 1 become constants, multiples of 16 and 16-byte aligned pointers get a divisibility hint)
+replace the plain build of the configurations they reach. From each compile's TTGIR, PTX and cubin
+(SASS) the table gives registers, spills, shared memory, resident blocks per SM, the MMA instruction
+family, MMA instructions per thread against the dots' minimum, and atomics by memory order (see
+``asm``). ``--json`` / ``--markdown`` are written atomically and name the Triton and ptxas versions,
+the command and the date. Exits non-zero if any configuration fails to compile, spills beyond its
+budget (``budgets``), uses more registers than its budget or more shared memory than the target has,
+or cannot launch (0 blocks per SM), or if a captured launch matches no registered configuration.
+Must run *without* ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import traceback
 
+from . import budgets
 from .registry import all_configs, compile_config, ptxas_version
 
 # Shared memory available to one block (opt-in maximum), bytes.
@@ -35,18 +43,24 @@ MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _CONFIGS = {}
 
 
-def load_module_configs(path: str) -> list:
-    """``aot_configs()`` of a Python file outside the package (e.g. test fixtures)."""
+def load_module(path: str, needs: str):
+    """Import a Python file outside the package (e.g. test fixtures, launch scenarios) that defines
+    ``needs``."""
     name = "_aot_extra_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
-    if spec is None or spec.loader is None:
-        raise ValueError(f"--module {path}: not a Python file")
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ValueError(f"{path}: not a Python file")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # triton.jit looks the module up for globals
     spec.loader.exec_module(mod)
-    if not hasattr(mod, "aot_configs"):
-        raise ValueError(f"--module {path}: defines no aot_configs()")
-    return list(mod.aot_configs())
+    if not hasattr(mod, needs):
+        raise ValueError(f"{path}: defines no {needs}()")
+    return mod
+
+
+def load_module_configs(path: str) -> list:
+    """``aot_configs()`` of a Python file outside the package (e.g. test fixtures)."""
+    return list(load_module(path, "aot_configs").aot_configs())
 
 
 def _compile_one(job):
@@ -60,16 +74,17 @@ def _compile_one(job):
                 "trace": traceback.format_exc(limit=3)}
 
 
-def check(r: dict, cfg) -> list:
+def check(r: dict) -> list:
     """What fails the AOT run for one result (compile error, budgets, limits)."""
     where = f"{r['name']} sm_{r['cap']}"
     if "error" in r:
         return [f"{where}: compile error: {r['error'][:300]}"]
     out = []
-    if r["spill_bytes"] > cfg.max_spill_bytes:
-        out.append(f"{where}: {r['spill_bytes']} spilled bytes > budget {cfg.max_spill_bytes}")
-    if r["regs"] > cfg.max_regs:
-        out.append(f"{where}: {r['regs']} registers > budget {cfg.max_regs}")
+    if r["spill_bytes"] > r["max_spill_bytes"]:
+        out.append(f"{where}: {r['spill_bytes']} spilled bytes > budget {r['max_spill_bytes']}. "
+                   + budgets.over_budget_advice(r.get("base") or r["name"], r["cap"]))
+    if r["regs"] > r["max_regs"]:
+        out.append(f"{where}: {r['regs']} registers > budget {r['max_regs']}")
     limit = MAX_SHARED.get(r["cap"], 99 * 1024)
     if r["shared_bytes"] > limit:
         out.append(f"{where}: {r['shared_bytes']} B shared memory > {limit} B")
@@ -87,7 +102,8 @@ def _fmt_atomics(a: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The report as a Markdown page: header, summary and one row per (config, cap)."""
+    """The report as a Markdown page: header, summary, one row per (config, cap), and the launches
+    behind each launch binary."""
     head = report["header"]
     ptxas = ", ".join(f"sm_{c}: {v}" for c, v in sorted(head["ptxas"].items()))
     rows = sorted(report["results"], key=lambda r: (r["name"], r["cap"]))
@@ -95,25 +111,30 @@ def markdown(report: dict) -> str:
     repeats = sorted({r["name"] for r in ok if r["mma"]["max_ratio"] > 1})
     ordered = sorted({r["name"] for r in ok if r["atomics"]["ordered"] or
                       (r["atomics"]["fences"] and r["atomics"]["total"])})
+    launched = {r["name"]: r for r in rows if r.get("base")}
     lines = [
-        "# AOT evidence: registered Triton kernel configurations compiled for sm_80 / sm_90 (no GPU)",
+        "# AOT evidence: Triton kernel binaries compiled for sm_80 / sm_90 (no GPU)",
         "",
         f"- triton {head['triton']}; ptxas {ptxas}",
         f"- generated {head['date']} by `{head['command']}`",
-        f"- {len(rows)} compiles of {len({r['name'] for r in rows})} configurations, "
-        f"{len(report['failures'])} failures",
-        f"- MMA work repeated by warps (max ratio > 1): {len(repeats)} configurations"
+        f"- {len(rows)} compiles of {len({r['name'] for r in rows})} binaries, {len(report['failures'])} failures",
+        f"- {len(launched)} binaries that the captured launches run (`name@hash`, specialized as Triton"
+        f" specializes at launch; scenarios: {', '.join(f'`{f}`' for f in head.get('launch_files', [])) or 'none'}),"
+        f" {len({r['name'] for r in rows}) - len(launched)} plain builds of registered configurations that no"
+        " captured launch reaches (every integer a plain i32, no alignment hints)",
+        f"- MMA work repeated by warps (max ratio > 1): {len(repeats)} binaries"
         + (": " + ", ".join(f"`{n}`" for n in repeats) if repeats else ""),
-        f"- ordered atomics or fences with atomics: {len(ordered)} configurations"
+        f"- ordered atomics or fences with atomics: {len(ordered)} binaries"
         + (": " + ", ".join(f"`{n}`" for n in ordered) if ordered else ""),
         "",
-        "Columns: registers per thread; spilled bytes (ptxas spill stores + loads) / budget; shared memory per"
-        " block (dynamic + static); resident blocks per SM (`kernels/_launch.py: blocks_per_sm`); MMA family;"
-        " MMA instructions per thread in the PTX (minimum for the dots' tiles when warps do not overlap);"
-        " ratio: max over dot sites of the MMA work per warp / the minimum (1 = no warp repeats another's"
-        " rows); atomics: ordered (acquire/release/acq_rel/sc) / all atom+red, and ordering fences.",
+        "Columns: registers per thread; spilled bytes (ptxas spill stores + loads) / budget"
+        " (`kernels/aot/budgets.py`); shared memory per block (dynamic + static); resident blocks per SM"
+        " (`kernels/_launch.py: blocks_per_sm`); MMA family; MMA instructions per thread in the PTX (minimum for"
+        " the dots' tiles when warps do not overlap); ratio: max over dot sites of the MMA work per warp / the"
+        " minimum (1 = no warp repeats another's rows); atomics: ordered (acquire/release/acq_rel/sc) / all"
+        " atom+red, and ordering fences.",
         "",
-        "| config | sm | regs | spill B / budget | smem B | blocks/SM | MMA | MMA instr/thread (min) | ratio | atomics |",
+        "| binary | sm | regs | spill B / budget | smem B | blocks/SM | MMA | MMA instr/thread (min) | ratio | atomics |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -126,6 +147,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| `{r['name']}` | {r['cap']} | {r['regs']} | {r['spill_bytes']} / {r['max_spill_bytes']} | "
                      f"{r['shared_bytes']} | {r['blocks_per_sm']} | {m['family']} | {count} | {ratio} | "
                      f"{_fmt_atomics(r['atomics'])} |")
+    if launched:
+        lines += ["", "## Launch binaries: specialization and the launches that run them", "",
+                  "Specialization: integer arguments that became the constant 1; arguments with the"
+                  " 16-divisibility hint (integers divisible by 16, 16-byte aligned pointers); those with neither.",
+                  ""]
+        for name, r in sorted(launched.items()):
+            lines.append(f"- `{name}` ({r['spec']}): " + "; ".join(r["launches"]))
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"
@@ -160,14 +188,36 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _command(argv) -> str:
+    fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    return " ".join(([f"TRITON_DEFAULT_FP_FUSION={fusion}"] if fusion is not None else [])
+                    + ["python -m attnfast.kernels.aot"] + list(argv if argv is not None else sys.argv[1:]))
+
+
+def captured_configs(paths: list, registered: list) -> tuple:
+    """(launch binaries, failures): the binaries the launches of each file's ``launches()`` run
+    (``launches.capture``), matched against the registered configurations."""
+    from .launches import capture, launch_configs
+
+    records = []
+    for path in paths:
+        for label, fn in load_module(path, "launches").launches():
+            records += capture(fn, label)
+    configs, unmatched = launch_configs(records, registered)
+    return configs, [f"launch matches no registered configuration: {u}" for u in unmatched]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m attnfast.kernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--caps", type=int, nargs="+", default=[80, 90])
-    p.add_argument("--filter", default="", help="only configurations whose name contains this")
+    p.add_argument("--filter", default="", help="only binaries whose name contains this")
     p.add_argument("--json", default=None, help="write the full report here (atomically)")
     p.add_argument("--markdown", default=None, help="write the table here (atomically)")
     p.add_argument("--module", action="append", default=[],
                    help="also compile the aot_configs() of this Python file (repeatable)")
+    p.add_argument("--launches", action="append", default=[],
+                   help="capture the launches of this Python file's launches() (a list of (label, callable)) and "
+                        "compile the binaries they run instead of the plain builds they reach (repeatable)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -177,13 +227,20 @@ def main(argv=None) -> int:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     import triton
 
-    configs = all_configs()
-    for path in args.module:
-        configs += load_module_configs(path)
-    names = [c.name for c in configs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate kernel config names: {dup}")
+    try:
+        configs = all_configs()
+        for path in args.module:
+            configs += load_module_configs(path)
+        names = [c.name for c in configs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate kernel config names: {dup}")
+        launched, failures = captured_configs(args.launches, configs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reached = {c.base for c in launched}
+    configs = [c for c in configs if c.name not in reached] + launched
     configs = [c for c in configs if args.filter in c.name]
     _CONFIGS.clear()
     _CONFIGS.update({c.name: c for c in configs})
@@ -196,9 +253,9 @@ def main(argv=None) -> int:
             outcomes = list(pool.map(_compile_one, jobs))
     else:
         outcomes = [_compile_one(j) for j in jobs]
-    results, failures = [], []
+    results = []
     for r in sorted(outcomes, key=lambda r: (r["name"], r["cap"])):
-        failures += check(r, _CONFIGS[r["name"]])
+        failures += check(r)
         if "error" in r:
             print(f"ERR sm_{r['cap']} {r['name']}: {r['error'][:200]}")
         else:
@@ -208,10 +265,8 @@ def main(argv=None) -> int:
         results.append(r)
     header = {"triton": triton.__version__, "ptxas": {str(c): ptxas_version(c) for c in args.caps},
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": " ".join([f"TRITON_DEFAULT_FP_FUSION={os.environ['TRITON_DEFAULT_FP_FUSION']}"]
-                                  * ("TRITON_DEFAULT_FP_FUSION" in os.environ)
-                                  + ["python -m attnfast.kernels.aot"] + list(argv if argv is not None else sys.argv[1:])),
-              "caps": args.caps}
+              "command": _command(argv), "caps": args.caps, "launch_files": args.launches,
+              "budgets": {"measured_tritons": list(budgets.MEASURED_TRITONS)}}
     report = {"header": header, "results": results, "failures": failures}
     if args.json:
         write_atomic(args.json, to_json(report))

@@ -1,12 +1,14 @@
 """Registry of every Triton kernel configuration attnfast can launch, and its AOT compiler.
 
-Each kernel module in this package defines ``aot_configs() -> list[KernelConfig]`` listing every
+Each kernel module of ``attnfast.kernels`` defines ``aot_configs() -> list[KernelConfig]`` listing every
 configuration its launch functions can choose (dtypes, block sizes, warps, stages, constexpr
 switches). ``compile_config`` compiles one for a CUDA compute capability on a machine without a
 GPU (``triton.compile`` with a ``GPUTarget``) and reads from the compiled code (cubin, SASS, PTX,
-TTGIR; see ``_asm``) registers, spills, shared memory, resident blocks per SM, MMA instructions and
-atomics. Run ``python -m attnfast.kernels.aot`` for the table; the test suite runs it in a
-subprocess (the kernels must be real ``JITFunction``s, not the interpreter's).
+TTGIR; see ``asm``) registers, spills, shared memory, resident blocks per SM, MMA instructions and
+atomics. A config may carry the specialization attributes of a captured launch (``attrs``, see
+``launches``): it then compiles the binary that launch runs. Run ``python -m attnfast.kernels.aot``
+for the table; the test suite runs it in a subprocess (the kernels must be real ``JITFunction``s,
+not the interpreter's). Only the AOT tooling and the tests import this package, never a launcher.
 """
 from __future__ import annotations
 
@@ -26,16 +28,26 @@ TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bflo
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One launchable configuration of one kernel."""
+    """One launchable configuration of one kernel (``attrs`` empty), or one binary of it as a launch
+    specializes it (``attrs``/``base``/``spec``/``launches`` set by ``launches.launch_configs``)."""
 
-    name: str  # unique, human-readable: "module.kernel[dtype,BLOCK=...]"
+    name: str  # unique, human-readable: "module.kernel[dtype,BLOCK=...]" (launch binaries: "...@<hash>")
     kernel: Callable  # the @triton.jit function
     signature: dict  # arg name -> triton type string ("*fp16", "i32", "fp32", "constexpr")
-    constexprs: dict  # constexpr arg name -> value
+    constexprs: dict  # constexpr arg name (or Triton's arg path) -> value
     num_warps: int = 4
     num_stages: int = 3
-    max_spill_bytes: int = 0  # budget: more spilled bytes than this fails the AOT test
+    max_spill_bytes: int | None = None  # None: the budget table (``budgets.spill_budget``); fixtures override
     max_regs: int = 255
+    attrs: dict = dataclasses.field(default_factory=dict)  # Triton arg path -> [["tt.divisibility", 16]]
+    base: str = ""  # launch binaries: the registered config they specialize (its budgets apply)
+    spec: str = ""  # launch binaries: what the launch specialized, readable (see ``launches.describe``)
+    launches: tuple = ()  # launch binaries: labels of the captured launches that run this binary
+
+    @property
+    def budget_name(self) -> str:
+        """The configuration whose budgets apply: the registered one a launch binary specializes."""
+        return self.base or self.name
 
 
 def arg_names(kernel) -> list:
@@ -65,12 +77,13 @@ def signature(kernel, *, ptrs: dict, scalars: dict | None = None, constexprs: di
 
 
 def kernel_modules() -> list:
-    pkg = importlib.import_module(__package__)
+    """The kernel modules of ``attnfast.kernels`` (not this tooling, not private helpers)."""
+    pkg = importlib.import_module(__package__.rsplit(".", 1)[0])
     names = []
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_") or info.name in ("registry", "aot"):
+        if info.name.startswith("_") or info.ispkg:
             continue
-        names.append(f"{__package__}.{info.name}")
+        names.append(f"{pkg.__name__}.{info.name}")
     return sorted(names)
 
 
@@ -145,7 +158,7 @@ def _compile(cfg: KernelConfig, cap: int):
     from triton.backends.compiler import GPUTarget
 
     src = triton.compiler.ASTSource(fn=cfg.kernel, signature=dict(cfg.signature),
-                                    constexprs=dict(cfg.constexprs))
+                                    constexprs=dict(cfg.constexprs), attrs=dict(cfg.attrs) or None)
     knobs = getattr(triton, "knobs", None)
     nvidia = getattr(knobs, "nvidia", None)
     log = io.StringIO()
@@ -164,33 +177,37 @@ def _compile(cfg: KernelConfig, cap: int):
 
 def compile_config(cfg: KernelConfig, cap: int) -> dict:
     """Compile ``cfg`` for compute capability ``cap`` (80, 90, ...) without a GPU and read its
-    static evidence (see ``_asm``): registers, spills, shared memory, resident blocks per SM, the
-    MMA family and work per warp, atomics.
+    static evidence (see ``asm``): registers, spills, shared memory, resident blocks per SM, the
+    MMA family and work per warp, atomics; with its budgets (``budgets``).
 
     Spills are ptxas's ``bytes spill stores`` + ``bytes spill loads`` from the log of the ptxas run
     that built the cubin (Triton prints it on request). When the kernel came from Triton's cache there
     is no log: then they are the bytes of the SASS's local stores and loads (``STL``/``LDL``; none
-    without a stack frame), which is the same figure (checked equal on every spilling compile where
-    both were read: 67 with triton 3.9, 11 with triton 3.6), at the price of a disassembly.
+    without a stack frame), the same figure (see ``asm.sass_spill_bytes``), at the price of a
+    disassembly.
     """
-    from . import _asm
-    from ._launch import blocks_per_sm
+    from .. import _launch
+    from . import asm, budgets
 
     compiled, log = _compile(cfg, cap)
     cubin, ptx, ttgir = compiled.asm["cubin"], compiled.asm["ptx"], compiled.asm["ttgir"]
     usage = _resource_usage(cubin)
     stack = usage["STACK"] + usage["LOCAL"]
-    spills = _asm.ptxas_log_spill_bytes(log)
+    spills = asm.ptxas_log_spill_bytes(log)
     if spills is None:
-        spills = _asm.sass_spill_bytes(_cuobjdump(cubin, "--dump-sass")) if stack else 0
+        spills = asm.sass_spill_bytes(_cuobjdump(cubin, "--dump-sass")) if stack else 0
     dynamic = int(compiled.metadata.shared)
     shared = dynamic + usage["SHARED"]
     kernel = getattr(cfg.kernel, "fn", cfg.kernel)
-    return {"name": cfg.name, "cap": cap, "kernel": f"{kernel.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}",
-            "regs": usage["REG"], "spill_bytes": spills,
-            "stack_bytes": stack, "shared_bytes": shared, "dynamic_shared_bytes": dynamic,
-            "blocks_per_sm": blocks_per_sm(usage["REG"], shared, cfg.num_warps, cap),
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-            "max_spill_bytes": cfg.max_spill_bytes, "max_regs": cfg.max_regs,
-            "mma": _asm.mma_evidence(_asm.ttgir_dots(ttgir), _asm.ptx_mmas(ptx), cfg.num_warps),
-            "atomics": _asm.ptx_atomics(ptx)}
+    budget = cfg.max_spill_bytes if cfg.max_spill_bytes is not None else budgets.spill_budget(cfg.budget_name, cap)
+    out = {"name": cfg.name, "cap": cap, "kernel": f"{kernel.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}",
+           "regs": usage["REG"], "spill_bytes": spills,
+           "stack_bytes": stack, "shared_bytes": shared, "dynamic_shared_bytes": dynamic,
+           "blocks_per_sm": _launch.blocks_per_sm(usage["REG"], shared, cfg.num_warps, cap),
+           "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+           "max_spill_bytes": budget, "max_regs": cfg.max_regs,
+           "mma": asm.mma_evidence(asm.ttgir_dots(ttgir), asm.ptx_mmas(ptx), cfg.num_warps),
+           "atomics": asm.ptx_atomics(ptx)}
+    if cfg.base:
+        out.update(base=cfg.base, spec=cfg.spec, launches=list(cfg.launches))
+    return out
