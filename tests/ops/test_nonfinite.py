@@ -34,6 +34,17 @@ BACKENDS = ["torch_backend", "triton_backend"]
 VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 
 
+def matrix(cases, triton_cases):
+    """pytest params (backend, *case): every case on the PyTorch path, ``triton_cases`` (a subset: the
+    interpreter is slow) on the Triton kernels. The Triton subsets keep every injection that reaches a
+    kernel differently: the inputs, and parameters whose non-finite values the kernels see (the rest is
+    small-map torch code shared by both paths)."""
+    def param(backend, case):
+        case = case if isinstance(case, tuple) else (case,)
+        return pytest.param(backend, *case, id="-".join([backend.split("_")[0], *map(str, case)]))
+    return [param("torch_backend", c) for c in cases] + [param("triton_backend", c) for c in triton_cases]
+
+
 # ----------------------------------------------------------------------------------------------
 # harness
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +151,26 @@ def _grid(normalize, device, dtype=torch.float32):
     return eager, fused, inputs, upstream
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("normalize", [True, False], ids=["softmax", "sigmoid"])
-@pytest.mark.parametrize("target", GRID_TARGETS)
-def test_grid_attention(request, backend, normalize, target, device):
+GRID_CASES = [(mode, t) for mode in ("softmax", "sigmoid") for t in GRID_TARGETS]
+
+
+@pytest.mark.parametrize("backend, mode, target", matrix(
+    GRID_CASES, [c for c in GRID_CASES if c[0] == "softmax" or c[1] in ("l", "g", "W_g.weight", "phi.weight")]))
+def test_grid_attention(request, backend, mode, target, device):
     request.getfixturevalue(backend)
-    check_nonfinite(*_grid(normalize, device), target)
+    # whole-tensor cases: the inputs and the bias (an all -inf logit row) on the kernels, everything here
+    whole = backend == "torch_backend" or target in ("l", "g", "phi.bias")
+    check_nonfinite(*_grid(mode == "softmax", device), target, wheres=("one", "all") if whole else ("one",))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grid_attention_logits(request, backend, device):
+    """``return_logits=True``: the logits c (the op's, and their recomputed gradient) as the reference's."""
+    request.getfixturevalue(backend)
+    ref = RefGridAttention(4, 3, 8, 2, return_logits=True)
+    eager, fused = _copy_pair(ref, GridAttention(4, 3, 8, 2, return_logits=True), device)
+    _, _, inputs, upstream = _grid(True, device)
+    check_nonfinite(eager, fused, inputs, upstream, "l", wheres=("one",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +188,7 @@ def _sagan(device):
     return eager, fused, {"x": _randn(2, 16, 3, 3, device=device)}, [_randn(2, 16, 3, 3, device=device)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("target", SAGAN_TARGETS)
+@pytest.mark.parametrize("backend, target", matrix(SAGAN_TARGETS, ["x", "gamma"]))  # op level below: q, k, v
 def test_sagan_layer(request, backend, target, device):
     request.getfixturevalue(backend)
     if target == "gamma":  # gamma = 0 (SAGAN's initial value) too: eager's dO = 0 * dout meets the infinities
@@ -240,21 +264,30 @@ def _cbam(light, train, device, dtype=torch.float32):
     return eager, fused, {"x": _randn(2, 8, 4, 5, device=device).to(dtype)}, [_randn(2, 8, 4, 5, device=device)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("light", [False, True], ids=["cbam", "light"])
-@pytest.mark.parametrize("target", CBAM_TARGETS)
-def test_cbam(request, backend, light, train, target, device):
-    request.getfixturevalue(backend)
-    check_nonfinite(*_cbam(light, train, device), target)
+CBAM_VARIANTS = ["cbam-train", "light-eval", "cbam-eval", "light-train"]
+CBAM_CASES = [(v, t) for v in CBAM_VARIANTS for t in CBAM_TARGETS]
+# the kernels: x, and parameters that make the gates or the max-pool gradient coefficients non-finite
+CBAM_TRITON = [(v, t) for v in CBAM_VARIANTS[:2] for t in
+               ("x", "channel.fc2.weight", "spatial.conv.conv.weight", "spatial.conv.bn.weight")]
+CBAM_TRITON += [(v, "x") for v in CBAM_VARIANTS[2:]]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("light", [False, True], ids=["cbam", "light"])
-@pytest.mark.parametrize("target", ["spatial.conv.bn.running_mean", "spatial.conv.bn.running_var"])
-def test_cbam_running_stats(request, backend, light, target, device):
+@pytest.mark.parametrize("backend, variant, target", matrix(CBAM_CASES, CBAM_TRITON))
+def test_cbam(request, backend, variant, target, device):
     request.getfixturevalue(backend)
-    check_nonfinite(*_cbam(light, False, device), target, wheres=("one",))
+    light, mode = variant.split("-")
+    whole = backend == "torch_backend" or target == "x"
+    check_nonfinite(*_cbam(light == "light", mode == "train", device), target,
+                    wheres=("one", "all") if whole else ("one",))
+
+
+STATS = [(v, t) for v in ("cbam", "light") for t in ("spatial.conv.bn.running_mean", "spatial.conv.bn.running_var")]
+
+
+@pytest.mark.parametrize("backend, variant, target", matrix(STATS, STATS[:2]))
+def test_cbam_running_stats(request, backend, variant, target, device):
+    request.getfixturevalue(backend)
+    check_nonfinite(*_cbam(variant == "light", False, device), target, wheres=("one",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,23 +340,27 @@ def _sa_op16(device):
     return eager, fused, {k: v.half() for k, v in inputs.items()}, upstream
 
 
-FP16 = {  # name -> (setup(device), targets)
-    "grid_softmax": (lambda device: _grid(True, device, torch.float16), ["l", "W_l.weight", "phi.bias"]),
-    "grid_sigmoid": (lambda device: _grid(False, device, torch.float16), ["g", "phi.weight"]),
-    "self_attention": (_sa_op16, ["q", "k", "v", "gamma"]),
-    "residual_gate": (lambda device: _gate(device, torch.float16), ["m", "t"]),
-    "cbam": (lambda device: _cbam(False, True, device, torch.float16), ["x", "channel.fc2.weight"]),
-    "light_cbam": (lambda device: _cbam(True, False, device, torch.float16), ["x", "spatial.conv.bn.weight"]),
+FP16 = {  # name -> setup(device)
+    "grid_softmax": lambda device: _grid(True, device, torch.float16),
+    "grid_sigmoid": lambda device: _grid(False, device, torch.float16),
+    "self_attention": _sa_op16,
+    "residual_gate": lambda device: _gate(device, torch.float16),
+    "cbam": lambda device: _cbam(False, True, device, torch.float16),
+    "light_cbam": lambda device: _cbam(True, False, device, torch.float16),
 }
+FP16_CASES = [("grid_softmax", "l"), ("grid_softmax", "W_l.weight"), ("grid_softmax", "phi.bias"),
+              ("grid_sigmoid", "g"), ("grid_sigmoid", "phi.weight"), ("self_attention", "q"),
+              ("self_attention", "k"), ("self_attention", "v"), ("self_attention", "gamma"),
+              ("residual_gate", "m"), ("residual_gate", "t"), ("cbam", "x"), ("cbam", "channel.fc2.weight"),
+              ("light_cbam", "x"), ("light_cbam", "spatial.conv.bn.weight")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(FP16))
-def test_fp16(request, backend, name, device):
+@pytest.mark.parametrize("backend, name, target", matrix(FP16_CASES, [
+    ("grid_softmax", "l"), ("grid_sigmoid", "phi.weight"), ("self_attention", "k"), ("self_attention", "gamma"),
+    ("residual_gate", "t"), ("cbam", "x"), ("light_cbam", "spatial.conv.bn.weight")]))
+def test_fp16(request, backend, name, target, device):
     request.getfixturevalue(backend)
-    setup, targets = FP16[name]
-    for target in targets:
-        check_nonfinite(*setup(device), target, wheres=("one",))
+    check_nonfinite(*FP16[name](device), target, wheres=("one",))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
