@@ -144,10 +144,18 @@ def _relu(z):
 
 
 @triton.jit
-def _relu_grad(z, g, mask):
+def _relu_grad(z, g):
     """Eager relu's backward (``threshold_backward`` on ``relu(z)``): ``g`` where z > 0 and where z is
-    NaN, 0 where z <= 0, and 0 in masked lanes (whose z may be 0 * inf = NaN from the zero padding)."""
-    return tl.where(mask & ~(z <= 0.0), g, 0.0)
+    NaN, 0 where z <= 0."""
+    return tl.where(z <= 0.0, 0.0, g)
+
+
+@triton.jit
+def _unpadded(z, mask):
+    """``z`` with its masked lanes 0: there the zero padding of l or W_l may have met an infinite W_l or l
+    (0 * inf = NaN), which relu, its gradient and the dots over A or the pixels would carry into real
+    elements."""
+    return tl.where(mask, z, 0.0)
 
 
 @triton.jit
@@ -223,9 +231,8 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
             z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
                               BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
             mask2 = mask_p[:, None] & mask_a[None, :]
-            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
-            # masked channels: 0, not relu(0 * inf) * 0 (the padding of W_l times an infinite l)
-            c += tl.sum(tl.where(mask_a[None, :], _relu(z) * phi[None, :], 0.0), axis=1)
+            z = _unpadded(z + _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A), mask_a[None, :])
+            c += tl.sum(_relu(z) * phi[None, :], axis=1)
         tl.store(logit_ptr + b64 * HW + pix, c, mask=mask_p)
         if softmax != 0:
             m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
@@ -343,7 +350,7 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
             z, gdot = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
                                  dp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
             mask2 = mask_p[:, None] & mask_a[None, :]
-            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
+            z = _unpadded(z + _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A), mask2)
             ghat = da + scale * gdot
             if softmax != 0:
                 dc = a * (ghat - kb)
@@ -352,7 +359,7 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
             dc = tl.where(mask_p, dc, 0.0)
             if ia == 0:
                 tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
-            dz = _relu_grad(z, dc[:, None] * phi[None, :], mask2)
+            dz = _relu_grad(z, dc[:, None] * phi[None, :])
             _scatter_gp(dgp_b, y, x, a0, mask2, dz, inv_up, h, w, A, BLOCK_A)
             dz_lp = dz.to(l_ptr.dtype.element_ty)
             for c0 in range(0, C, BLOCK_C):
@@ -407,9 +414,10 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
                           BLOCK_P, BLOCK_C, BLOCK_A2, PRECISION, False)
         mask2 = mask_p[:, None] & mask_a[None, :]
         z += _upsampled_gp(gp_ptr + b64 * h * w * A, y, x, pid_a * BLOCK_A2, mask2, inv_up, h, w, A, BLOCK_A2)
+        z = _unpadded(z, mask_p[:, None])  # (masked channels reach only rows of dW_l and dphi not stored)
         dc = tl.load(dc_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
-        dphi += tl.sum(tl.where(mask2, dc[:, None] * _relu(z), 0.0), axis=0)
-        dz = _relu_grad(z, dc[:, None] * phi[None, :], mask2).to(l_ptr.dtype.element_ty)
+        dphi += tl.sum(dc[:, None] * _relu(z), axis=0)
+        dz = _relu_grad(z, dc[:, None] * phi[None, :]).to(l_ptr.dtype.element_ty)
         lt = tl.load(l_b + row_off[:, None] + offs_c2[None, :] * sl_c,
                      mask=mask_p[:, None] & mask_c2[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), lt, acc, input_precision=PRECISION)

@@ -19,7 +19,7 @@ log, fp32, (B, NQ)) for the backward, which recomputes ``P`` blockwise (flash-at
 
 A finite nonzero ``gamma`` is folded in at the end (``dV = gamma * P^T dout`` etc., with ``delta = r``),
 so ``gamma * dout`` is never formed. A gamma of 0, inf or NaN instead multiplies each product with
-``dout`` (``attnfast.ops.self_attention.gamma_pair``), so the sums see ``dO = gamma * dout`` as eager's
+``dout`` (``_gamma_pair``), so the sums see ``dO = gamma * dout`` as eager's
 do: +inf and -inf terms give NaN, as in eager, not ``inf * (finite sum)``. The forward's online softmax
 shifts by 0 while a row's maximum is still -inf, so -inf scores give probability 0 and only an all -inf
 row is NaN (eager softmax's results). Value channels beyond ``BLOCK_DV`` are split over the grid's third axis; every such
@@ -191,7 +191,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
     v_ptr += b * svb
     lse_ptr += b * slb
     r_ptr += b * slb
-    # gamma_ptr = [g_post, g_pre] (attnfast.ops.self_attention.gamma_pair): each product with dout also takes
+    # gamma_ptr = [g_post, g_pre] (_gamma_pair): each product with dout also takes
     # g_pre (on its other operand: the probabilities, V), so dO = g_pre * dout enters the sums as eager forms
     # it; g_post scales the results
     g_pre = tl.load(gamma_ptr + 1)
@@ -375,6 +375,15 @@ def _gamma32(gamma, like):
     return gamma.reshape(1).to(torch.float32)
 
 
+def _gamma_pair(gamma, like):
+    """The backward's ``[g_post, g_pre]`` fp32 (2,), chosen on the device (no host sync): a finite nonzero
+    gamma scales the results (``[gamma, 1]``); 0, inf or NaN scales each product with dout (``[1, gamma]``),
+    as eager's dO = gamma * dout. The PyTorch paths decide alike (``attnfast.ops.self_attention``)."""
+    g = _gamma32(gamma, like)
+    post = torch.isfinite(g) & (g != 0)
+    return torch.cat([torch.where(post, g, 1.0), torch.where(post, 1.0, g)])
+
+
 MAX_GRID_Y = 65535  # CUDA limit of grid axis 1, which carries the batch (x heads) here
 
 
@@ -440,15 +449,14 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     """Write dq, dk, dv and ``r = rowsum(grad * o)`` ((B, NQ) fp32, contiguous like ``lse``).
 
     ``grad`` is d(loss)/d(out); with ``gamma`` the attention's own gradient is ``gamma * grad``
-    (None: gamma = 1, no residual). ``gamma``: None or ``[g_post, g_pre]`` fp32 (2,) from
-    ``attnfast.ops.self_attention.gamma_pair``: g_pre multiplies each product with ``grad``, g_post the results.
+    (None: gamma = 1, no residual).
     """
     B, D, NQ = q.shape
     NK, DV = k.shape[2], v.shape[1]
     if B == 0:
         return dq, dk, dv, r
     bd, bdv, one_dv = blocks(D, DV)
-    g32 = torch.ones(2, device=q.device, dtype=torch.float32) if gamma is None else gamma
+    g32 = _gamma_pair(gamma, q)
     # r (for dgamma) = rowsum(dout * o); delta, the softmax backward's row term, = rowsum(dO * o) with
     # dO = g_pre * dout (r itself without gamma)
     delta = r if gamma is None else torch.empty_like(r)

@@ -172,8 +172,12 @@ def _spatial_backward(da, inp, conv_w, bn_w, bnstat, batch_stats: bool, eps: flo
     z = F.conv2d(inp, w, padding=pad)
     rm, rv = (None, None) if batch_stats else (bnstat[0:1], bnstat[1:2])
     _, save_mean, save_var, reserve, impl = _batch_norm(z, bw, torch.zeros_like(bw), rm, rv, batch_stats, 0.0, eps)
-    dz, dbn_w, dbn_b = torch.ops.aten._batch_norm_impl_index_backward(
-        impl, z, da.contiguous(), bw, rm, rv, save_mean, save_var, batch_stats, eps, [True, True, True], reserve)
+    if batch_stats:
+        dz, dbn_w, dbn_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, z, da.contiguous(), bw, rm, rv, save_mean, save_var, True, eps, [True, True, True], reserve)
+    else:  # running statistics: eager's derivative of every implementation (cuDNN's too) is the native one
+        dz, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
+            da.contiguous(), z, bw, rm, rv, None, None, False, eps, [True, True, True])
     dinp, dconv_w, _ = torch.ops.aten.convolution_backward(
         dz, inp, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
     return dinp, dconv_w, dbn_w, dbn_b

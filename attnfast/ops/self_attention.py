@@ -28,7 +28,7 @@ path; its lse output is still exact). The backward is its own custom op
 
 NaN and inf propagate as through the seed's eager layer, forward and backward, on every path: softmax
 rows as eager's (NaN for a row holding NaN or +inf or all -inf; a -inf score gets probability 0), and a
-gamma of 0, inf or NaN enters the backward as eager's ``dO = gamma * dout`` (``gamma_pair``).
+gamma of 0, inf or NaN enters the backward as eager's ``dO = gamma * dout`` (``_gamma_factors``).
 """
 from __future__ import annotations
 
@@ -127,25 +127,19 @@ def _check(q, k, v, x, gamma) -> None:
 
 # ----------------------------------------------------------------------------- PyTorch paths
 
-def gamma_pair(gamma: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """``[g_post, g_pre]`` (2,) for the backward, chosen on gamma's device (no host sync).
-
-    A finite nonzero gamma scales the results (g_post = gamma, g_pre = 1): ``dV = gamma * (dout P)`` etc.,
-    and ``gamma * dout`` is never formed. A gamma of 0, inf or NaN multiplies ``dout`` before the sums
-    instead (g_pre = gamma, g_post = 1), as eager forms ``dO = gamma * dout``: each product then gets eager's
-    NaN / inf (with gamma = inf a sum of +inf and -inf terms is NaN, where ``inf * (finite sum)`` is not)."""
+def _gamma_factors(gamma, dtype, device):
+    """(g_post, g_pre) 0-dim tensors for the backward, chosen on the device (no host sync), as the Triton
+    launcher's ``_gamma_pair``. A finite nonzero gamma scales the results (g_post = gamma, g_pre = 1):
+    ``dV = gamma * (dout P)`` etc., ``gamma * dout`` is never formed. A gamma of 0, inf or NaN multiplies
+    dout before the sums instead (g_pre = gamma, g_post = 1), as eager forms ``dO = gamma * dout``: each
+    product then gets eager's NaN / inf (with gamma = inf a sum of +inf and -inf terms is NaN, where
+    ``inf * (finite sum)`` is not). Ones without a residual."""
+    one = torch.ones((), dtype=dtype, device=device)
+    if gamma is None:
+        return one, one
     g = gamma.reshape(()).to(dtype)
     post = torch.isfinite(g) & (g != 0)
-    one = torch.ones((), dtype=dtype, device=g.device)
-    return torch.stack([torch.where(post, g, one), torch.where(post, one, g)])
-
-
-def _gamma_factors(gamma, dtype, device):
-    """(g_post, g_pre) 0-dim tensors (ones without a residual)."""
-    if gamma is None:
-        one = torch.ones((), dtype=dtype, device=device)
-        return one, one
-    return tuple(gamma_pair(gamma, dtype))
+    return torch.where(post, g, one), torch.where(post, one, g)
 
 def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
     ct = compute_dtype(q)
@@ -339,7 +333,7 @@ def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if _triton_ok(q, k, v):
         from ..kernels.self_attention import attention_bwd
 
-        attention_bwd(grad, q, k, v, o, lse, None if gamma is None else gamma_pair(gamma), scale, dq, dk, dv, r)
+        attention_bwd(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
     elif _cpu_path(q):
         _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r)
     else:
