@@ -9,8 +9,12 @@ running statistic) must have the same non-finite pattern: NaN at the same positi
 the same positions. Where eager is finite, attnfast is finite.
 
 Both paths: the PyTorch path and the Triton kernels (interpreted on a CPU, compiled on CUDA on a GPU
-machine: the tests take the ``device`` fixture). fp32 throughout, plus fp16 cases where a value overflows
+machine: the tests take the ``device`` fixture). fp32 throughout, plus fp16 cases, and results that overflow
 the 16-bit range (far from the boundary, so rounding cannot decide it). Shapes are tiny (the interpreter).
+
+Not covered, by design: an fp16 *intermediate* that eager rounds to fp16 and overflows (a 1x1 conv output,
+the scores q^T k, grad * t inside the gate's backward) while attnfast keeps it in fp32: there eager has
+inf / NaN and attnfast the finite, correct value.
 """
 from __future__ import annotations
 
