@@ -58,6 +58,8 @@ def autocast_dtype(device_type: str):
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
         enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return None
     if not enabled:
         return None
     try:

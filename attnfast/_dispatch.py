@@ -4,6 +4,8 @@
 - ``ATTNFAST_BACKEND=torch`` forces the PyTorch path everywhere.
 - ``ATTNFAST_BACKEND=triton`` forces the Triton kernels; on CPU tensors that needs the Triton
   interpreter (``TRITON_INTERPRET=1`` set before ``attnfast.kernels`` is imported).
+- bfloat16 never runs on the interpreter (its bf16 arithmetic is wrong): ``use_triton`` raises
+  RuntimeError there, for every op, instead of returning garbage.
 """
 from __future__ import annotations
 
@@ -37,21 +39,35 @@ def triton_available() -> bool:
     return True
 
 
+def check_interpretable(tensors) -> None:
+    """The Triton interpreter (``TRITON_INTERPRET=1``) computes bfloat16 wrong (a 16x16 bf16 ``tl.dot`` is
+    off by ~1e10 in triton 3.8's): refuse bf16 there rather than return garbage."""
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise RuntimeError(
+            "attnfast: bfloat16 cannot run on the Triton interpreter (TRITON_INTERPRET=1 computes bf16 "
+            "arithmetic wrong); use the PyTorch path (ATTNFAST_BACKEND=torch, or auto on CPU tensors), "
+            "compiled kernels on a GPU, or float32/float16")
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op on these tensors should run its Triton kernels."""
+    """Whether an op on these tensors should run its Triton kernels (RuntimeError where they cannot)."""
     mode = backend_setting()
     if mode == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if mode == "auto":
-        return on_cuda and triton_available()
-    if not triton_available():
+        use = on_cuda and triton_available()
+    elif not triton_available():
         raise RuntimeError("ATTNFAST_BACKEND=triton but triton is not installed")
-    if on_cuda or interpreter_enabled():
-        return True
-    raise RuntimeError(
-        "ATTNFAST_BACKEND=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-        "before attnfast.kernels is imported (or use ATTNFAST_BACKEND=torch / auto)")
+    elif on_cuda or interpreter_enabled():
+        use = True
+    else:
+        raise RuntimeError(
+            "ATTNFAST_BACKEND=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before attnfast.kernels is imported (or use ATTNFAST_BACKEND=torch / auto)")
+    if use and interpreter_enabled():
+        check_interpretable(tensors)
+    return use
 
 
 def autocast_off(fn):

@@ -63,6 +63,19 @@ def _load_map(base, offs_c, offs_p, mask, sc, sp):
 
 
 @triton.jit
+def _nanmax(x, axis):
+    """``tl.max`` that returns NaN where a NaN is reduced, as eager ``amax`` does (``tl.max`` skips NaN)."""
+    return tl.max(x, axis=axis) + tl.sum(tl.where(x == x, 0.0, x), axis=axis)
+
+
+@triton.jit
+def _tie_term(x, xmax, coef):
+    """``[x == xmax] * coef``: eager's max backward multiplies by the tie mask, so a non-finite ``coef``
+    (the max was NaN: no ties, coef = d max / 0) gives NaN at every element, as in eager."""
+    return (x == xmax).to(tl.float32) * coef
+
+
+@triton.jit
 def cbam_channel_pool_kernel(x_ptr, psum_ptr, pmax_ptr, C, P, TILES, S, sxb, sxc, sxp,
                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Partial per-channel sum and max over this split's pixels -> psum/pmax (B, S, C)."""
@@ -74,7 +87,7 @@ def cbam_channel_pool_kernel(x_ptr, psum_ptr, pmax_ptr, C, P, TILES, S, sxb, sxc
         offs_c, offs_p, mask_c, mask_p, mask = _tile(pid_c, pid_s * TILES + i, C, P, BLOCK_C, BLOCK_P)
         x = _load_map(x_b, offs_c, offs_p, mask, sxc, sxp)
         acc_s += tl.sum(x, axis=1)
-        acc_m = tl.maximum(acc_m, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+        acc_m = tl.maximum(acc_m, _nanmax(tl.where(mask, x, float("-inf")), 1), propagate_nan=tl.PropagateNan.ALL)
     out = (pid_b * S + pid_s) * C + offs_c
     tl.store(psum_ptr + out, acc_s, mask=cmask)
     tl.store(pmax_ptr + out, acc_m, mask=cmask)
@@ -92,7 +105,7 @@ def cbam_spatial_pool_kernel(x_ptr, sc_ptr, psum_ptr, pmax_ptr, C, P, TILES, NCB
         offs_c, offs_p, mask_c, mask_p, mask = _tile(pid_c, pid_s * TILES + i, C, P, BLOCK_C, BLOCK_P)
         xs = _load_map(x_b, offs_c, offs_p, mask, sxc, sxp) * s_c[:, None]
         tl.store(psum_ptr + out_b + offs_p, tl.sum(xs, axis=0), mask=mask_p)
-        tl.store(pmax_ptr + out_b + offs_p, tl.max(tl.where(mask, xs, float("-inf")), axis=0), mask=mask_p)
+        tl.store(pmax_ptr + out_b + offs_p, _nanmax(tl.where(mask, xs, float("-inf")), 0), mask=mask_p)
 
 
 @triton.jit
@@ -155,7 +168,7 @@ def cbam_bwd_channel_kernel(x_ptr, sc_ptr, cmax_ptr, cm_ptr, cw_ptr, pmax_ptr, d
         cm = tl.load(cm_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
         cw = tl.load(cw_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
         pmax = tl.load(pmax_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
-        coef = cm[None, :] + tl.where(x * s_c[:, None] == pmax[None, :], cw[None, :], 0.0)
+        coef = cm[None, :] + _tie_term(x * s_c[:, None], pmax[None, :], cw[None, :])
         acc += tl.sum(x * coef, axis=1)
         cnt += tl.sum((mask & (x == cmax[:, None])).to(tl.float32), axis=1)
     out = (pid_b * S + pid_s) * C + offs_c
@@ -184,8 +197,8 @@ def cbam_bwd_input_kernel(g_ptr, x_ptr, sc_ptr, sp_ptr, cm_ptr, cw_ptr, pmax_ptr
         cm = tl.load(cm_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
         cw = tl.load(cw_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
         pmax = tl.load(pmax_ptr + pid_b * P + offs_p, mask=mask_p, other=0.0)
-        dxs = g * s_p[None, :] + cm[None, :] + tl.where(x * s_c[:, None] == pmax[None, :], cw[None, :], 0.0)
-        dx = dxs * s_c[:, None] + ca[:, None] + tl.where(x == cmax[:, None], cu[:, None], 0.0)
+        dxs = g * s_p[None, :] + cm[None, :] + _tie_term(x * s_c[:, None], pmax[None, :], cw[None, :])
+        dx = dxs * s_c[:, None] + ca[:, None] + _tie_term(x, cmax[:, None], cu[:, None])
         tl.store(dx_b + offs_c[:, None] * sdc + offs_p[None, :] * sdp, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -137,6 +137,27 @@ def _load_phi(phi_ptr, offs_a, A, sphi):
 
 
 @triton.jit
+def _relu(z):
+    """``max(z, 0)`` keeping NaN, as eager relu does (``tl.maximum``'s default drops it)."""
+    return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _relu_grad(z, g):
+    """Eager relu's backward (``threshold_backward`` on ``relu(z)``): ``g`` where z > 0 and where z is
+    NaN, 0 where z <= 0."""
+    return tl.where(z <= 0.0, 0.0, g)
+
+
+@triton.jit
+def _unpadded(z, mask):
+    """``z`` with its masked lanes 0: there the zero padding of l or W_l may have met an infinite W_l or l
+    (0 * inf = NaN), which relu, its gradient and the dots over A or the pixels would carry into real
+    elements."""
+    return tl.where(mask, z, 0.0)
+
+
+@triton.jit
 def _tile_pixels(t, HW, W, BLOCK_P: tl.constexpr):
     """Pixel indices of tile ``t`` of one sample (masked lanes clamped to pixel 0) and (y, x)."""
     pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -209,13 +230,16 @@ def grid_fwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, bias_ptr, logit_ptr, m_ptr, 
             z, _ = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c, l_ptr, 0,
                               BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, False)
             mask2 = mask_p[:, None] & mask_a[None, :]
-            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
-            c += tl.sum(tl.maximum(z, 0.0) * phi[None, :], axis=1)
+            z = _unpadded(z + _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A), mask_a[None, :])
+            c += tl.sum(_relu(z) * phi[None, :], axis=1)
         tl.store(logit_ptr + b64 * HW + pix, c, mask=mask_p)
         if softmax != 0:
             m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
-            alpha = tl.exp(m_run - m_new)
-            p = tl.where(mask_p, tl.exp(c - m_new), 0.0)
+            # while every logit so far is -inf, shift by 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN
+            # (a row that is -inf throughout still gets NaN, from the combine, as eager softmax gives)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_run - m_ref)
+            p = tl.where(mask_p, tl.exp(c - m_ref), 0.0)
             s_run = s_run * alpha + tl.sum(p, axis=0)
             m_run = m_new
         else:
@@ -328,7 +352,7 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
             z, gdot = _project_l(l_b, row_off, mask_p, wl_ptr, offs_a, mask_a, C, sl_c, swl_a, swl_c,
                                  dp_b, sdp_c, BLOCK_P, BLOCK_C, BLOCK_A, PRECISION, True)
             mask2 = mask_p[:, None] & mask_a[None, :]
-            z += _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A)
+            z = _unpadded(z + _upsampled_gp(gp_b, y, x, a0, mask2, inv_up, h, w, A, BLOCK_A), mask2)
             ghat = da + scale * gdot
             if softmax != 0:
                 dc = a * (ghat - kb)
@@ -337,7 +361,7 @@ def grid_bwd_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, logit_ptr, lse_ptr, k_ptr, d
             dc = tl.where(mask_p, dc, 0.0)
             if ia == 0:
                 tl.store(dc_ptr + b64 * HW + pix, dc, mask=mask_p)
-            dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0)
+            dz = _relu_grad(z, dc[:, None] * phi[None, :])
             if DZ_OUT:
                 tl.store(dgp_ptr + (b64 * HW + pix)[:, None] * A + offs_a[None, :], dz, mask=mask2)
             else:
@@ -395,9 +419,10 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
                           BLOCK_P, BLOCK_C, BLOCK_A2, PRECISION, False)
         mask2 = mask_p[:, None] & mask_a[None, :]
         z += _upsampled_gp(gp_ptr + b64 * h * w * A, y, x, pid_a * BLOCK_A2, mask2, inv_up, h, w, A, BLOCK_A2)
+        z = _unpadded(z, mask_p[:, None])  # (masked channels reach only rows of dW_l and dphi not stored)
         dc = tl.load(dc_ptr + b64 * HW + pix, mask=mask_p, other=0.0)
-        dphi += tl.sum(dc[:, None] * tl.maximum(z, 0.0), axis=0)
-        dz = tl.where(z > 0.0, dc[:, None] * phi[None, :], 0.0).to(l_ptr.dtype.element_ty)
+        dphi += tl.sum(dc[:, None] * _relu(z), axis=0)
+        dz = _relu_grad(z, dc[:, None] * phi[None, :]).to(l_ptr.dtype.element_ty)
         lt = tl.load(l_b + row_off[:, None] + offs_c2[None, :] * sl_c,
                      mask=mask_p[:, None] & mask_c2[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), lt, acc, input_precision=PRECISION)

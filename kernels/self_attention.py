@@ -12,13 +12,17 @@ The forward keeps an online softmax in fp32 (natural base: ``exp(s - lse)`` then
 accuracy of eager softmax at logits ~1e3, which a base-2 rescaled ``lse`` loses) and saves ``lse = logsumexp(S)`` (natural
 log, fp32, (B, NQ)) for the backward, which recomputes ``P`` blockwise (flash-attention-2):
 
-- ``_bwd_rowsum_kernel``: ``r = rowsum(dout * o)`` (fp32). With ``dO = gamma * dout``:
-  ``delta = gamma * r`` and ``dgamma = sum(r)``.
+- ``_bwd_rowsum_kernel``: ``r = rowsum(dout * o)`` (fp32) for ``dgamma = sum(r)``, and the softmax
+  backward's row term ``delta = rowsum(dO * o)`` (``dO = gamma * dout``).
 - ``_bwd_dkdv_kernel``: one program per key block, looping over query blocks: ``dV`` and ``dK``.
 - ``_bwd_dq_kernel``: one program per query block, looping over key blocks: ``dQ``.
 
-``gamma`` is folded in at the end (``dV = gamma * P^T dout`` etc.), so ``gamma * dout`` is never
-formed. Value channels beyond ``BLOCK_DV`` are split over the grid's third axis; every such
+A finite nonzero ``gamma`` is folded in at the end (``dV = gamma * P^T dout`` etc., with ``delta = r``),
+so ``gamma * dout`` is never formed. A gamma of 0, inf or NaN instead multiplies each product with
+``dout`` (``_gamma_pair``), so the sums see ``dO = gamma * dout`` as eager's
+do: +inf and -inf terms give NaN, as in eager, not ``inf * (finite sum)``. The forward's online softmax
+shifts by 0 while a row's maximum is still -inf, so -inf scores give probability 0 and only an all -inf
+row is NaN (eager softmax's results). Value channels beyond ``BLOCK_DV`` are split over the grid's third axis; every such
 program recomputes the scores, and the ``dP = dout^T v`` contraction loops over all channels in
 ``BLOCK_C`` chunks (only the first channel tile's dK/dV program does it, for dK).
 The query/key dim is one padded tile (``BLOCK_D`` <= ``MAX_D``); larger D is the caller's
@@ -76,6 +80,15 @@ def _load_tile(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, other):
 
 
 @triton.jit
+def _load_scaled(ptr, offs_r, offs_c, s_r, s_c, n_r, n_c, f):
+    """``_load_tile`` times the factor ``f``, in the storage dtype, 0 in the masked lanes (their zero padding
+    times an infinite ``f`` would be NaN, and the dots would carry it into real elements)."""
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    x = tl.load(ptr + (offs_r[:, None] * s_r + offs_c[None, :] * s_c), mask=mask, other=0.0)
+    return tl.where(mask, x * f, 0.0).to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
                 scale, NQ, NK, D, DV,
                 sqb, sqd, sqn, skb, skd, skn, svb, svc, svn, sxb, sxc, sxn,
@@ -102,8 +115,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, out_ptr, o_ptr, lse_ptr,
         s = tl.dot(q, kt, input_precision=PREC) * scale
         s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        # rows whose scores so far are all -inf shift by 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN
+        # (a row that is -inf throughout gets l_i = 0, o = 0 / 0 = NaN, as eager softmax gives)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
@@ -132,12 +148,15 @@ def _bwd_rowsum_kernel(g_ptr, o_ptr, r_ptr, NQ, DV, sgb, sgc, sgn, sob, soc, son
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c0 = tl.arange(0, BLOCK_DV)
+    # r holds each row's factor of dout on entry (``attention_bwd``: 1, or gamma where it multiplies dout
+    # before the sums, as eager's dO = gamma * dout): r = rowsum((factor * dout) * o)
+    f = tl.load(r_ptr + b * srb + offs_m, mask=offs_m < NQ, other=0.0)
     r = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, DV, BLOCK_DV):
         offs_c = c0 + offs_c0
         g = _load_tile(g_ptr + b * sgb, offs_m, offs_c, sgn, sgc, NQ, DV, 0.0).to(tl.float32)
         o = _load_tile(o_ptr + b * sob, offs_m, offs_c, son, soc, NQ, DV, 0.0).to(tl.float32)
-        r += tl.sum(g * o, 1)
+        r += tl.sum(tl.where(offs_c[None, :] < DV, g * f[:, None], 0.0) * o, 1)  # padding: 0, not 0 * inf
     tl.store(r_ptr + b * srb + offs_m, r, mask=offs_m < NQ)
 
 
@@ -170,8 +189,12 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
     v_ptr += b * svb
     lse_ptr += b * slb
     r_ptr += b * slb
+    # gamma_ptr = [g_post, g_pre] (_gamma_pair): each product with dout also takes
+    # g_pre (on its other operand: the probabilities, V), so dO = g_pre * dout enters the sums as eager forms
+    # it; g_post scales the results
+    g_pre = tl.load(gamma_ptr + 1)
     k = _load_tile(k_ptr + b * skb, offs_n, offs_d, skn, skd, NK, D, 0.0)  # (N, D)
-    v = _load_tile(v_ptr, offs_n, offs_c, svn, svc, NK, DV, 0.0)  # (N, DV) own channel tile
+    v = _load_scaled(v_ptr, offs_n, offs_c, svn, svc, NK, DV, g_pre)  # (N, DV) own channel tile, for dP
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start_m in range(0, NQ, BLOCK_M):
@@ -180,15 +203,16 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dk_p
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < NQ, other=float("inf"))
         st = tl.dot(k, qt, input_precision=PREC) * scale  # (N, M)
         pt = tl.exp(st - lse[None, :])
-        pt = tl.where((offs_m[None, :] < NQ) & (offs_n[:, None] < NK), pt, 0.0)
+        valid = (offs_m[None, :] < NQ) & (offs_n[:, None] < NK)
+        pt = tl.where(valid, pt, 0.0)
         gt = _load_tile(g_ptr, offs_c, offs_m, sgc, sgn, DV, NQ, 0.0)  # (DV, M) dout
-        dv += tl.dot(pt.to(gt.dtype), tl.trans(gt), input_precision=PREC)
+        dv += tl.dot(tl.where(valid, pt * g_pre, 0.0).to(gt.dtype), tl.trans(gt), input_precision=PREC)
         if ONE_DV:  # one channel tile: this program owns dK
             dk += _dk_step(pt, tl.dot(v, gt, input_precision=PREC), qt, r_ptr, offs_m, NQ, PREC)
         elif pid_c == 0:  # dK needs dP over all DV channels: only the first channel tile computes it
             dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for c0 in range(0, DV, BLOCK_C):
-                vc = _load_tile(v_ptr, offs_n, c0 + tl.arange(0, BLOCK_C), svn, svc, NK, DV, 0.0)
+                vc = _load_scaled(v_ptr, offs_n, c0 + tl.arange(0, BLOCK_C), svn, svc, NK, DV, g_pre)
                 gc = _load_tile(g_ptr, c0 + tl.arange(0, BLOCK_C), offs_m, sgc, sgn, DV, NQ, 0.0)
                 dpt += tl.dot(vc, gc, input_precision=PREC)
             dk += _dk_step(pt, dpt, qt, r_ptr, offs_m, NQ, PREC)
@@ -222,8 +246,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
     q = _load_tile(q_ptr + b * sqb, offs_m, offs_d, sqn, sqd, NQ, D, 0.0)  # (M, D)
     lse = tl.load(lse_ptr + b * slb + offs_m, mask=offs_m < NQ, other=float("inf"))
     r = tl.load(r_ptr + b * slb + offs_m, mask=offs_m < NQ, other=0.0)
+    g_pre = tl.load(gamma_ptr + 1)  # [g_post, g_pre], as in _bwd_dkdv_kernel
     if ONE_DV:
-        g = _load_tile(g_ptr, offs_m, offs_c0, sgn, sgc, NQ, DV, 0.0)  # (M, DV) dout
+        g = _load_scaled(g_ptr, offs_m, offs_c0, sgn, sgc, NQ, DV, g_pre)  # (M, DV) dO
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -237,7 +262,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
         else:
             dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for c0 in range(0, DV, BLOCK_C):
-                gc = _load_tile(g_ptr, offs_m, c0 + tl.arange(0, BLOCK_C), sgn, sgc, NQ, DV, 0.0)
+                gc = _load_scaled(g_ptr, offs_m, c0 + tl.arange(0, BLOCK_C), sgn, sgc, NQ, DV, g_pre)  # dO
                 vc = _load_tile(v_ptr, c0 + tl.arange(0, BLOCK_C), offs_n, svc, svn, DV, NK, 0.0)
                 dp += tl.dot(gc, vc, input_precision=PREC)
         ds = p * (dp - r[:, None])
@@ -324,6 +349,15 @@ def _gamma32(gamma, like):
     return gamma.reshape(1).to(torch.float32)
 
 
+def _gamma_pair(gamma, like):
+    """The backward's ``[g_post, g_pre]`` fp32 (2,), chosen on the device (no host sync): a finite nonzero
+    gamma scales the results (``[gamma, 1]``); 0, inf or NaN scales each product with dout (``[1, gamma]``),
+    as eager's dO = gamma * dout. The PyTorch paths decide alike (``attnfast.ops.self_attention``)."""
+    g = _gamma32(gamma, like)
+    post = torch.isfinite(g) & (g != 0)
+    return torch.cat([torch.where(post, g, 1.0), torch.where(post, 1.0, g)])
+
+
 MAX_GRID_Y = 65535  # CUDA limit of grid axis 1, which carries the batch (x heads) here
 
 
@@ -377,6 +411,14 @@ def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     return out, o, lse
 
 
+def _rowsum(grad, o, out):
+    """``out = rowsum((out * grad) * o)`` over the value channels: ``out`` (B, NQ) holds each row's factor."""
+    B, DV, NQ = grad.shape
+    _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
+        grad, o, out, NQ, DV, *_batch3(grad), *_batch3(o), out.stride(0),
+        BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
 def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     """Write dq, dk, dv and ``r = rowsum(grad * o)`` ((B, NQ) fp32, contiguous like ``lse``).
 
@@ -388,25 +430,30 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     if B == 0:
         return dq, dk, dv, r
     bd, bdv, one_dv = blocks(D, DV)
-    g32 = _gamma32(gamma, q)
+    g32 = _gamma_pair(gamma, q)
+    # r (for dgamma) = rowsum(dout * o); delta, the softmax backward's row term, = rowsum(dO * o) with
+    # dO = g_pre * dout (r itself without gamma)
+    delta = r if gamma is None else torch.empty_like(r)
     t = tiles(DTYPES[q.dtype], bd, bdv, one_dv)
     common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=_prec(q.dtype), num_stages=NUM_STAGES)
     with on_device(q):
         if NQ:
-            _bwd_rowsum_kernel[(triton.cdiv(NQ, ROWSUM_BLOCK_M), B)](
-                grad, o, r, NQ, DV, *_batch3(grad), *_batch3(o), r.stride(0),
-                BLOCK_M=ROWSUM_BLOCK_M, BLOCK_DV=ROWSUM_BLOCK_C, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            r.fill_(1.0)  # the factor of dout in each row's sum
+            _rowsum(grad, o, r)
+            if delta is not r:
+                delta.copy_(g32[1].expand_as(delta))
+                _rowsum(grad, o, delta)
         if NK:
             tk = t["dkdv"]
             _bwd_dkdv_kernel[(triton.cdiv(NK, tk.BLOCK_N), B, triton.cdiv(DV, bdv))](
-                q, k, v, grad, lse, r, g32, dk, dv, float(scale), NQ, NK, D, DV,
+                q, k, v, grad, lse, delta, g32, dk, dv, float(scale), NQ, NK, D, DV,
                 *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
                 *_batch3(dk), *_batch3(dv), BLOCK_M=tk.BLOCK_M, BLOCK_N=tk.BLOCK_N, BLOCK_C=tk.BLOCK_C,
                 num_warps=tk.num_warps, **common)
         if NQ:
             tq = t["dq"]
             _bwd_dq_kernel[(triton.cdiv(NQ, tq.BLOCK_M), B)](
-                q, k, v, grad, lse, r, g32, dq, float(scale), NQ, NK, D, DV,
+                q, k, v, grad, lse, delta, g32, dq, float(scale), NQ, NK, D, DV,
                 *_batch3(q), *_batch3(k), *_batch3(v), *_batch3(grad), lse.stride(0),
                 *_batch3(dq), BLOCK_M=tq.BLOCK_M, BLOCK_N=tq.BLOCK_N, BLOCK_C=tq.BLOCK_C,
                 num_warps=tq.num_warps, **common)

@@ -3,7 +3,8 @@
 Drop-in for ``attnfast.reference.GridAttention``: same constructor, parameter names
 (``W_l``, ``W_g``, ``phi``) and ``forward(l, g) -> (a, pooled)``, so state dicts load both ways.
 Under autocast, inputs and weights are cast to the autocast dtype, as the reference's 1x1
-convolutions would be (the op itself accumulates in fp32).
+convolutions would be (the op itself accumulates in fp32); ``pooled`` comes back in the dtype the
+reference's ``a * l`` promotes to (fp32 for an fp32 ``l``), ``a`` / ``c`` in the autocast dtype.
 
 ``return_logits=True`` returns ``(c, pooled)`` with the logits ``c`` (B, 1, H, W) before the
 softmax/sigmoid, as Learn to Pay Attention's ``GridAttentionBlock`` does. ``c``'s value is the one the
@@ -55,11 +56,14 @@ class GridAttention(_Reference):
         self.check_inputs(l, g)
         params = (self.W_l.weight, self.W_g.weight, self.phi.weight, self.phi.bias)
         amp = autocast_dtype(l.device.type)
+        pooled_dtype = l.dtype
         if amp is not None:
+            pooled_dtype = torch.promote_types(amp, l.dtype)
             l, g = l.to(amp), g.to(amp)
             params = tuple(p.to(amp) for p in params)
         if not self.return_logits:
-            return grid_attention(l, g, *params, self.up_factor, self.normalize_attn)
+            a, pooled = grid_attention(l, g, *params, self.up_factor, self.normalize_attn)
+            return a, pooled.to(pooled_dtype)
         check_grid_inputs(l, g, *params, self.up_factor)
         _, pooled, logits, _, _ = grid_attention_op(l, g, *params, self.up_factor, bool(self.normalize_attn))
-        return _Logits.apply(logits, self.up_factor, l, g, *params), pooled
+        return _Logits.apply(logits, self.up_factor, l, g, *params), pooled.to(pooled_dtype)

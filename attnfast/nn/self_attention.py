@@ -24,7 +24,9 @@ state-dict-compatible with the reference only where it adds parameters):
 ``attnfast.swap`` turns a user's SAGAN layer into this module, picking ``tuple_output`` and ``scale``
 by probing the layer; a layer that returned ``(out, attention)`` then returns ``(out, None)``.
 
-Under autocast the convs' dtype wins: ``x`` and the op run in the conv output dtype.
+Under autocast the attention runs in the convs' output dtype and the residual ``gamma * o + x`` in the
+promoted dtype of ``o`` and ``x``, as the reference's ``self.gamma * out + x`` does (an fp32 ``x`` gives an
+fp32 ``out``). Outside autocast, ``x`` must have the parameters' dtype and device (ValueError otherwise).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_same, check_tensor
+from .._checks import check_module_inputs, check_tensor
 from ..ops.self_attention import self_attention
 from ..reference.self_attention import qk_dim
 
@@ -76,7 +78,7 @@ class SelfAttention2d(nn.Module):
 
     def check_inputs(self, x: torch.Tensor) -> None:
         check_tensor(x, "x", ndim=4, channels=self.in_dim)
-        check_same({"x": x, "query_conv.weight": self.query_conv.weight}, dtype=False)
+        check_module_inputs({"x": x}, self.query_conv.weight, "query_conv.weight")
 
     def _keys_values(self, x: torch.Tensor):
         k, v = self.key_conv(x), self.value_conv(x)
@@ -96,12 +98,12 @@ class SelfAttention2d(nn.Module):
         qh = q.reshape(b * hd, -1, n)
         kh = k.reshape(b * hd, -1, nk)
         vh = v.reshape(b * hd, -1, nk)
-        if self.out_conv is None:
-            xh = x.to(dt).reshape(b * hd, -1, n)
+        if self.out_conv is None and x.dtype == dt and self.gamma.dtype == dt:
+            xh = x.reshape(b * hd, -1, n)
             out = self_attention(qh, kh, vh, xh, self.gamma, self.scale).reshape(b, c, h, w)
-        else:
+        else:  # value_dim's out_conv, or autocast: the residual in the promoted dtype, as the reference
             o = self_attention(qh, kh, vh, scale=self.scale).reshape(b, self.value_dim, h, w)
-            out = torch.addcmul(x.to(dt), self.out_conv(o), self.gamma.to(dt))
+            out = torch.addcmul(x, o if self.out_conv is None else self.out_conv(o), self.gamma)
         return (out, None) if self.tuple_output else out
 
     def attention_maps(self, x: torch.Tensor, queries) -> torch.Tensor:

@@ -87,43 +87,50 @@ def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running
 # ----------------------------------------------------------------------------------------------
 # small pieces in torch: the channel MLP, the spatial conv + BatchNorm (compute dtype)
 # ----------------------------------------------------------------------------------------------
-def _mat(w: torch.Tensor, ct) -> torch.Tensor:
-    return w.reshape(w.shape[0], w.shape[1]).to(ct)
+# They follow the eager modules' own grouping and call eager's own functions (and their backward functions),
+# so that NaN and inf come out exactly as in eager: each branch's fc2 on its own (a relu output of 0 times an
+# infinite fc2 weight is NaN in that branch), relu's gradient passing where its input is NaN (eager's
+# threshold_backward), sigmoid_backward's grad (1 - y) y, and BatchNorm's statistics, affine form and backward
+# from the kernels F.batch_norm picks on this device (``_batch_norm_impl_index``: native, cuDNN, ...).
+def _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct) -> list:
+    """[w1 (R, C), b1 or None, w2 (C, R), b2 or None] in the compute dtype."""
+    return [None if t is None else (t.reshape(t.shape[0], -1) if t.dim() > 1 else t).to(ct)
+            for t in (fc1_w, fc1_b, fc2_w, fc2_b)]
 
 
-def _vec(b: Optional[torch.Tensor], n: int, like: torch.Tensor) -> torch.Tensor:
-    return like.new_zeros(n) if b is None else b.to(like.dtype)
+def _fc(v, w, b):
+    return v @ w.T if b is None else v @ w.T + b
 
 
-def _mlp_forward(avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light: bool):
-    """Channel gate s_c (B, C) from the pooled statistics (compute dtype)."""
-    ct = avg.dtype
-    w1, w2 = _mat(fc1_w, ct), _mat(fc2_w, ct)
-    b1, b2 = _vec(fc1_b, w1.shape[0], avg), _vec(fc2_b, w2.shape[0], avg)
+def _mlp_forward(avg, cmax, params, light: bool):
+    """Channel gate s_c (B, C) from the pooled statistics, as timm's (Light)ChannelAttn groups it."""
+    w1, b1, w2, b2 = params
     if light:
-        return torch.sigmoid(torch.relu((0.5 * avg + 0.5 * cmax) @ w1.T + b1) @ w2.T + b2)
-    h = torch.relu(avg @ w1.T + b1) + torch.relu(cmax @ w1.T + b1)
-    return torch.sigmoid(h @ w2.T + 2 * b2)
+        return torch.sigmoid(_fc(torch.relu(_fc(0.5 * avg + 0.5 * cmax, w1, b1)), w2, b2))
+    return torch.sigmoid(_fc(torch.relu(_fc(avg, w1, b1)), w2, b2) + _fc(torch.relu(_fc(cmax, w1, b1)), w2, b2))
 
 
-def _mlp_backward(ds_c, s_c, avg, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light: bool):
-    """(d avg, d cmax, d fc1_w (R, C), d fc1_b, d fc2_w (C, R), d fc2_b) from d s_c (compute dtype)."""
-    ct = avg.dtype
-    w1, w2 = _mat(fc1_w, ct), _mat(fc2_w, ct)
-    b1 = _vec(fc1_b, w1.shape[0], avg)
-    do = ds_c * s_c * (1 - s_c)
-    dh = do @ w2
+def _relu_grad(pre, grad):
+    """Eager relu's backward (``threshold_backward`` on its output): 0 where pre <= 0, else (NaN too) grad."""
+    return torch.where(pre <= 0, 0.0, grad)
+
+
+def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
+    """(d avg, d cmax, d w1 (R, C), d b1, d w2 (C, R), d b2) from d s_c (compute dtype), node by node as eager's
+    autograd computes them (each branch's weight gradient on its own, then summed)."""
+    w1, b1, w2, b2 = params
+    do = ds_c * (1 - s_c) * s_c
     if light:
         v = 0.5 * avg + 0.5 * cmax
-        pre = v @ w1.T + b1
-        dpre = torch.where(pre > 0, dh, 0.0)
+        pre = _fc(v, w1, b1)
+        dpre = _relu_grad(pre, do @ w2)
         dv = dpre @ w1
-        return (0.5 * dv, 0.5 * dv, dpre.T @ v, dpre.sum(0), do.T @ torch.relu(pre), do.sum(0))
-    pre_a, pre_m = avg @ w1.T + b1, cmax @ w1.T + b1
-    dpre_a, dpre_m = torch.where(pre_a > 0, dh, 0.0), torch.where(pre_m > 0, dh, 0.0)
+        return 0.5 * dv, 0.5 * dv, dpre.T @ v, dpre.sum(0), do.T @ torch.relu(pre), do.sum(0)
+    pre_a, pre_m = _fc(avg, w1, b1), _fc(cmax, w1, b1)
+    dpre_a, dpre_m = _relu_grad(pre_a, do @ w2), _relu_grad(pre_m, do @ w2)
     dw1 = dpre_a.T @ avg + dpre_m.T @ cmax
-    dw2 = do.T @ (torch.relu(pre_a) + torch.relu(pre_m))
-    return dpre_a @ w1, dpre_m @ w1, dw1, (dpre_a + dpre_m).sum(0), dw2, 2 * do.sum(0)
+    dw2 = do.T @ torch.relu(pre_a) + do.T @ torch.relu(pre_m)
+    return dpre_a @ w1, dpre_m @ w1, dw1, dpre_a.sum(0) + dpre_m.sum(0), dw2, do.sum(0) + do.sum(0)
 
 
 def _conv_input(smap: torch.Tensor, H: int, W: int, light: bool) -> torch.Tensor:
@@ -135,14 +142,45 @@ def _conv_input(smap: torch.Tensor, H: int, W: int, light: bool) -> torch.Tensor
 
 
 def _conv(inp, conv_w):
-    return F.conv2d(inp, conv_w.to(inp.dtype), padding=conv_w.shape[-1] // 2)
+    return F.conv2d(inp, conv_w, padding=conv_w.shape[-1] // 2)
 
 
-def _bn_stats(z, running_mean, running_var, batch_stats: bool):
+def _batch_norm(z, w, b, running_mean, running_var, train: bool, momentum: float, eps: float):
+    """What F.batch_norm runs: (out, save_mean, save_var_transform, reserve, impl_index)."""
+    return torch.ops.aten._batch_norm_impl_index(z, w, b, running_mean, running_var, train, momentum, eps,
+                                                 torch.backends.cudnn.enabled)
+
+
+def _bn_forward(z, bn_w, bn_b, running_mean, running_var, batch_stats: bool, eps: float):
+    """(normalized z, bnstat): bnstat = [batch mean, unbiased batch variance] with batch statistics (what
+    F.batch_norm puts into running statistics), else [running mean, running var]."""
+    ct = z.dtype
+    w, b = bn_w.to(ct).reshape(1), bn_b.to(ct).reshape(1)
+    if batch_stats:  # momentum 1: F.batch_norm writes its own batch statistics into fresh buffers
+        bnstat = torch.stack([z.new_zeros(()), z.new_ones(())])
+        return _batch_norm(z, w, b, bnstat[0:1], bnstat[1:2], True, 1.0, eps)[0], bnstat
+    bnstat = torch.stack([running_mean.to(ct).reshape(()), running_var.to(ct).reshape(())])
+    return _batch_norm(z, w, b, bnstat[0:1], bnstat[1:2], False, 0.0, eps)[0], bnstat
+
+
+def _spatial_backward(da, inp, conv_w, bn_w, bnstat, batch_stats: bool, eps: float):
+    """(d inp, d conv_w, d bn_w, d bn_b) from d(BatchNorm output): the conv and BatchNorm recomputed on the
+    small map and differentiated by their own backward functions, as eager's autograd calls them."""
+    ct = inp.dtype
+    w, bw = conv_w.to(ct), bn_w.to(ct).reshape(1)
+    pad = conv_w.shape[-1] // 2
+    z = F.conv2d(inp, w, padding=pad)
+    rm, rv = (None, None) if batch_stats else (bnstat[0:1], bnstat[1:2])
+    _, save_mean, save_var, reserve, impl = _batch_norm(z, bw, torch.zeros_like(bw), rm, rv, batch_stats, 0.0, eps)
     if batch_stats:
-        var, mean = torch.var_mean(z, unbiased=False)
-        return torch.stack([mean, var])
-    return torch.stack([running_mean.to(z.dtype).reshape(()), running_var.to(z.dtype).reshape(())])
+        dz, dbn_w, dbn_b = torch.ops.aten._batch_norm_impl_index_backward(
+            impl, z, da.contiguous(), bw, rm, rv, save_mean, save_var, True, eps, [True, True, True], reserve)
+    else:  # running statistics: eager's derivative of every implementation (cuDNN's too) is the native one
+        dz, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
+            da.contiguous(), z, bw, rm, rv, None, None, False, eps, [True, True, True])
+    dinp, dconv_w, _ = torch.ops.aten.convolution_backward(
+        dz, inp, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
+    return dinp, dconv_w, dbn_w, dbn_b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +256,7 @@ def _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx)
     ds_c = buf.sum(2)
     cmax = cstat[:, 1]
     tie_c = torch.eq(xc, cmax.view(B, C, 1), out=buf)  # cmax is x's own maximum, exact in ct
-    davg, dcmax, *wgrads = _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, *mlp_args, light)
+    davg, dcmax, *wgrads = _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light)
     dx3 = dx.view(B, C, P)  # dx is laid out as x, whose pixels flatten to one stride
     out = dx3 if dx.dtype == dxs.dtype else dxs
     torch.addcmul((davg / P).view(B, C, 1), dxs, s_c.view(B, C, 1), out=out)
@@ -244,7 +282,8 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
             batch_stats: bool, light: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, s_c (B, C), cstat (B, 2, C) = [avg, max] over pixels, s_p (B, P),
-    smap (B, 2, P) = [mean, max] over channels of x s_c, bnstat (2,) = [mean, var] the BatchNorm used);
+    smap (B, 2, P) = [mean, max] over channels of x s_c, bnstat (2,) = [mean, var]: the batch mean and unbiased
+    variance with batch statistics (what goes into the running statistics), else the running statistics);
     all but y in the compute dtype (fp32; fp64 for fp64)."""
     x = _flat(x)
     B, C, H, W = x.shape
@@ -252,8 +291,10 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     ct = compute_dtype(x)
     triton_path = _kernel_path(x, fc1_w, fc2_w, conv_w, bn_w, bn_b)
 
+    params = _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct)
+
     def mlp(sums, cmax):
-        return _mlp_forward(sums / P, cmax, fc1_w, fc1_b, fc2_w, fc2_b, light).contiguous()
+        return _mlp_forward(sums / P, cmax, params, light).contiguous()
 
     if triton_path:
         from ..kernels import cbam as K
@@ -264,9 +305,8 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     else:
         sums, cmax, s_c, psum, pmax, xs = _torch_forward_maps(x, ct, mlp)
     smap = torch.stack([psum / C, pmax], 1)
-    z = _conv(_conv_input(smap, H, W, light), conv_w)
-    bnstat = _bn_stats(z, running_mean, running_var, batch_stats)
-    zn = (z - bnstat[0]) * torch.rsqrt(bnstat[1] + eps) * bn_w.to(ct).reshape(()) + bn_b.to(ct).reshape(())
+    z = _conv(_conv_input(smap, H, W, light), conv_w.to(ct))
+    zn, bnstat = _bn_forward(z, bn_w, bn_b, running_mean, running_var, batch_stats, eps)
     s_p = torch.sigmoid(zn).view(B, P)
     if triton_path:
         y = _alloc.empty_like(x)
@@ -303,7 +343,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
     B, C, H, W = x.shape
     P = H * W
     ct = s_c.dtype
-    mlp_args = (fc1_w, fc1_b, fc2_w, fc2_b)
+    mlp_args = _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct)
     triton_path = _kernel_path(x, g, fc1_w, fc2_w, conv_w, bn_w)
     pmax = smap[:, 1].contiguous()
     if triton_path:
@@ -313,21 +353,10 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
     else:
         dsp, pcnt, state = _torch_backward_spatial(g, x, s_c, pmax)
 
-    # spatial gate: sigmoid -> BatchNorm -> conv, on (B, 1, H, W) maps
-    da = (dsp * s_p * (1 - s_p)).view(B, 1, H, W)
-    inp = _conv_input(smap, H, W, light)
-    z = _conv(inp, conv_w)
-    invstd = torch.rsqrt(bnstat[1] + eps)
-    zhat = (z - bnstat[0]) * invstd
-    dbn_w, dbn_b = (da * zhat).sum(), da.sum()
-    dzhat = da * bn_w.to(ct).reshape(())
-    if batch_stats:
-        dz = invstd * (dzhat - dzhat.mean() - zhat * (dzhat * zhat).mean())
-    else:
-        dz = dzhat * invstd
-    dinp, dconv_w, _ = torch.ops.aten.convolution_backward(
-        dz, inp, conv_w.to(ct), None, [1, 1], [conv_w.shape[-1] // 2] * 2, [1, 1], False, [0, 0], 1,
-        [True, True, False])
+    # spatial gate: sigmoid (eager's sigmoid_backward: grad (1 - y) y) -> BatchNorm -> conv, on (B, 1, H, W) maps
+    da = (dsp * (1 - s_p) * s_p).view(B, 1, H, W)
+    dinp, dconv_w, dbn_w, dbn_b = _spatial_backward(da, _conv_input(smap, H, W, light), conv_w, bn_w, bnstat,
+                                                    batch_stats, eps)
     dinp = dinp.view(B, -1, P)
     if light:
         dmean_p = dmax_p = 0.5 * dinp[:, 0]
@@ -340,7 +369,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
     if triton_path:
         dsc_sp, ccnt = K.backward_channel(x, s_c, cstat[:, 1].contiguous(), cm, cw, pmax)
         avg, cmax = cstat[:, 0], cstat[:, 1]
-        davg, dcmax, *wgrads = _mlp_backward(dsc_gate + dsc_sp, s_c, avg, cmax, *mlp_args, light)
+        davg, dcmax, *wgrads = _mlp_backward(dsc_gate + dsc_sp, s_c, avg, cmax, mlp_args, light)
         K.backward_input(g, x, s_c, s_p, cm, cw, pmax, (davg / P).contiguous(), (dcmax / ccnt).contiguous(),
                          cmax.contiguous(), dx)
     else:
@@ -406,5 +435,5 @@ def cbam(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor], fc
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(bnstat[0].to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((bnstat[1] * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(bnstat[1].to(running_var.dtype), alpha=momentum)
     return y

@@ -29,8 +29,12 @@ Backward math (s = 1 for softmax, 1/(H*W) for sigmoid)::
     ghat_p = da_p + s * dpooled . l_p
     dc_p   = a_p (ghat_p - K)    with K = sum_q a_q ghat_q = sum_q a_q da_q + dpooled . pooled  (softmax)
     dc_p   = ghat_p a_p (1 - a_p)                                                              (sigmoid)
-    dz_p   = [z_p > 0] dc_p phi;  dl_p = s a_p dpooled + W_l^T dz_p;  dW_l = sum_p dz_p l_p^T
+    dz_p   = [not z_p <= 0] dc_p phi;  dl_p = s a_p dpooled + W_l^T dz_p;  dW_l = sum_p dz_p l_p^T
     dphi   = sum_p dc_p relu(z_p);  dbias = sum_p dc_p;  dGp = up^T(dz);  dW_g, dg from dGp (low-res)
+
+NaN and inf propagate as in the eager module, forward and backward, on both paths: relu keeps NaN and its
+gradient passes where z is NaN (eager's ``threshold_backward``), the softmax of a row holding a NaN or a
++inf, or of an all -inf row, is NaN (``softmax_lse``), and a -inf logit gets probability 0.
 """
 from __future__ import annotations
 
@@ -108,6 +112,22 @@ def _kernel_path(l: torch.Tensor, w_l: torch.Tensor) -> bool:
     return False
 
 
+def softmax_lse(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row log-sum-exp as eager softmax shifts its row: ``max + log(sum(exp(x - max)))``.
+
+    NaN for a row that holds a NaN or a +inf, or is all -inf (where eager softmax gives NaN); a -inf
+    among finite logits gets probability 0. (``torch.logsumexp`` gives +inf and -inf for those rows,
+    which would put finite probabilities where eager has NaN.)"""
+    m = logits.amax(1, keepdim=True)
+    return (m + torch.exp(logits - m).sum(1, keepdim=True).log()).squeeze(1)
+
+
+def relu_grad(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Eager relu's backward (``threshold_backward`` on ``relu(z)``): ``grad`` where z > 0 and where z
+    is NaN, 0 where z <= 0."""
+    return torch.where(z <= 0, 0.0, grad)
+
+
 def _attention(logits: torch.Tensor, lse: torch.Tensor, normalize: bool) -> torch.Tensor:
     return torch.exp(logits - lse[:, None]) if normalize else torch.sigmoid(logits)
 
@@ -142,7 +162,7 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
         _, c = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)
         logits[b0:b1] = c
     if normalize:
-        lse.copy_(torch.logsumexp(logits, dim=1))
+        lse.copy_(softmax_lse(logits))
     else:
         lse.zero_()
     a32 = _attention(logits, lse, normalize)
@@ -205,7 +225,7 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
         z, _ = _torch_logits(l32, gp[b0:b1], wl32, phi32, 0.0, up)
         dcc = dc[b0:b1].view(-1, 1, H, W)
         dphi += torch.einsum("bhw,bahw->a", dcc[:, 0], torch.relu(z))
-        dz = torch.where(z > 0, dcc * phi32.view(1, -1, 1, 1), 0.0)
+        dz = relu_grad(z, dcc * phi32.view(1, -1, 1, 1))
         del z
         dwl += torch.einsum("bahw,bchw->ac", dz, l32)
         dl32 = torch.einsum("bahw,ac->bchw", dz, wl32)

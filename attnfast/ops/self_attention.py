@@ -25,6 +25,10 @@ cancelling sum) and ``lse = logsumexp`` per query (fp32) for the backward, which
 probabilities: from ``lse`` (Triton, batched), or with the same fused softmax as the forward (CPU
 path; its lse output is still exact). The backward is its own custom op
 (``attnfast::self_attention_backward``), dispatched the same way.
+
+NaN and inf propagate as through the seed's eager layer, forward and backward, on every path: softmax
+rows as eager's (NaN for a row holding NaN or +inf or all -inf; a -inf score gets probability 0), and a
+gamma of 0, inf or NaN enters the backward as eager's ``dO = gamma * dout`` (``_gamma_factors``).
 """
 from __future__ import annotations
 
@@ -123,6 +127,20 @@ def _check(q, k, v, x, gamma) -> None:
 
 # ----------------------------------------------------------------------------- PyTorch paths
 
+def _gamma_factors(gamma, dtype, device):
+    """(g_post, g_pre) 0-dim tensors for the backward, chosen on the device (no host sync), as the Triton
+    launcher's ``_gamma_pair``. A finite nonzero gamma scales the results (g_post = gamma, g_pre = 1):
+    ``dV = gamma * (dout P)`` etc., ``gamma * dout`` is never formed. A gamma of 0, inf or NaN multiplies
+    dout before the sums instead (g_pre = gamma, g_post = 1), as eager forms ``dO = gamma * dout``: each
+    product then gets eager's NaN / inf (with gamma = inf a sum of +inf and -inf terms is NaN, where
+    ``inf * (finite sum)`` is not). Ones without a residual."""
+    one = torch.ones((), dtype=dtype, device=device)
+    if gamma is None:
+        return one, one
+    g = gamma.reshape(()).to(dtype)
+    post = torch.isfinite(g) & (g != 0)
+    return torch.where(post, g, one), torch.where(post, one, g)
+
 def _fwd_torch(q, k, v, x, gamma, scale, out, o, lse):
     ct = compute_dtype(q)
     b, _, nq = q.shape
@@ -156,24 +174,26 @@ def _bwd_torch(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r):
     kf, vf = k.to(ct), v.to(ct)
     dk_acc = torch.zeros(b, d, nk, dtype=ct, device=q.device)
     dv_acc = torch.zeros(b, v.shape[1], nk, dtype=ct, device=q.device)
-    g = gamma.to(ct).reshape(()) if gamma is not None else torch.ones((), dtype=ct, device=q.device)
+    g_post, g_pre = _gamma_factors(gamma, ct, q.device)
     rows = chunk_rows(b, nq, nk)
     for i0 in range(0, nq, rows):
         i1 = min(nq, i0 + rows)
         qc = q[:, :, i0:i1].to(ct)  # (B, D, m)
         gc = grad[:, :, i0:i1].to(ct)  # (B, DV, m)
-        rc = (gc * o[:, :, i0:i1].to(ct)).sum(1)  # (B, m)
-        r[:, i0:i1].copy_(rc)
+        oc = o[:, :, i0:i1].to(ct)
+        r[:, i0:i1].copy_((gc * oc).sum(1))  # (B, m), for dgamma
+        d_o = gc * g_pre  # dO without g_post
+        delta = (d_o * oc).sum(1, keepdim=True).transpose(1, 2)  # (B, m, 1)
         s = torch.bmm(qc.transpose(1, 2), kf)  # (B, m, NK)
         if scale != 1.0:
             s.mul_(scale)
         p = s.sub_(lse[:, i0:i1].to(ct).unsqueeze(-1)).exp_()
-        dv_acc.baddbmm_(gc, p)
-        ds = torch.bmm(gc.transpose(1, 2), vf).sub_(rc.unsqueeze(-1)).mul_(p)  # (B, m, NK), no gamma*scale
-        dq[:, :, i0:i1].copy_(torch.bmm(kf, ds.transpose(1, 2)).mul_(g * scale))
+        dv_acc.baddbmm_(d_o, p)
+        ds = torch.bmm(d_o.transpose(1, 2), vf).sub_(delta).mul_(p)  # (B, m, NK), no g_post*scale
+        dq[:, :, i0:i1].copy_(torch.bmm(kf, ds.transpose(1, 2)).mul_(g_post * scale))
         dk_acc.baddbmm_(qc, ds)
-    dk.copy_(dk_acc.mul_(g * scale))
-    dv.copy_(dv_acc.mul_(g))
+    dk.copy_(dk_acc.mul_(g_post * scale))
+    dv.copy_(dv_acc.mul_(g_post))
     return dq, dk, dv, r
 
 
@@ -221,7 +241,7 @@ def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
     if nq == 0:
         return dq, dk.zero_(), dv.zero_(), r
     gb, rows = cpu_blocks(b, nq, nk, d, dvd)
-    g = gamma.to(f32).reshape(()) if gamma is not None else torch.ones((), dtype=f32)
+    g_post, g_pre = _gamma_factors(gamma, f32, q.device)
     s_buf = torch.empty(gb * rows * nk, dtype=f32)  # S, then dP and dS of the same block
     p_buf = torch.empty_like(s_buf)
     dk_acc = torch.empty(gb, d, nk, dtype=f32)
@@ -237,23 +257,25 @@ def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
             n = shape[0] * shape[1] * nk
             qc = q[b0:b1, :, i0:i1].to(f32)  # (n, D, m)
             gc = grad[b0:b1, :, i0:i1].to(f32)  # (n, DV, m)
-            rc = (gc * o[b0:b1, :, i0:i1].to(f32)).sum(1)  # (n, m): rowsum(dO * o)
-            r[b0:b1, i0:i1] = rc
+            oc = o[b0:b1, :, i0:i1].to(f32)
+            r[b0:b1, i0:i1] = (gc * oc).sum(1)  # (n, m): rowsum(dout * o), for dgamma
+            d_o = gc * g_pre  # dO without g_post
+            delta = (d_o * oc).sum(1).unsqueeze(-1)  # (n, m, 1): rowsum(dO * o)
             s = torch.bmm(qc.transpose(1, 2), kb, out=s_buf[:n].view(shape))
             p = _softmax_into(s, p_buf[:n].view(shape))
             if i0 == 0:
-                torch.bmm(gc, p, out=dva)
+                torch.bmm(d_o, p, out=dva)
             else:
-                dva.baddbmm_(gc, p)
-            ds = torch.bmm(gc.transpose(1, 2), vb, out=s)  # dP over the consumed S
-            ds.sub_(rc.unsqueeze(-1)).mul_(p)  # dS without gamma * scale
-            torch.mul(torch.bmm(kb, ds.transpose(1, 2)), g, out=dq[b0:b1, :, i0:i1])
+                dva.baddbmm_(d_o, p)
+            ds = torch.bmm(d_o.transpose(1, 2), vb, out=s)  # dP over the consumed S
+            ds.sub_(delta).mul_(p)  # dS without g_post * scale
+            torch.mul(torch.bmm(kb, ds.transpose(1, 2)), g_post, out=dq[b0:b1, :, i0:i1])
             if i0 == 0:
                 torch.bmm(qc, ds, out=dka)
             else:
                 dka.baddbmm_(qc, ds)
-        torch.mul(dka, g * scale, out=dk[b0:b1])
-        torch.mul(dva, g, out=dv[b0:b1])
+        torch.mul(dka, g_post * scale, out=dk[b0:b1])
+        torch.mul(dva, g_post, out=dv[b0:b1])
     return dq, dk, dv, r
 
 

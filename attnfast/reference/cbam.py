@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._checks import check_tensor
+from .._checks import check_module_inputs, check_tensor
 
 
 def _make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -76,6 +76,7 @@ class CBAM(nn.Module):
 
     def forward(self, x):
         check_tensor(x, "x", ndim=4, channels=self.channels)
+        check_module_inputs({"x": x}, self.channel.fc1.weight, "channel.fc1.weight")
         return self.spatial(self.channel(x))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_tensor
+from .._checks import check_module_inputs, check_tensor
 
 
 class ResidualUnit(nn.Module):
@@ -109,6 +109,7 @@ class ResidualAttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor(x, "x", ndim=4, channels=self.channels)
+        check_module_inputs({"x": x}, self.mask_head[2].weight, "mask_head.2.weight")
         x = self.first(x)
         trunk = self.trunk(x)
         out = self.gate(self.mask_logits(x), trunk)
