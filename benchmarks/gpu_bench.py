@@ -398,10 +398,6 @@ def estimate_lines(plan: Plan) -> list:
 # ----------------------------------------------------------------------------------------------
 # worker: builds, prepares and times the cases of one group, on the controller's orders
 # ----------------------------------------------------------------------------------------------
-class OutOfTime(Exception):
-    pass
-
-
 def _now() -> float:
     return time.time()  # epoch seconds: deadlines cross process boundaries
 
@@ -411,9 +407,9 @@ def _err(e: BaseException) -> str:
 
 
 def _is_oom(e: BaseException) -> bool:
-    import torch
+    import providers
 
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return providers.is_oom(e)
 
 
 class Bench:
@@ -695,8 +691,6 @@ class Worker:
                 self.time_train(bench, deadline, res)
             else:
                 self.time_op(bench, deadline, res)
-        except OutOfTime as e:
-            res.update(status="skipped", reason=f"skipped for time: {e}")
         except Exception as e:
             res.update(status="error", reason=_err(e), traceback=traceback.format_exc()[-3000:])
             self.check_context()
@@ -873,33 +867,7 @@ class Worker:
             step = providers.TrainStep(p["model"], p["size"], p["kwargs"], q,
                                        "off" if self.dry else bench.case.dtype.split("=")[1], self.device)
             free = torch.cuda.mem_get_info()[0] if self.cuda else None
-
-            seen = []
-
-            def fits(b, step=step, seen=seen):
-                if _now() >= deadline:
-                    raise OutOfTime("largest-batch search over its budget")
-                try:
-                    x, y = step.inputs(b)
-                    peak = self.peak(lambda: step(x, y))
-                    peak = b if peak is None else peak  # dry run: any growing number
-                except Exception as e:
-                    if not _is_oom(e):
-                        raise
-                    peak = None
-                finally:
-                    step.release()
-                seen.append([b, peak])
-                return peak
-
-            try:
-                found = providers.largest_batch(fits, p["batch"], cap)
-            except Exception as e:  # out of time, or a step failed: what the probes so far bracket
-                good = [b for b, pk in seen if pk is not None]
-                bad = [b for b, pk in seen if pk is None]
-                found = {"max_batch": max(good) if good else None, "first_failing": min(bad) if bad else None,
-                         "exact": False, "capped": False, "probes": seen,
-                         "error": str(e) if isinstance(e, OutOfTime) else _err(e)}
+            found = providers.step_largest_batch(step, p["batch"], cap, self.peak, deadline)
             found["free_bytes_at_start"] = free
             bench.notes[q]["max_batch"] = found
             del step
@@ -1121,13 +1089,13 @@ def render_markdown(doc) -> str:
         for f in (c.get("failed") or [])[:15]:
             L.append(f"  - FAILED {f}")
     L += ["", "## Cases", "",
-          "| case | provider | median ms | p20–p80 ms | vs fused | peak MiB | notes |", "|---|---|---|---|---|---|---|"]
+          "| case | provider | median ms | p20–p80 ms (calls) | vs fused | peak MiB | notes |", "|---|---|---|---|---|---|---|"]
     for c in doc.get("cases", []):
         if c.get("status") in ("pending", "skipped") or not c.get("providers"):
             continue
         for name, p in c["providers"].items():
             t = p.get("times") or {}
-            rng = f"{_ms(t.get('p20_s'))}–{_ms(t.get('p80_s'))}" if t else "—"
+            rng = f"{_ms(t.get('p20_s'))}–{_ms(t.get('p80_s'))} (n={t.get('n')})" if t else "—"
             base = "fused" if "fused" in c["providers"] else None
             vs = _x(ratio(c, name, base)) if base and name != base else ""
             peak = p.get("peak_mem_bytes")

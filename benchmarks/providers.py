@@ -294,8 +294,8 @@ def largest_batch(fits, start: int, cap: int, max_probes: int = 12, resolution: 
 
     ``fits(b)`` runs one step at batch b and returns its peak memory in bytes, or None when it ran out
     of memory. The peaks at ``start`` and ``2 * start`` give a line (bytes = intercept + slope * b) that
-    predicts the limit from ``budget_bytes`` (default: the device's free memory plus what PyTorch holds
-    now; on a CPU, ``cap``). Probes step up (or down) from the prediction by ``4 * resolution`` of it
+    predicts the limit from ``budget_bytes``, the growth that fits (default: the device's free memory plus
+    the blocks PyTorch has cached but not allocated; on a CPU, ``cap``). Probes step up (or down) from the prediction by ``4 * resolution`` of it
     until the limit is bracketed, then bisect to ``resolution``; at most ``max_probes`` steps in all.
 
     Returns ``max_batch`` (fits), ``first_failing`` (ran out of memory; None if no probe did),
@@ -335,7 +335,8 @@ def largest_batch(fits, start: int, cap: int, max_probes: int = 12, resolution: 
             guess = cap
             if slope > 0 and (budget_bytes is not None or torch.cuda.is_available()):
                 if budget_bytes is None:
-                    budget_bytes = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()
+                    budget_bytes = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+                                    - torch.cuda.memory_allocated())
                 guess = int((budget_bytes - intercept) / slope)
             guess = max(lo + 1, min(guess, cap))
             step = max(1, int(guess * 4 * resolution))
@@ -357,3 +358,51 @@ def largest_batch(fits, start: int, cap: int, max_probes: int = 12, resolution: 
         else:
             hi = mid
     return result(lo, hi)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is PyTorch running out of (device) memory."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def step_largest_batch(step: TrainStep, start: int, cap: int, peak, deadline: float | None = None) -> dict:
+    """``largest_batch`` for a training step: one step at batch 1 first (Adam's state is allocated once, not
+    inside the first probe's peak), then ``fits(b)`` = ``peak(lambda: step(*step.inputs(b)))`` (bytes, or None
+    when the step ran out of memory). ``peak(fn)`` runs fn and returns its peak memory growth (None where
+    there is no allocator to ask: the probe's batch stands in). Past ``deadline`` (``time.time()``) or on
+    another error the search stops and reports what its probes bracket, with ``error``."""
+    import time
+
+    seen = []
+
+    def fits(b):
+        if deadline is not None and time.time() >= deadline:
+            raise OutOfTime("largest-batch search over its budget")
+        try:
+            x, y = step.inputs(b)
+            grew = peak(lambda: step(x, y))
+            grew = b if grew is None else grew
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            grew = None
+        finally:
+            step.release()
+        seen.append([b, grew])
+        return grew
+
+    try:
+        step(*step.inputs(1))
+        step.release()
+        return largest_batch(fits, start, cap)
+    except Exception as e:
+        step.release()
+        good = [b for b, g in seen if g is not None]
+        bad = [b for b, g in seen if g is None]
+        return {"max_batch": max(good) if good else None, "first_failing": min(bad) if bad else None,
+                "exact": False, "capped": False, "probes": seen,
+                "error": str(e) if isinstance(e, OutOfTime) else f"{type(e).__name__}: {e}"[:1000]}

@@ -35,23 +35,17 @@ CASES = {
 AMP_MODES = ["off", "bf16"] if GPU else ["off"]
 
 
+def _peak(fn) -> int:
+    with harness.PeakMemory() as pm:
+        fn()
+    return int(pm.peak)
+
+
 def max_batch_on_gpu(model_name, size, kwargs, attention, amp, start, cap) -> dict:
-    """``providers.largest_batch`` for one model: one model and optimizer, a fresh batch per probe."""
+    """``providers.step_largest_batch`` for one model: one model and optimizer, a fresh batch per probe."""
     step = providers.TrainStep(model_name, size, kwargs, attention, amp, harness.device())
-
-    def fits(batch):
-        try:
-            x, y = step.inputs(batch)
-            with harness.PeakMemory() as pm:
-                step(x, y)
-            return int(pm.peak)
-        except torch.cuda.OutOfMemoryError:
-            return None
-        finally:
-            step.release()
-
     try:
-        return providers.largest_batch(fits, start, cap)
+        return providers.step_largest_batch(step, start, cap, _peak)
     finally:
         del step
         gc.collect()

@@ -150,3 +150,38 @@ def test_largest_batch_capped_and_nothing_fits():
     assert r["max_batch"] == 0 and r["first_failing"] == 1 and calls == [8, 4, 2, 1]
     with pytest.raises(ValueError, match="positive"):
         providers.largest_batch(fits, 0, 64)
+
+
+class FakeStep:
+    """A training step that runs out of memory above ``limit`` (what providers.step_largest_batch drives)."""
+
+    def __init__(self, limit):
+        self.limit, self.batches, self.released = limit, [], 0
+
+    def inputs(self, b):
+        return b, None
+
+    def __call__(self, b, _):
+        self.batches.append(b)
+        if b > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def release(self):
+        self.released += 1
+
+
+def test_step_largest_batch_warms_up_then_searches_and_reports_partial_results():
+    step = FakeStep(limit=21)
+    r = providers.step_largest_batch(step, 8, 64, peak=lambda fn: fn())  # no allocator: the batch stands in
+    assert step.batches[0] == 1, "Adam's state first, outside any probe"
+    assert r["max_batch"] == 21 and r["first_failing"] == 22 and step.released == len(step.batches)
+    step = FakeStep(limit=21)
+    r = providers.step_largest_batch(step, 8, 64, peak=lambda fn: fn(), deadline=0.0)
+    assert r["max_batch"] is None and "budget" in r["error"] and r["probes"] == []
+
+    def bad_peak(fn):
+        fn()
+        raise RuntimeError("illegal memory access")
+
+    r = providers.step_largest_batch(FakeStep(limit=21), 8, 64, peak=bad_peak)
+    assert r["max_batch"] is None and "illegal memory access" in r["error"]
