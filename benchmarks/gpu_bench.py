@@ -23,13 +23,16 @@ How a run goes (``Controller``):
    CUDA events after zeroing a 256 MiB buffer (an L2 flush), in the way ``triton.testing.do_bench``
    times: events around each call, no synchronization between calls. A case gets a share of the
    remaining time in proportion to its estimate and runs up to ``rounds`` rounds (at least 3 when it
-   can); then, per provider, peak memory of one more call (``torch.cuda.max_memory_allocated``), bytes
-   saved for backward, agreement of the output with the reference provider, the SDPA backend a
-   profiled call ran, and for compiled providers the proof that their compiled graphs ran
-   (``harness.CompileCounter``: every timed call ran a compiled graph, none compiled while timed) or
-   the case marks that provider invalid. A provider that runs out of memory is recorded so; a case
-   that no longer fits the time box is recorded as skipped for time. Training cases come last, after
-   every other worker has exited: they also search the largest batch (``providers.largest_batch``).
+   can); a compile the prepare phase did not finish runs only if the later cases' estimates leave
+   room for it (else that provider is skipped for time). Then, per provider: peak memory of one more
+   call (``torch.cuda.max_memory_allocated``), bytes saved for backward (not around compiled graphs),
+   agreement of the output with the reference provider, the SDPA backend a profiled training call
+   ran, and for compiled providers the proof that their compiled graphs ran (``harness.CompileCounter``:
+   every timed call ran a compiled graph, none compiled while timed), or the provider is marked
+   invalid; a ``fused`` provider that fell back to attnfast's PyTorch path is invalid too. A provider
+   that runs out of memory is recorded so; a case that no longer fits the time box is recorded as
+   skipped for time. Training cases come last, after every other worker has exited: they also search
+   the largest batch (``providers.step_largest_batch``).
 4. After every case, ``PLAN.json`` (everything) and ``PLAN.md`` (the short report: each goal met /
    missed / not measured with its numbers) are rewritten atomically, so a run cut short keeps what it
    measured.
@@ -55,7 +58,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import queue
 import signal
@@ -436,6 +438,7 @@ class Worker:
         self.cuda = torch.cuda.is_available() and not dry_run
         self.device = "cuda" if self.cuda else "cpu"
         self.benches = {}
+        self.latest = 0.0  # the case being timed may compile until then (time_case)
         self.broken = None  # the CUDA error that broke this process's context
         self.flush = None
         if self.cuda:
@@ -673,8 +676,11 @@ class Worker:
     def timer(self):
         return CudaTimer(self.torch) if self.cuda else CpuTimer()
 
-    def time_case(self, case_id, deadline):
+    def time_case(self, case_id, deadline, latest=None):
+        """Time one case: rounds until ``deadline`` (its share); compiles and warm-ups the prepare phase left
+        may run until ``latest`` (the time the cases after it do not need, by their estimates)."""
         case = next(c for c in self.cases if c.id == case_id)
+        self.latest = deadline if latest is None else latest
         t_start = time.perf_counter()
         res = {"id": case.id, "status": "ok", "providers": {}}
         if self.cuda:
@@ -715,9 +721,12 @@ class Worker:
                 bench.notes[prov]["reason"] = ("not attempted: eager ran out of memory at this shape, and the "
                                                "compiled reference materializes the same B x N x N scores")
                 continue
-            if _now() >= deadline:
+            cost = (COMPILE_S.get("flex" if prov == "flex" else bench.case.op, 30.0) if prov in ("compile", "flex")
+                    else JIT_S.get(bench.case.op, 10.0) if prov in ("fused", "reference") else 1.0)
+            if _now() + cost > max(deadline, self.latest):
                 bench.status[prov] = "skipped"
-                bench.notes[prov]["reason"] = "skipped for time: not compiled/warmed up in its budget"
+                bench.notes[prov]["reason"] = (f"skipped for time: its compile/warm-up (~{cost:.0f} s by the estimate) "
+                                               "did not fit what the later cases leave")
                 continue
             self.warmup(bench, prov, times=1)
 
@@ -889,7 +898,7 @@ class Worker:
             if cmd.get("cmd") == "quit":
                 break
             if cmd.get("cmd") == "time":
-                res = self.time_case(cmd["case"], cmd["deadline"])
+                res = self.time_case(cmd["case"], cmd["deadline"], cmd.get("latest"))
                 self.send(event="result", case=cmd["case"], result=res)
 
 
@@ -1466,12 +1475,15 @@ class Controller:
             total = sum(est[c.id] for c in pending)
             budget = max(min(remaining, 5.0), est[pick.id] * min(3.0, remaining / max(total, 1e-9)))
             deadline = _now() + budget
+            latest = max(deadline, timing_end - (total - est[pick.id]))  # what the later cases do not need
             case = self.case_doc(pick.id)
-            case.update(status="running", budget_s=round(budget, 1), started_s=round(_now() - self.t0, 1),
+            case.update(status="running", budget_s=round(budget, 1), latest_s=round(latest - self.t0, 1),
+                        started_s=round(_now() - self.t0, 1),
                         concurrent=[n for n, w in self.workers.items() if w.state == "preparing"])
             ch = self.workers[pick.worker]
             try:
-                ch.popen.stdin.write(json.dumps({"cmd": "time", "case": pick.id, "deadline": deadline}) + "\n")
+                ch.popen.stdin.write(json.dumps({"cmd": "time", "case": pick.id, "deadline": deadline,
+                                                 "latest": latest}) + "\n")
                 ch.popen.stdin.flush()
             except OSError:
                 ch.state = "dead"
