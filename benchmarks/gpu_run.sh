@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_run.sh --dry-run PLAN   # here: the same run on a fake CPU device (what the tests run)
 #
 # Environment:
-#   OUT              the result folder (the device tool sets it; default benchmarks/results/gpu-PLAN)
+#   OUT              the result folder (the device tool sets it; default benchmarks/results/gpu-PLAN, and a
+#                    new /tmp folder for --dry-run)
 #   PYTHON           the interpreter (default /opt/torch/.venv/bin/python3 where it exists, else python3)
 #   GPU_RUN_TOTAL_S  the time box in seconds (default 470; the command ends by GPU_RUN_TOTAL_S + 5)
 #   GPU_WHEEL_DIR    where the wheel and its manifest are (default .gpu)
@@ -51,7 +52,9 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 total=${GPU_RUN_TOTAL_S:-470}
 [[ "$total" =~ ^[0-9]+$ ]] && [ "$total" -ge 120 ] || die "GPU_RUN_TOTAL_S must be an integer >= 120; got '$total'"
-out=${OUT:-benchmarks/results/gpu-$plan}
+if [ -n "${OUT:-}" ]; then out=$OUT
+elif [ "$dry" = 1 ]; then out=$(mktemp -d /tmp/attnfast-gpu-dry.XXXXXX)  # never into the tracked results
+else out=benchmarks/results/gpu-$plan; fi
 case "$out" in /*) ;; *) out="$repo/$out" ;; esac
 mkdir -p "$out" || die "cannot create the result folder $out"
 start=$(date +%s)
