@@ -67,6 +67,7 @@ if [ "$dry" = 0 ]; then
   shopt -u nullglob
   [ ${#wheels[@]} -eq 1 ] || die "expected one wheel in $wheel_dir (got ${#wheels[@]}): run 'python benchmarks/gpu_wheel.py build' here and carry .gpu"
   site=$(mktemp -d /tmp/attnfast-site.XXXXXX)
+  trap 'rm -rf "$site"' EXIT
   echo "+ $PYTHON -m pip install --no-deps --no-index --no-compile --target $site ${wheels[0]#"$repo"/}"
   "$PYTHON" -m pip install -q --no-deps --no-index --no-compile --disable-pip-version-check --target "$site" \
     "${wheels[0]}" || die "installing ${wheels[0]} failed" 4
