@@ -1,22 +1,17 @@
-"""pytest plugin: write each benchmark's result the moment it finishes, so a part cut short keeps its results.
+"""pytest plugin: write each test's outcome the moment it finishes, so a run cut short keeps what it did.
 
-    PYTHONPATH=benchmarks pytest benchmarks/test_bench_x.py -p gpu_progress --progress-jsonl OUT.jsonl
+    PYTHONPATH=benchmarks pytest tests/gpu -p gpu_progress --progress-jsonl OUT.jsonl
 
-One JSON line per test, appended and flushed as soon as its call phase ends (or it is skipped):
-``nodeid``, ``outcome``, ``duration_s`` and, for a benchmark that ran, ``benchmark``: the same record
-pytest-benchmark writes into ``--benchmark-json`` (name, group, params, extra_info, stats without the
-raw samples). pytest-benchmark writes its own JSON only at the end of the session.
-
-    python benchmarks/gpu_progress.py OUT.jsonl RESULT.json
-
-turns such a file into a pytest-benchmark-style JSON (``{"benchmarks": [...], "partial": true}``) that
-``benchmarks/report.py`` reads, for a part whose session did not finish.
+One JSON line per test, appended and flushed as soon as its call phase ends (or its setup fails or
+skips): ``nodeid``, ``outcome``, ``duration_s``, the skip reason or the failure's last 2000 characters
+and, for a pytest-benchmark test that ran, ``benchmark`` (the record pytest-benchmark writes into
+``--benchmark-json``, without the raw samples). ``gpu_bench.py`` runs the GPU test suites with it and
+counts the lines into its results.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -50,37 +45,3 @@ def pytest_runtest_makereport(item, call):
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def to_benchmark_json(jsonl_path: str) -> dict:
-    """The benchmark records of a progress file, as pytest-benchmark's JSON layout (marked partial)."""
-    benchmarks = []
-    with open(jsonl_path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if rec.get("benchmark"):
-                benchmarks.append(rec["benchmark"])
-    return {"partial": True, "source": os.path.basename(jsonl_path), "benchmarks": benchmarks}
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python benchmarks/gpu_progress.py PROGRESS.jsonl RESULT.json", file=sys.stderr)
-        return 2
-    from attnfast.train.checkpoint import atomic_write
-
-    doc = to_benchmark_json(argv[0])
-    atomic_write(argv[1], lambda f: json.dump(doc, f, indent=1), mode="w")
-    print(f"{argv[1]}: {len(doc['benchmarks'])} benchmarks from {argv[0]} (partial)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,16 @@
 """First contact with a GPU: every attnfast kernel once at the models' real shapes, against float64, as JSON.
 
-    python benchmarks/gpu_smoke.py [--out-dir DIR] [--dtypes bf16,fp32,fp16] [--budget-s 100] [--tiny]
+    python benchmarks/gpu_smoke.py [--out-dir DIR | --out FILE] [--dtypes bf16,fp32,fp16] [--ops OP,...]
+                                   [--budget-s 100] [--tiny]
 
 For each op (grid attention, SAGAN self-attention, residual gate, and CBAM where ``attnfast.nn.cbam``
 exists) and dtype, one forward and one backward through the Triton kernels, compared with the same
 module in float64 (computed on the same device) by the three-way rule of ``attnfast.testing``: error
 <= 2 x eager PyTorch's error in that dtype + a small atol. The result goes to
-``DIR/gpu_smoke_<device>.json`` (default DIR: $RESULTS_DIR or benchmarks/results), rewritten atomically
-after every case, so a run cut short keeps what it did. Exit status: 0 all passed, 1 a check failed
+``DIR/gpu_smoke_<device>.json`` (default DIR: $RESULTS_DIR or benchmarks/results) or to ``--out FILE``,
+rewritten atomically after every case, so a run cut short keeps what it did. ``--ops`` keeps only the
+named ops (grid_attention, self_attention, residual_gate, cbam). ``benchmarks/gpu_run.sh headline``
+runs it on the GPU beside ``tests/gpu``. Exit status: 0 all passed, 1 a check failed
 or a case raised, 2 bad usage.
 
 JSON: ``schema``, ``device``, ``torch``, ``triton``, ``python``, ``cuda``, ``date``, ``started_utc``,
@@ -31,6 +34,7 @@ import sys
 import time
 
 DTYPE_NAMES = ("bf16", "fp32", "fp16")  # default order: the training dtype first
+OPS = ("grid_attention", "self_attention", "residual_gate", "cbam")
 
 
 def parse_args(argv=None):
@@ -38,6 +42,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=os.environ.get("RESULTS_DIR") or "benchmarks/results",
                    help="folder for gpu_smoke_<device>.json (default: $RESULTS_DIR or benchmarks/results)")
+    p.add_argument("--out", default=None, help="write the JSON to this file instead (overrides --out-dir)")
+    p.add_argument("--ops", default=None, help="comma-separated ops to run (default: all)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated from bf16, fp32, fp16 (default: all three on CUDA, fp32,fp16 on CPU)")
     p.add_argument("--budget-s", type=float, default=100.0,
@@ -48,12 +54,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.budget_s <= 0:
         p.error(f"--budget-s must be positive; got {args.budget_s}")
-    if args.dtypes is not None:
-        names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-        bad = [d for d in names if d not in DTYPE_NAMES]
-        if not names or bad:
-            p.error(f"--dtypes must be a comma-separated subset of {','.join(DTYPE_NAMES)}; got {args.dtypes!r}")
-        args.dtypes = names
+    for flag, allowed in (("dtypes", DTYPE_NAMES), ("ops", OPS)):
+        value = getattr(args, flag)
+        if value is not None:
+            names = [d.strip() for d in value.split(",") if d.strip()]
+            if not names or any(d not in allowed for d in names):
+                p.error(f"--{flag} must be a comma-separated subset of {','.join(allowed)}; got {value!r}")
+            setattr(args, flag, names)
     return args, p
 
 
@@ -91,17 +98,17 @@ class Smoke:
         self.budget = args.budget_s
         info = dict(harness.device_info())
         slug = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in info["device"]).strip("_")[:60]
-        self.path = os.path.join(args.out_dir, f"gpu_smoke_{slug}{'_tiny' if args.tiny else ''}.json")
+        self.path = args.out or os.path.join(args.out_dir, f"gpu_smoke_{slug}{'_tiny' if args.tiny else ''}.json")
         now = datetime.datetime.now(datetime.timezone.utc)
         self.doc = {"schema": "attnfast.gpu_smoke/1", **info, "started_utc": now.isoformat(timespec="seconds"),
                     "finished_utc": None, "complete": False, "pass": None,
                     "settings": {"mode": "tiny" if args.tiny else "real", "device": device,
                                  "backend": "triton (compiled)" if device == "cuda" else "triton (interpreter)",
                                  "tf32": False, "nan_fill": os.environ.get("ATTNFAST_NAN_FILL") == "1",
-                                 "budget_s": self.budget, "dtypes": dtype_names,
+                                 "budget_s": self.budget, "dtypes": dtype_names, "ops": args.ops,
                                  "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])},
                     "results": []}
-        self.cases = tiny_cases() if args.tiny else real_cases()
+        self.cases = [c for c in (tiny_cases() if args.tiny else real_cases()) if args.ops is None or c.op in args.ops]
 
     def save(self):
         import json

@@ -11,11 +11,20 @@ It also records in ``benchmark.extra_info``: peak memory growth during one extra
 autograd saved for backward (counted with ``saved_tensors_hooks``, device-independent), and the
 device, versions and date, so a result file says where it came from.
 
+Compile baselines go through ``compiled(fn)``: ``torch.compile(fn, dynamic=False)`` with a backend that
+counts the graphs it compiles and every call of a compiled graph (``CompileCounter``). ``measure`` records
+those counts and raises when a timed call ran no compiled graph or a graph was (re)compiled while timing,
+so a "compile" number is never eager PyTorch in disguise (Dynamo silently falls back to eager once a
+function hits its recompile limit). The backend is ``$ATTNFAST_BENCH_COMPILE_BACKEND`` (default
+``inductor``; the CI smoke, ``--benchmark-disable``, uses ``aot_eager``: Dynamo and AOTAutograd trace the
+same graphs, without inductor's minutes of CPU codegen); each result names it.
+
 Run a suite with ``pytest benchmarks/<file> --benchmark-only --benchmark-json benchmarks/results/<name>.json``;
-CI runs the tiny CPU shapes once with ``--benchmark-disable``.
+CI runs the tiny CPU shapes once with ``--benchmark-disable``. The GPU runs are ``benchmarks/gpu_run.sh``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
@@ -177,19 +186,33 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def measure(benchmark, fn, inputs, mode: str, *, rounds: int | None = None, warmup: int = 2, **extra):
+def provider_context(fn):
+    """The context a provider's forward and backward must both run in (``fn.context()``, e.g. an
+    ``ATTNFAST_BACKEND`` setting, which attnfast's backward reads again), or a null context."""
+    return fn.context() if hasattr(fn, "context") else contextlib.nullcontext()
+
+
+def measure(benchmark, fn, inputs, mode: str, **kwargs):
     """Benchmark ``fn(*inputs)`` in ``mode``; see the module docstring. ``extra`` goes to extra_info."""
+    with provider_context(fn):
+        _measure(benchmark, fn, inputs, mode, **kwargs)
+
+
+def _measure(benchmark, fn, inputs, mode: str, *, rounds: int | None = None, warmup: int = 2, **extra):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if mode != "fwd" and not leaves and not any(p.requires_grad for p in getattr(fn, "parameters", lambda: [])()):
         raise ValueError("bwd modes need inputs (or fn parameters) that require grad")
+    counter = getattr(fn, "counter", None)  # a compiled(...) provider
+    calls = [0]  # timed invocations of fn
     probe = _as_tuple(fn(*inputs))
     grads = [torch.randn_like(o) if o.requires_grad or o.grad_fn is not None else None for o in probe]
     pairs = [(o, g) for o, g in zip(probe, grads) if g is not None]
     del probe
 
     def forward():
+        calls[0] += 1
         return _as_tuple(fn(*inputs))
 
     def backward(outs):
@@ -233,22 +256,111 @@ def measure(benchmark, fn, inputs, mode: str, *, rounds: int | None = None, warm
 
     if rounds is None:
         rounds = 20 if on_gpu() else 3
+    before = counter.snapshot() if counter is not None else None
+    calls[0] = 0
     if mode == "fwd":
         benchmark.pedantic(run_fwd, rounds=rounds, iterations=1, warmup_rounds=0)
     elif mode == "bwd":
         benchmark.pedantic(run_bwd, setup=setup_bwd, rounds=rounds, warmup_rounds=0)
     else:
         benchmark.pedantic(run_full, rounds=rounds, iterations=1, warmup_rounds=0)
+    if counter is not None:
+        verdict = counter.verdict(before, calls[0])
+        benchmark.extra_info["compile"] = verdict
+        if not verdict["valid"]:
+            raise RuntimeError(f"invalid compile baseline: {verdict['reason']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# compile baselines that prove they ran compiled
+# ----------------------------------------------------------------------------------------------
+RECOMPILE_LIMIT = 64
+
+
+def compile_backend() -> str:
+    return os.environ.get("ATTNFAST_BENCH_COMPILE_BACKEND", "").strip() or "inductor"
+
+
+def configure_dynamo():
+    """Benchmark processes compile one graph per (shape, dtype) of a function: allow that many, and make
+    hitting the limit an error instead of Dynamo's silent fall-back to eager."""
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "recompile_limit"):
+        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    else:  # older name
+        cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
+class CompileCounter:
+    """A torch.compile backend wrapping ``backend`` that counts the graphs it compiles and every call of
+    a compiled graph. A forward that ran compiled adds at least one call (its backward is AOTAutograd's
+    compiled backward of that graph)."""
+
+    def __init__(self, backend: str | None = None):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.backend = backend or compile_backend()
+        self._inner = lookup_backend(self.backend)
+        self.graphs = 0
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        compiled_fn = self._inner(gm, example_inputs)
+
+        def run(*args):
+            self.calls += 1
+            return compiled_fn(*args)
+
+        return run
+
+    def snapshot(self) -> tuple:
+        return self.graphs, self.calls
+
+    def verdict(self, before: tuple, invocations: int) -> dict:
+        """Whether the ``invocations`` calls made since ``snapshot()`` each ran compiled graphs and
+        compiled nothing new."""
+        graphs0, calls0 = before
+        ran = self.calls - calls0
+        new_graphs = self.graphs - graphs0
+        reason = None
+        if self.graphs == 0:
+            reason = "no graph was ever compiled"
+        elif ran < invocations:
+            reason = f"{invocations} timed calls ran only {ran} compiled graph calls (eager fall-back)"
+        elif new_graphs:
+            reason = f"{new_graphs} graph(s) compiled during the timed calls"
+        return {"backend": self.backend, "graphs": self.graphs, "graph_calls": ran, "calls": invocations,
+                "new_graphs_while_timed": new_graphs, "valid": reason is None, "reason": reason}
+
+
+class Compiled:
+    """``torch.compile(fn, backend=CompileCounter(backend), dynamic=False)``: ``.counter`` says whether it
+    ran compiled; ``.original`` is ``fn`` (its ``parameters()`` are the compiled module's)."""
+
+    def __init__(self, fn, backend: str | None = None):
+        configure_dynamo()
+        self.original = fn
+        self.counter = CompileCounter(backend)
+        self._compiled = torch.compile(fn, backend=self.counter, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        return self._compiled(*args, **kwargs)
+
+    def parameters(self):
+        return self.original.parameters() if hasattr(self.original, "parameters") else iter(())
 
 
 _COMPILED = {}
 
 
-def compiled(fn):
-    """``torch.compile(fn)``, cached per function object so recompiles are not timed."""
-    key = id(fn)
+def compiled(fn, backend: str | None = None) -> Compiled:
+    """One ``Compiled`` per (function object, backend); the cache holds ``fn`` so its id is never reused."""
+    key = (id(fn), backend or compile_backend())
     if key not in _COMPILED:
-        _COMPILED[key] = (fn, torch.compile(fn))
+        _COMPILED[key] = (fn, Compiled(fn, backend))
     return _COMPILED[key][1]
 
 

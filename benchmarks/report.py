@@ -54,6 +54,8 @@ def load(path: str):
         e = b.get("extra_info", {})
         if "provider" not in e or "mode" not in e:
             continue
+        if (e.get("compile") or {}).get("valid") is False:  # its timed calls did not all run compiled graphs
+            continue
         rows.append({**e, "median": b["stats"]["median"], "name": b["name"]})
     return data, rows
 
@@ -67,7 +69,12 @@ def build_markdown(path: str, data: dict, rows: list) -> str:
              f"- torch {e0.get('torch')}, triton {e0.get('triton')}, python {e0.get('python')}",
              f"- date: {e0.get('date')} (pytest-benchmark run {data.get('datetime', '?')})",
              f"- source: `{os.path.basename(path)}`; times are medians; memory is peak growth during one run "
-             "(CUDA allocator on GPU, sampled RSS on CPU); 'saved' = bytes autograd keeps for backward.", ""]
+             "(CUDA allocator on GPU, sampled RSS on CPU); 'saved' = bytes autograd keeps for backward."]
+    backends = sorted({r["compile"]["backend"] for r in rows if r.get("compile")})
+    if backends:
+        lines.append(f"- compile: torch.compile(dynamic=False), backend {', '.join(backends)}; every timed call ran "
+                     "compiled graphs and none compiled while timed (harness.CompileCounter; other rows are dropped)")
+    lines.append("")
     providers = []
     for r in rows:
         if r["provider"] not in providers:

@@ -63,3 +63,18 @@ def test_report_skips_other_json_and_shows_max_batch(tmp_path):
     assert (tmp_path / "saved_memory_cpu.md").read_text() == "keep me"
     md = (tmp_path / "train.md").read_text()
     assert "reference max batch" in md and "| 48 | 160 |" in md
+
+
+def test_report_drops_a_compile_row_that_did_not_run_compiled(tmp_path):
+    ok = {"backend": "inductor", "graphs": 1, "graph_calls": 20, "calls": 20, "valid": True}
+    bad = {**ok, "graph_calls": 0, "valid": False, "reason": "eager fall-back"}
+    data = {"benchmarks": [_bench("eager", "fwd", 4e-3), _bench("compile", "fwd", 2e-3, compile=bad),
+                           _bench("fused", "fwd", 1e-3), _bench("compile", "bwd", 2e-3, compile=ok),
+                           _bench("fused", "bwd", 1e-3)]}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, REPORT, str(tmp_path / "c.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "c.md").read_text()
+    fwd = next(ln for ln in md.splitlines() if "| fwd |" in ln)
+    assert "2.000" not in fwd and "| — |" in fwd  # the eager-in-disguise compile time is not reported
+    assert "backend inductor" in md

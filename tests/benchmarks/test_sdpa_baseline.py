@@ -2,9 +2,10 @@
 
 - The providers run the path their names claim. SDPA gets the contiguous (B, heads, N, d) layout
   users pass and scale=1.0. ``sdpa_flash_padded`` runs PyTorch's flash kernel and raises rather
-  than fall back. ``sdpa_default`` runs what the default dispatch picks (math on CPU, where
-  d_qk != d_v rules out flash). Checked from the aten ops the profiler records, in
-  benchmarks/sdpa_providers.py, test_bench_self_attention.py and cpu_sdpa_compare.py.
+  than fall back; so does ``sdpa_mem_efficient`` (no such kernel on a CPU). ``sdpa_default`` runs
+  what the default dispatch picks (math on CPU, where d_qk != d_v rules out flash). ``flex`` is
+  compiled FlexAttention with d_qk != d_v and proves its compiled graph ran. Checked from the aten
+  ops the profiler records, in benchmarks/sdpa_providers.py, providers.py and cpu_sdpa_compare.py.
 - At a small but representative SAGAN shape (B=8, C=128, 32x32), attnfast's forward+backward
   keeps no more for backward and peaks no higher than SDPA flash with padded q/k. Deterministic:
   saved-tensor hooks and PyTorch's CPU allocator events.
@@ -23,8 +24,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import cpu_sdpa_compare  # noqa: E402
 import harness  # noqa: E402
+import providers  # noqa: E402
 import sdpa_providers  # noqa: E402
-import test_bench_self_attention as bench  # noqa: E402
 
 FLASH_CPU = "aten::_scaled_dot_product_flash_attention_for_cpu"
 FLASH_CPU_BWD = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
@@ -67,7 +68,10 @@ def test_user_layout_is_contiguous_b_heads_n_d():
     assert torch.equal(t, x.reshape(2, 3, 4, 35).transpose(-1, -2))
 
 
-@pytest.mark.parametrize("provider", sdpa_providers.PROVIDERS)
+CPU_PROVIDERS = ("sdpa_default", "sdpa_flash_padded")  # the others have no training path on a CPU
+
+
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_provider_runs_the_backend_it_names(provider, sdpa_calls):
     q, k, v = (sdpa_providers.user_layout(t, heads=2).requires_grad_() for t in _qkv(heads=2))
     attend = sdpa_providers.attention(provider)
@@ -84,6 +88,39 @@ def test_provider_runs_the_backend_it_names(provider, sdpa_calls):
     # zero-padding q/k leaves q^T k unchanged: both compute SAGAN attention (scale 1)
     ref = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
     torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+    prof = sdpa_providers.profiled_ops(lambda: attend(q, k, v, 1.0))
+    assert prof["backends"] == [sdpa_providers.backend_of(provider, q, k, v)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU has no memory-efficient kernel; a GPU does")
+def test_mem_efficient_raises_on_cpu_instead_of_falling_back(sdpa_calls):
+    """A number from sdpa_mem_efficient is always the memory-efficient kernel: where there is none, it raises."""
+    q, k, v = (sdpa_providers.user_layout(t) for t in _qkv())
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        sdpa_providers.attention("sdpa_mem_efficient")(q, k, v, 1.0)
+    assert sdpa_providers.backend_of("sdpa_mem_efficient", q, k, v) == "EFFICIENT_ATTENTION"
+
+
+def test_flex_is_compiled_takes_d_qk_not_d_v_and_proves_it_ran(monkeypatch):
+    """Compiled FlexAttention with d_qk = 4, d_v = 32 (SAGAN's unequal dims) computes SAGAN attention with
+    scale 1; its counter shows the compiled graph ran (forward: on a CPU it has no backward)."""
+    import harness
+
+    monkeypatch.setenv("ATTNFAST_BENCH_COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(harness, "_COMPILED", {})
+    flex = sdpa_providers.attention("flex")
+    assert isinstance(flex, harness.Compiled) and flex is sdpa_providers.attention("flex")
+    q, k, v = (sdpa_providers.user_layout(t, heads=2) for t in _qkv(heads=2))
+    before = flex.counter.snapshot()
+    flex(q, k, v, 1.0)
+    assert not flex.counter.verdict(before, 1)["valid"], "a call that compiled is no timing of compiled code"
+    before = flex.counter.snapshot()
+    o = flex(q, k, v, 1.0)
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    torch.testing.assert_close(o.double(), ref, rtol=1e-5, atol=1e-5)
+    verdict = flex.counter.verdict(before, 1)
+    assert verdict["valid"] and verdict["graphs"] == 1 and verdict["backend"] == "eager", verdict
+    assert sdpa_providers.backend_of("flex", q, k, v) == "FLEX_ATTENTION"
 
 
 @pytest.mark.filterwarnings("ignore:.*(kernel not used|require the last dimension).*:UserWarning")
@@ -98,14 +135,18 @@ def test_flash_padded_raises_instead_of_falling_back():
 
 @pytest.mark.parametrize("provider, op", [("sdpa_default", MATH), ("sdpa_flash_padded", FLASH_CPU)])
 def test_bench_module_providers(provider, op, sdpa_calls):
-    """test_bench_self_attention.py's SDPA providers: the user layout, the named backend, and the
-    reference layer's output."""
-    ref, fused = bench._modules(16, torch.float32)
-    fn = bench.provider_fn(provider, ref, fused)
+    """The benchmarks' SDPA providers (providers.sagan): the user layout, the named backend, the backend
+    record a result carries, and the reference layer's output."""
+    ref, _ = providers.sagan_modules(16, torch.float32, "cpu")
+    fn = providers.sagan(16, torch.float32, "cpu", [provider])[provider]
     x = torch.randn(2, 16, 6, 5, requires_grad=True)
     assert op in _ops(lambda: fn(x).sum().backward())
     assert sdpa_calls and all(c["contiguous"] and c["scale"] == 1.0 for c in sdpa_calls)
-    assert bench.sdpa_backend(provider, ref, x) == ("MATH" if provider == "sdpa_default" else "FLASH_ATTENTION")
+    want = "MATH" if provider == "sdpa_default" else "FLASH_ATTENTION"
+    record = fn.backend(x)
+    assert record["sdpa_choice"] == want and record["profiled"]["backends"] == [want]
+    if provider == "sdpa_flash_padded":  # the training path is profiled (math's backward is plain aten ops)
+        assert FLASH_CPU_BWD in record["profiled"]["ops"]
     torch.testing.assert_close(fn(x), ref(x)[0], rtol=1e-5, atol=1e-5)
 
 
