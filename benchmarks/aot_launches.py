@@ -10,7 +10,8 @@ touched. What is a stand-in, not the benchmark's own code path:
 
 - the ops take their Triton path on CPU tensors: ``ATTNFAST_BACKEND=triton`` with the dispatcher told
   the interpreter is on (``_dispatch.interpreter_enabled``), which it is not: the kernels stay
-  ``JITFunction``s, whose launches are captured;
+  ``JITFunction``s, whose launches are captured (the interpreter's bf16 refusal,
+  ``_dispatch.check_interpretable``, is lifted: nothing is computed);
 - the grid launchers run fp32 with the dot precision they pick on CUDA under torch's defaults
   (``precision_for(dtype, "cuda")``: TF32, as cuDNN's fp32 convolutions); on CPU they would pick IEEE;
 - SAGAN's q, k, v are stand-ins for the 1x1-conv outputs (``torch.empty`` in the input's memory
@@ -49,15 +50,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 @contextlib.contextmanager
 def _triton_path_on_cpu():
     old_env = {k: os.environ.get(k) for k in ("ATTNFAST_BACKEND", "ATTNFAST_NAN_FILL")}
-    old_interp, old_prec = dispatch.interpreter_enabled, G.precision_for
+    old_interp, old_check, old_prec = dispatch.interpreter_enabled, dispatch.check_interpretable, G.precision_for
     os.environ["ATTNFAST_BACKEND"] = "triton"
     os.environ.pop("ATTNFAST_NAN_FILL", None)  # a NaN fill would write every full-size buffer
     dispatch.interpreter_enabled = lambda: True
+    dispatch.check_interpretable = lambda tensors: None  # no kernel runs here: bf16 launches are captured, not run
     G.precision_for = lambda dtype, device=None: old_prec(dtype, "cuda")
     try:
         yield
     finally:
-        dispatch.interpreter_enabled, G.precision_for = old_interp, old_prec
+        dispatch.interpreter_enabled, dispatch.check_interpretable, G.precision_for = old_interp, old_check, old_prec
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -248,12 +248,12 @@ def test_installed_wheel_is_verified_and_a_changed_file_is_named(wheel_dir, tmp_
     assert res["ok"] and res["location"] == os.path.realpath(site / "attnfast") and not res["from_checkout"]
     assert res["wheel"]["commit"] == manifest["commit"]
     # the code that would run is not this checkout's: refused, and the file named
-    with open(site / "attnfast" / "kernels" / "registry.py", "a") as f:
+    with open(site / "attnfast" / "kernels" / "aot" / "registry.py", "a") as f:
         f.write("\n# changed\n")
     r = _verify(site, out / gpu_wheel.MANIFEST, tmp_path)
-    assert r.returncode == 1 and "attnfast/kernels/registry.py" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and "attnfast/kernels/aot/registry.py" in r.stderr, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["vs_checkout"]["changed"] == ["attnfast/kernels/registry.py"] == res["vs_wheel"]["changed"]
+    assert res["vs_checkout"]["changed"] == ["attnfast/kernels/aot/registry.py"] == res["vs_wheel"]["changed"]
 
 
 def test_verify_refuses_the_checkout_itself(tmp_path):
