@@ -324,7 +324,7 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True, prec: str = "ieee"
     or [4, 1] over 16-32 rows: no warp repeats rows at these tiles, read from the TTGIR). Its
     operands take far more registers, hence the small tiles. fp32 with TF32 dots (``prec="tf32"``: the
     user allowed TF32 for fp32 matmuls, ``_launch.dot_precision``) keeps the IEEE tiles, but for the dQ
-    kernel at D = 16 with channel chunks, whose dP chunk is 16 channels (32 spilled 8 bytes on triton 3.8).
+    kernel at D = 16 with channel chunks, whose dP chunk is 16 channels (benchmarks/results/kernel_tuning.md).
     """
     bc = bdv if one_dv else 32
     if dtype == "fp32":
