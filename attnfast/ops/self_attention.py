@@ -11,9 +11,9 @@ Paths (``attnfast._dispatch.kernel_eligible``):
 
 - Triton (CUDA, or ``ATTNFAST_BACKEND=triton`` with the interpreter): flash-style kernels in
   ``attnfast.kernels.self_attention``; float64 inputs and query/key dims above
-  ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead. fp32 dots are IEEE unless PyTorch
-  allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul``), as eager's ``bmm``
-  (``kernels._launch.dot_precision``, the policy of every op).
+  ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead. fp32 dots are IEEE whatever
+  PyTorch's matmul TF32 setting (``kernels._launch.dot_precision(like="ieee")``: the kernels' fp32 tiles are
+  FMA tiles), never less accurate than eager's ``bmm``.
 - PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): blocks of ``cpu_blocks(...)`` (samples,
   query rows) whose score block stays cache-resident (``CPU_BLOCK_ELEMS``); per block one GEMM at
   the true query/key dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's

@@ -1,6 +1,6 @@
 """The one fp32 dot policy (``kernels._launch.dot_precision``): TF32 exactly when the eager op the kernel
 replaces would (``like="conv"``: cuDNN's setting; ``like="matmul"``: the matmul setting), IEEE for 16-bit and
-off CUDA; and the self-attention launchers register every precision they can pick."""
+off CUDA; self-attention, whose fp32 tiles are FMA tiles, IEEE only."""
 import pytest
 import torch
 
@@ -39,14 +39,9 @@ def test_matmul_setting_is_read_from_torch(monkeypatch):
             torch._C._set_fp32_precision_setter(*k, v)
 
 
-def test_self_attention_registers_every_precision_it_picks():
-    names = {c.name for c in S.aot_configs()}
-    for prec in L.dot_precisions(torch.float32):
-        tag = "fp32" if prec == "ieee" else f"fp32,{prec}"
-        for d, dv in [(16, 128), (16, 256), (32, 32), (128, 300)]:
-            bd, bdv, one_dv = S.blocks(d, dv)
-            t = S.tiles("fp32", bd, bdv, one_dv, prec)
-            name = f"self_attention.bwd_dq[{tag},D={bd},DV={bdv},one_dv={int(one_dv)}]"
-            cfg = next(c for c in S.aot_configs() if c.name == name)
-            assert cfg.constexprs["PREC"] == prec and cfg.constexprs["BLOCK_C"] == t["dq"].BLOCK_C
-            assert f"self_attention.fwd[{tag},D={bd},DV={bdv}]" in names
+def test_self_attention_has_ieee_fp32_builds_only(monkeypatch):
+    """Its fp32 tiles are FMA tiles: IEEE whatever torch allows, and only IEEE builds registered."""
+    monkeypatch.setattr(L, "DOT_KINDS", {**L.DOT_KINDS, "matmul": lambda: True, "conv": lambda: True})
+    assert S._prec(torch.empty(0, device="meta").new_empty(0)) == "ieee"
+    assert L.dot_precision(torch.float32, CUDA, like=S.DOT_KIND) == "ieee"
+    assert {c.constexprs["PREC"] for c in S.aot_configs() if "PREC" in c.constexprs} == {"ieee"}
