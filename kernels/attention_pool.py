@@ -1,0 +1,330 @@
+"""Attention pooling with a linear score (Learn to Pay Attention ``LinearAttentionBlock``, timm ``GlobalContext``):
+Triton forward and backward.
+
+Per sample ``b`` and pixel ``p`` of ``l`` (C channels, H x W)::
+
+    c_p = w . (l_p [+ g_p]) + off_b          off_b = w . g_b + bias (pooled g, computed by the caller) or bias
+    softmax: a = softmax_p(c)     sigmoid: a = sigmoid(c)
+    pooled = s * sum_p a_p l_p    s = 1 (sum) or 1 / (H*W) (mean)
+
+Kernels
+- ``attention_pool_fwd_kernel`` (grid B x NSPLIT, a flash-decoding split of H*W): one pass over ``l``: per pixel
+  tile the logits (a reduction over C chunks), stored fp32 and in the output dtype, the online-softmax partials
+  (max, sum) and ``acc[C] = sum_p exp(c_p - max) l_p`` (sigmoid: ``sum_p sigmoid(c_p) l_p``) in a
+  program-private fp32 row of global memory, updated right after the tile was read for the logits (the re-read
+  hits cache). ``g`` (spatial, ``HAS_G``) is read with ``l``.
+- ``attention_pool_combine_kernel`` (grid B): merges the partials into lse and pooled (fp32 and output dtype).
+- ``attention_pool_bwd_kernel`` (grid B x NSPLIT): recomputes ``a`` from the saved fp32 logits, then
+  ``dc_p = dc_out_p + a_p (s dpooled . l_p - K)`` (softmax, ``K = dpooled . pooled``) or
+  ``dc_out_p + s dpooled . l_p a_p (1 - a_p)`` (sigmoid); writes ``dl = s a dpooled + dc w`` (and ``dg = dc w``
+  with spatial ``g``) and per-program fp32 partials of ``dw = sum_p dc_p (l_p [+ g_p])`` and ``sum_p dc_p``
+  (the caller sums the few partials: deterministic, no atomics).
+
+Statistics and accumulation are fp32 whatever the storage dtype. Every operand is read through its strides
+(NCHW, channels_last, stride-0 gradients); offsets inside one sample are 32-bit (the op checks the size).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import on_device
+
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
+COMBINE_BLOCK_C = 128
+# (BLOCK_P, BLOCK_C, num_warps) per direction and storage dtype: a 2048/4096-element tile of l per step
+TILES = {("fwd", "fp32"): (32, 64, 4), ("fwd", "16"): (64, 64, 4),
+         ("bwd", "fp32"): (32, 64, 4), ("bwd", "16"): (32, 64, 4)}
+
+
+def tile(kind: str, dtype: torch.dtype) -> tuple:
+    return TILES[(kind, "fp32" if dtype == torch.float32 else "16")]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_pixels(t, HW, W, BLOCK_P: tl.constexpr):
+    """Pixel indices of tile ``t`` (masked lanes clamped to pixel 0), the mask and (y, x)."""
+    pix = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = pix < HW
+    pix = tl.where(mask_p, pix, 0)
+    y = pix // W
+    return pix, mask_p, y, pix - y * W
+
+
+@triton.jit
+def _load_tile(base, row_off, offs_c, s_c, mask2):
+    return tl.load(base + row_off[:, None] + offs_c[None, :] * s_c, mask=mask2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _zero_row(row, C, BLOCK_C: tl.constexpr):
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(row + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32), mask=offs_c < C)
+    tl.debug_barrier()  # the zeros are visible to every thread before the first read-modify-write
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["tiles_per_split", "nsplit"])
+def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_ptr, s_ptr, acc_ptr,
+                              C, HW, W, tiles_per_split, nsplit,
+                              sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
+                              SOFTMAX: tl.constexpr, HAS_G: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    off = tl.load(off_ptr + b)
+    acc_row = acc_ptr + (b * nsplit + sp) * C
+    _zero_row(acc_row, C, BLOCK_C)
+    l_b = l_ptr + b * sl_b
+    g_b = g_ptr + b * sg_b
+    m_run = tl.max(tl.full((BLOCK_P,), float("-inf"), tl.float32), axis=0)
+    s_run = tl.sum(tl.zeros((BLOCK_P,), dtype=tl.float32), axis=0)
+    t_begin = sp * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(HW, BLOCK_P))
+    for t in range(t_begin, t_end):
+        pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
+        row_l = y * sl_h + x * sl_w
+        row_g = y * sg_h + x * sg_w
+        c = tl.zeros((BLOCK_P,), dtype=tl.float32) + off
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            mask2 = mask_p[:, None] & mask_c[None, :]
+            xt = _load_tile(l_b, row_l, offs_c, sl_c, mask2)
+            if HAS_G:
+                xt += _load_tile(g_b, row_g, offs_c, sg_c, mask2)
+            wv = tl.load(w_ptr + offs_c * sw, mask=mask_c, other=0.0).to(tl.float32)
+            c += tl.sum(xt * wv[None, :], axis=1)
+        tl.store(logit_ptr + b * HW + pix, c, mask=mask_p)
+        tl.store(c_ptr + b * HW + pix, c.to(c_ptr.dtype.element_ty), mask=mask_p)
+        if SOFTMAX:
+            m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
+            # while every logit so far is -inf, shift by 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN
+            # (a row that is -inf throughout still gets NaN, from the combine, as eager softmax gives)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_run - m_ref)
+            p = tl.where(mask_p, tl.exp(c - m_ref), 0.0)
+            s_run = s_run * alpha + tl.sum(p, axis=0)
+            m_run = m_new
+        else:
+            alpha = s_run * 0.0 + 1.0
+            p = tl.where(mask_p, tl.sigmoid(c), 0.0)
+        for c0 in range(0, C, BLOCK_C):  # acc = acc * alpha + sum_p p l_p   (the l tile is cache-hot)
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            lt = _load_tile(l_b, row_l, offs_c, sl_c, mask_p[:, None] & mask_c[None, :])
+            old = tl.load(acc_row + offs_c, mask=mask_c, other=0.0)
+            tl.store(acc_row + offs_c, old * alpha + tl.sum(p[:, None] * lt, axis=0), mask=mask_c)
+        tl.debug_barrier()
+    tl.store(m_ptr + b * nsplit + sp, m_run)
+    tl.store(s_ptr + b * nsplit + sp, s_run)
+
+
+@triton.jit(do_not_specialize=["nsplit"])
+def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_ptr, lse_ptr,
+                                  C, nsplit, scale, sp_b, sp_c,
+                                  SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < nsplit
+    if SOFTMAX:
+        ms = tl.load(m_ptr + b * nsplit + offs_s, mask=mask_s, other=float("-inf"))
+        ss = tl.load(s_ptr + b * nsplit + offs_s, mask=mask_s, other=0.0)
+        mx = tl.max(ms, axis=0)
+        wgt = tl.where(mask_s, tl.exp(ms - mx), 0.0)
+        total = tl.sum(ss * wgt, axis=0)
+        lse = mx + tl.log(total)
+        wgt = wgt / total * scale
+    else:
+        lse = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+        wgt = tl.where(mask_s, scale, 0.0)
+    tl.store(lse_ptr + b, lse)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.load(acc_ptr + (b * nsplit + offs_s[:, None]) * C + offs_c[None, :],
+                      mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+        pooled = tl.sum(acc * wgt[:, None], axis=0)
+        tl.store(pooled32_ptr + b * C + offs_c, pooled, mask=mask_c)
+        tl.store(pooled_ptr + b * sp_b + offs_c * sp_c, pooled.to(pooled_ptr.dtype.element_ty), mask=mask_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["tiles_per_split", "nsplit"])
+def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, lse_ptr, k_ptr, dc_ptr, dp_ptr,
+                              dl_ptr, dg_ptr, dw_ptr, dsum_ptr,
+                              C, HW, W, tiles_per_split, nsplit, scale,
+                              sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
+                              sdc_b, sdc_h, sdc_w, sdp_b, sdp_c,
+                              sdl_b, sdl_c, sdl_h, sdl_w, sdg_b, sdg_c, sdg_h, sdg_w,
+                              SOFTMAX: tl.constexpr, HAS_G: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    lse = tl.load(lse_ptr + b)
+    kk = tl.load(k_ptr + b)
+    dw_row = dw_ptr + (b * nsplit + sp) * C
+    _zero_row(dw_row, C, BLOCK_C)
+    l_b = l_ptr + b * sl_b
+    g_b = g_ptr + b * sg_b
+    dl_b = dl_ptr + b * sdl_b
+    dg_b = dg_ptr + b * sdg_b
+    dp_b = dp_ptr + b * sdp_b
+    dsum = tl.sum(tl.zeros((BLOCK_P,), dtype=tl.float32), axis=0)
+    t_begin = sp * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(HW, BLOCK_P))
+    for t in range(t_begin, t_end):
+        pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
+        row_l = y * sl_h + x * sl_w
+        c = tl.load(logit_ptr + b * HW + pix, mask=mask_p, other=0.0)
+        if SOFTMAX:
+            a = tl.exp(c - lse)
+        else:
+            a = tl.sigmoid(c)
+        gdot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):  # dpooled . l_p
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            lt = _load_tile(l_b, row_l, offs_c, sl_c, mask_p[:, None] & mask_c[None, :])
+            dp = tl.load(dp_b + offs_c * sdp_c, mask=mask_c, other=0.0).to(tl.float32)
+            gdot += tl.sum(lt * dp[None, :], axis=1)
+        ghat = gdot * scale
+        dco = tl.load(dc_ptr + b * sdc_b + y * sdc_h + x * sdc_w, mask=mask_p, other=0.0).to(tl.float32)
+        if SOFTMAX:
+            dc = dco + a * (ghat - kk)
+        else:
+            dc = dco + ghat * a * (1.0 - a)
+        dc = tl.where(mask_p, dc, 0.0)
+        dsum += tl.sum(dc, axis=0)
+        sa = a * scale
+        for c0 in range(0, C, BLOCK_C):  # dl, dg, dw partial (the l tile is cache-hot)
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            mask2 = mask_p[:, None] & mask_c[None, :]
+            xt = _load_tile(l_b, row_l, offs_c, sl_c, mask2)
+            dp = tl.load(dp_b + offs_c * sdp_c, mask=mask_c, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + offs_c * sw, mask=mask_c, other=0.0).to(tl.float32)
+            dx = dc[:, None] * wv[None, :]
+            dl = sa[:, None] * dp[None, :] + dx
+            tl.store(dl_b + (y * sdl_h + x * sdl_w)[:, None] + offs_c[None, :] * sdl_c,
+                     dl.to(dl_ptr.dtype.element_ty), mask=mask2)
+            if HAS_G:
+                tl.store(dg_b + (y * sdg_h + x * sdg_w)[:, None] + offs_c[None, :] * sdg_c,
+                         dx.to(dg_ptr.dtype.element_ty), mask=mask2)
+                xt += _load_tile(g_b, y * sg_h + x * sg_w, offs_c, sg_c, mask2)
+            old = tl.load(dw_row + offs_c, mask=mask_c, other=0.0)
+            tl.store(dw_row + offs_c, old + tl.sum(tl.where(mask2, dc[:, None] * xt, 0.0), axis=0), mask=mask_c)
+        tl.debug_barrier()
+    tl.store(dsum_ptr + b * nsplit + sp, dsum)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _splits(kernel, args, kw, n_tiles: int, B: int, device):
+    from .grid_attention import _splits as grid_splits  # the occupancy-driven split model, shared
+
+    return grid_splits(kernel, args, kw, n_tiles, B, device, BLOCK_S)
+
+
+def _g_strides(g, l):
+    return g.stride() if g is not None else (0, 0, 0, 0)
+
+
+def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, logits, lse, pooled32):
+    """Forward. ``w``: (C,) any stride; ``off``: (B,) fp32; ``g``: None or (B, C, H, W) like ``l`` (any strides).
+    Writes c_out (B, 1, H, W) contiguous in l's dtype, pooled (B, C) any strides, logits (B, H*W) fp32,
+    lse (B,) fp32 and pooled32 (B, C) fp32."""
+    B, C, H, W = l.shape
+    HW = H * W
+    bp, bc, warps = tile("fwd", l.dtype)
+    kw = dict(SOFTMAX=bool(softmax), HAS_G=g is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    gt = g if g is not None else l
+
+    def args(m, s, acc, per, nsplit):
+        return (l, gt, w, off, logits, c_out, m, s, acc, C, HW, W, per, nsplit,
+                *l.stride(), *_g_strides(g, l), w.stride(0))
+
+    with on_device(l):
+        nsplit, per = _splits(attention_pool_fwd_kernel, args(logits, logits, logits, 2, 2), kw,
+                              triton.cdiv(HW, bp), B, l.device)
+        m = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
+        s = torch.empty_like(m)
+        acc = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
+        attention_pool_fwd_kernel[(B, nsplit)](*args(m, s, acc, per, nsplit), **kw)
+        attention_pool_combine_kernel[(B,)](
+            m, s, acc, pooled, pooled32, lse, C, nsplit, 1.0 / HW if mean else 1.0, pooled.stride(0),
+            pooled.stride(1), SOFTMAX=bool(softmax), BLOCK_S=BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4)
+
+
+def attention_pool_bwd(l, w, g, logits, lse, kvec, dc, dpooled, softmax: bool, mean: bool, dl, dg):
+    """Backward. ``dc``: (B, 1, H, W) any strides (stride 0 ok); ``dpooled``: (B, C) any strides; ``kvec``:
+    (B,) fp32 = dpooled . pooled. Writes ``dl`` (and ``dg`` with spatial ``g``) through their strides; returns
+    fp32 ``(dw (C,), dsum (B,))`` (sum_p dc_p per sample)."""
+    B, C, H, W = l.shape
+    HW = H * W
+    bp, bc, warps = tile("bwd", l.dtype)
+    kw = dict(SOFTMAX=bool(softmax), HAS_G=g is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    gt, dgt = (g, dg) if g is not None else (l, dl)
+
+    def args(dw, dsum, per, nsplit):
+        return (l, gt, w, logits, lse, kvec, dc, dpooled, dl, dgt, dw, dsum, C, HW, W, per, nsplit,
+                1.0 / HW if mean else 1.0, *l.stride(), *_g_strides(g, l), w.stride(0),
+                dc.stride(0), dc.stride(2), dc.stride(3), *dpooled.stride(), *dl.stride(), *_g_strides(dg, l))
+
+    with on_device(l):
+        nsplit, per = _splits(attention_pool_bwd_kernel, args(logits, logits, 2, 2), kw, triton.cdiv(HW, bp), B,
+                              l.device)
+        dw = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
+        dsum = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
+        attention_pool_bwd_kernel[(B, nsplit)](*args(dw, dsum, per, nsplit), **kw)
+    return dw.sum((0, 1)), dsum.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# every configuration the launchers above can pick
+# ----------------------------------------------------------------------------------------------
+def aot_configs() -> list:
+    """Forward and backward for every dtype, both normalizations, with and without a spatial g; the combine."""
+    from .aot.registry import KernelConfig, signature
+
+    configs = []
+    for dtype, dt in DTYPES.items():
+        for softmax in (True, False):
+            for has_g in (False, True):
+                for kind, kernel, ptrs in (
+                        ("fwd", attention_pool_fwd_kernel,
+                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "off_ptr": "fp32", "logit_ptr": "fp32",
+                          "c_ptr": dt, "m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32"}),
+                        ("bwd", attention_pool_bwd_kernel,
+                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "logit_ptr": "fp32", "lse_ptr": "fp32",
+                          "k_ptr": "fp32", "dc_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dg_ptr": dt,
+                          "dw_ptr": "fp32", "dsum_ptr": "fp32"})):
+                    bp, bc, warps = tile(kind, dtype)
+                    cx = {"SOFTMAX": softmax, "HAS_G": has_g, "BLOCK_P": bp, "BLOCK_C": bc}
+                    name = (f"attention_pool.{kind}[{dt},{'softmax' if softmax else 'sigmoid'}"
+                            f"{',g' if has_g else ''},P={bp},C={bc},w={warps}]")
+                    configs.append(KernelConfig(
+                        name=name, kernel=kernel, constexprs=cx, num_warps=warps,
+                        signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if kind == "bwd" else {},
+                                            constexprs=cx)))
+        for softmax in (True, False):
+            cx = {"SOFTMAX": softmax, "BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
+            name = f"attention_pool.combine[{dt},{'softmax' if softmax else 'sigmoid'}]"
+            configs.append(KernelConfig(
+                name=name, kernel=attention_pool_combine_kernel, constexprs=cx, num_warps=4,
+                signature=signature(attention_pool_combine_kernel,
+                                    ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "pooled_ptr": dt,
+                                          "pooled32_ptr": "fp32", "lse_ptr": "fp32"},
+                                    scalars={"scale": "fp32"}, constexprs=cx)))
+    return configs
