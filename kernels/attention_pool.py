@@ -3,7 +3,7 @@ Triton forward and backward.
 
 Per sample ``b`` and pixel ``p`` of ``l`` (C channels, H x W)::
 
-    c_p = w . (l_p [+ g_p]) + off_b          off_b = w . g_b + bias (pooled g, computed by the caller) or bias
+    c_p = w . (l_p + g_p) + bias             g: none, pooled (B or 1, C, 1, 1) or a map like l
     softmax: a = softmax_p(c)     sigmoid: a = sigmoid(c)
     pooled = s * sum_p a_p l_p    s = 1 (sum) or 1 / (H*W) (mean)
 
@@ -12,13 +12,19 @@ Kernels
   tile the logits (a reduction over C chunks), stored fp32 and in the output dtype, the online-softmax partials
   (max, sum) and ``acc[C] = sum_p exp(c_p - max) l_p`` (sigmoid: ``sum_p sigmoid(c_p) l_p``) in a
   program-private fp32 row of global memory, updated right after the tile was read for the logits (the re-read
-  hits cache). ``g`` (spatial, ``HAS_G``) is read with ``l``.
-- ``attention_pool_combine_kernel`` (grid B): merges the partials into lse and pooled (fp32 and output dtype).
+  hits cache). ``g`` is read with ``l`` through its expanded strides (0 over the pixels for a pooled ``g``: every
+  product is taken per element, ``w_c (l_c + g_c)``, so infinities meet as in eager's ``op(l + g)``).
+- ``attention_pool_combine_kernel`` (grid B): merges the partials into the softmax (max, sum) and pooled (fp32 and output dtype).
 - ``attention_pool_bwd_kernel`` (grid B x NSPLIT): recomputes ``a`` from the saved fp32 logits, then
   ``dc_p = dc_out_p + a_p (s dpooled . l_p - K)`` (softmax, ``K = dpooled . pooled``) or
   ``dc_out_p + s dpooled . l_p a_p (1 - a_p)`` (sigmoid); writes ``dl = s a dpooled + dc w`` (and ``dg = dc w``
-  with spatial ``g``) and per-program fp32 partials of ``dw = sum_p dc_p (l_p [+ g_p])`` and ``sum_p dc_p``
-  (the caller sums the few partials: deterministic, no atomics).
+  for a map ``g``) and per-program fp32 partials of ``dw = sum_p dc_p (l_p + g_p)``, ``sum_p dc_p`` and, for a
+  pooled ``g``, ``dg = sum_p dc_p w`` (the caller sums the few partials: deterministic, no atomics).
+
+The softmax statistics are kept as (max, sum) per sample, not as one log-sum-exp: ``a = exp(c - max) / sum`` is
+what eager softmax computes, to a relative eps, while ``exp(c - lse)`` carries lse's rounding (eps * |lse|, 4e-6
+at logits of order 60), which the gradients of a shift-invariant softmax (a pooled ``g``, the bias: exactly 0
+without a gradient into ``c``) would show as noise 100x eager's.
 
 Statistics and accumulation are fp32 whatever the storage dtype. Every operand is read through its strides
 (NCHW, channels_last, stride-0 gradients); offsets inside one sample are 32-bit (the op checks the size).
@@ -76,8 +82,9 @@ def _zero_row(row, C, BLOCK_C: tl.constexpr):
 def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_ptr, s_ptr, acc_ptr,
                               C, HW, W, tiles_per_split, nsplit,
                               sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
-                              SOFTMAX: tl.constexpr, HAS_G: tl.constexpr,
+                              SOFTMAX: tl.constexpr, G_MODE: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``G_MODE``: 0 no g, 1 pooled g, 2 a map (both read through strides)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     off = tl.load(off_ptr + b)
@@ -99,7 +106,7 @@ def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_
             mask_c = offs_c < C
             mask2 = mask_p[:, None] & mask_c[None, :]
             xt = _load_tile(l_b, row_l, offs_c, sl_c, mask2)
-            if HAS_G:
+            if G_MODE != 0:
                 xt += _load_tile(g_b, row_g, offs_c, sg_c, mask2)
             wv = tl.load(w_ptr + offs_c * sw, mask=mask_c, other=0.0).to(tl.float32)
             c += tl.sum(xt * wv[None, :], axis=1)
@@ -129,7 +136,7 @@ def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_
 
 
 @triton.jit(do_not_specialize=["nsplit"])
-def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_ptr, lse_ptr,
+def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_ptr, stats_ptr,
                                   C, nsplit, scale, sp_b, sp_c,
                                   SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -141,12 +148,13 @@ def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_pt
         mx = tl.max(ms, axis=0)
         wgt = tl.where(mask_s, tl.exp(ms - mx), 0.0)
         total = tl.sum(ss * wgt, axis=0)
-        lse = mx + tl.log(total)
         wgt = wgt / total * scale
     else:
-        lse = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+        mx = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+        total = mx
         wgt = tl.where(mask_s, scale, 0.0)
-    tl.store(lse_ptr + b, lse)
+    tl.store(stats_ptr + 2 * b, mx)
+    tl.store(stats_ptr + 2 * b + 1, total)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -161,20 +169,26 @@ def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_pt
 # backward
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["tiles_per_split", "nsplit"])
-def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, lse_ptr, k_ptr, dc_ptr, dp_ptr,
+def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, dc_ptr, dp_ptr,
                               dl_ptr, dg_ptr, dw_ptr, dsum_ptr,
                               C, HW, W, tiles_per_split, nsplit, scale,
                               sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
                               sdc_b, sdc_h, sdc_w, sdp_b, sdp_c,
                               sdl_b, sdl_c, sdl_h, sdl_w, sdg_b, sdg_c, sdg_h, sdg_w,
-                              SOFTMAX: tl.constexpr, HAS_G: tl.constexpr,
+                              SOFTMAX: tl.constexpr, G_MODE: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``G_MODE``: 0 no g, 1 pooled g (``dg_ptr``: per-program fp32 rows like ``dw_ptr``), 2 a map (``dg``
+    written per element through its strides)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
-    lse = tl.load(lse_ptr + b)
+    mx = tl.load(stats_ptr + 2 * b)
+    total = tl.load(stats_ptr + 2 * b + 1)
     kk = tl.load(k_ptr + b)
     dw_row = dw_ptr + (b * nsplit + sp) * C
     _zero_row(dw_row, C, BLOCK_C)
+    dg_row = dg_ptr + (b * nsplit + sp) * C
+    if G_MODE == 1:
+        _zero_row(dg_row, C, BLOCK_C)
     l_b = l_ptr + b * sl_b
     g_b = g_ptr + b * sg_b
     dl_b = dl_ptr + b * sdl_b
@@ -188,7 +202,7 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, lse_ptr, k_ptr, dc
         row_l = y * sl_h + x * sl_w
         c = tl.load(logit_ptr + b * HW + pix, mask=mask_p, other=0.0)
         if SOFTMAX:
-            a = tl.exp(c - lse)
+            a = tl.exp(c - mx) / total
         else:
             a = tl.sigmoid(c)
         gdot = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -218,9 +232,13 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, lse_ptr, k_ptr, dc
             dl = sa[:, None] * dp[None, :] + dx
             tl.store(dl_b + (y * sdl_h + x * sdl_w)[:, None] + offs_c[None, :] * sdl_c,
                      dl.to(dl_ptr.dtype.element_ty), mask=mask2)
-            if HAS_G:
+            if G_MODE == 2:
                 tl.store(dg_b + (y * sdg_h + x * sdg_w)[:, None] + offs_c[None, :] * sdg_c,
                          dx.to(dg_ptr.dtype.element_ty), mask=mask2)
+            if G_MODE == 1:  # sum_p dc_p w_c per element, as eager's expand backward sums (inf meets inf there)
+                old = tl.load(dg_row + offs_c, mask=mask_c, other=0.0)
+                tl.store(dg_row + offs_c, old + tl.sum(tl.where(mask2, dx, 0.0), axis=0), mask=mask_c)
+            if G_MODE != 0:
                 xt += _load_tile(g_b, y * sg_h + x * sg_w, offs_c, sg_c, mask2)
             old = tl.load(dw_row + offs_c, mask=mask_c, other=0.0)
             tl.store(dw_row + offs_c, old + tl.sum(tl.where(mask2, dc[:, None] * xt, 0.0), axis=0), mask=mask_c)
@@ -237,18 +255,23 @@ def _splits(kernel, args, kw, n_tiles: int, B: int, device):
     return grid_splits(kernel, args, kw, n_tiles, B, device, BLOCK_S)
 
 
+def g_mode(g) -> int:
+    return 0 if g is None else (2 if tuple(g.shape[2:]) != (1, 1) else 1)
+
+
 def _g_strides(g, l):
-    return g.stride() if g is not None else (0, 0, 0, 0)
+    """Strides of ``g`` expanded to ``l``'s shape (0 where it broadcasts)."""
+    return g.expand(l.shape).stride() if g is not None else (0, 0, 0, 0)
 
 
-def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, logits, lse, pooled32):
-    """Forward. ``w``: (C,) any stride; ``off``: (B,) fp32; ``g``: None or (B, C, H, W) like ``l`` (any strides).
-    Writes c_out (B, 1, H, W) contiguous in l's dtype, pooled (B, C) any strides, logits (B, H*W) fp32,
-    lse (B,) fp32 and pooled32 (B, C) fp32."""
+def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, logits, stats, pooled32):
+    """Forward. ``w``: (C,) any stride; ``off``: (B,) fp32 (the bias); ``g``: None, (B or 1, C, 1, 1) or like ``l``
+    (any strides). Writes c_out (B, 1, H, W) contiguous in l's dtype, pooled (B, C) any strides, logits (B, H*W) fp32,
+    stats (B, 2) fp32 (softmax max and sum; zeros for sigmoid) and pooled32 (B, C) fp32."""
     B, C, H, W = l.shape
     HW = H * W
     bp, bc, warps = tile("fwd", l.dtype)
-    kw = dict(SOFTMAX=bool(softmax), HAS_G=g is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    kw = dict(SOFTMAX=bool(softmax), G_MODE=g_mode(g), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     gt = g if g is not None else l
 
     def args(m, s, acc, per, nsplit):
@@ -263,57 +286,63 @@ def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, l
         acc = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
         attention_pool_fwd_kernel[(B, nsplit)](*args(m, s, acc, per, nsplit), **kw)
         attention_pool_combine_kernel[(B,)](
-            m, s, acc, pooled, pooled32, lse, C, nsplit, 1.0 / HW if mean else 1.0, pooled.stride(0),
+            m, s, acc, pooled, pooled32, stats, C, nsplit, 1.0 / HW if mean else 1.0, pooled.stride(0),
             pooled.stride(1), SOFTMAX=bool(softmax), BLOCK_S=BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4)
 
 
-def attention_pool_bwd(l, w, g, logits, lse, kvec, dc, dpooled, softmax: bool, mean: bool, dl, dg):
+def attention_pool_bwd(l, w, g, logits, stats, kvec, dc, dpooled, softmax: bool, mean: bool, dl, dg):
     """Backward. ``dc``: (B, 1, H, W) any strides (stride 0 ok); ``dpooled``: (B, C) any strides; ``kvec``:
-    (B,) fp32 = dpooled . pooled. Writes ``dl`` (and ``dg`` with spatial ``g``) through their strides; returns
-    fp32 ``(dw (C,), dsum (B,))`` (sum_p dc_p per sample)."""
+    (B,) fp32 = dpooled . pooled. Writes ``dl`` (and ``dg`` for a map ``g``) through their strides; returns fp32
+    ``(dw (C,), dsum (B,), dg (B, C) for a pooled g, else None)``."""
     B, C, H, W = l.shape
     HW = H * W
     bp, bc, warps = tile("bwd", l.dtype)
-    kw = dict(SOFTMAX=bool(softmax), HAS_G=g is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
-    gt, dgt = (g, dg) if g is not None else (l, dl)
+    mode = g_mode(g)
+    kw = dict(SOFTMAX=bool(softmax), G_MODE=mode, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    gt = g if g is not None else l
 
-    def args(dw, dsum, per, nsplit):
-        return (l, gt, w, logits, lse, kvec, dc, dpooled, dl, dgt, dw, dsum, C, HW, W, per, nsplit,
+    def args(dw, dsum, dgt, per, nsplit):
+        dg_strides = _g_strides(dgt, l) if mode == 2 else (0, 0, 0, 0)
+        return (l, gt, w, logits, stats, kvec, dc, dpooled, dl, dgt, dw, dsum, C, HW, W, per, nsplit,
                 1.0 / HW if mean else 1.0, *l.stride(), *_g_strides(g, l), w.stride(0),
-                dc.stride(0), dc.stride(2), dc.stride(3), *dpooled.stride(), *dl.stride(), *_g_strides(dg, l))
+                dc.stride(0), dc.stride(2), dc.stride(3), *dpooled.stride(), *dl.stride(), *dg_strides)
 
     with on_device(l):
-        nsplit, per = _splits(attention_pool_bwd_kernel, args(logits, logits, 2, 2), kw, triton.cdiv(HW, bp), B,
-                              l.device)
+        placeholder = dg if mode == 2 else logits
+        nsplit, per = _splits(attention_pool_bwd_kernel, args(logits, logits, placeholder, 2, 2), kw,
+                              triton.cdiv(HW, bp), B, l.device)
         dw = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
         dsum = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
-        attention_pool_bwd_kernel[(B, nsplit)](*args(dw, dsum, per, nsplit), **kw)
-    return dw.sum((0, 1)), dsum.sum(1)
+        dgrows = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32) if mode == 1 else None
+        attention_pool_bwd_kernel[(B, nsplit)](*args(dw, dsum, dg if mode == 2 else (dgrows if mode else dw),
+                                                     per, nsplit), **kw)
+    return dw.sum((0, 1)), dsum.sum(1), dgrows.sum(1) if mode == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
 def aot_configs() -> list:
-    """Forward and backward for every dtype, both normalizations, with and without a spatial g; the combine."""
+    """Forward and backward for every dtype, both normalizations, every g layout (none, pooled, map); the
+    combine."""
     from .aot.registry import KernelConfig, signature
 
     configs = []
     for dtype, dt in DTYPES.items():
         for softmax in (True, False):
-            for has_g in (False, True):
+            for mode in (0, 1, 2):
                 for kind, kernel, ptrs in (
                         ("fwd", attention_pool_fwd_kernel,
                          {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "off_ptr": "fp32", "logit_ptr": "fp32",
                           "c_ptr": dt, "m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32"}),
                         ("bwd", attention_pool_bwd_kernel,
-                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "logit_ptr": "fp32", "lse_ptr": "fp32",
+                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "logit_ptr": "fp32", "stats_ptr": "fp32",
                           "k_ptr": "fp32", "dc_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dg_ptr": dt,
                           "dw_ptr": "fp32", "dsum_ptr": "fp32"})):
                     bp, bc, warps = tile(kind, dtype)
-                    cx = {"SOFTMAX": softmax, "HAS_G": has_g, "BLOCK_P": bp, "BLOCK_C": bc}
+                    cx = {"SOFTMAX": softmax, "G_MODE": mode, "BLOCK_P": bp, "BLOCK_C": bc}
                     name = (f"attention_pool.{kind}[{dt},{'softmax' if softmax else 'sigmoid'}"
-                            f"{',g' if has_g else ''},P={bp},C={bc},w={warps}]")
+                            f"{('', ',g=pooled', ',g=map')[mode]},P={bp},C={bc},w={warps}]")
                     configs.append(KernelConfig(
                         name=name, kernel=kernel, constexprs=cx, num_warps=warps,
                         signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if kind == "bwd" else {},
@@ -325,6 +354,6 @@ def aot_configs() -> list:
                 name=name, kernel=attention_pool_combine_kernel, constexprs=cx, num_warps=4,
                 signature=signature(attention_pool_combine_kernel,
                                     ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "pooled_ptr": dt,
-                                          "pooled32_ptr": "fp32", "lse_ptr": "fp32"},
+                                          "pooled32_ptr": "fp32", "stats_ptr": "fp32"},
                                     scalars={"scale": "fp32"}, constexprs=cx)))
     return configs

@@ -15,8 +15,8 @@ Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernel
 over ``l`` in the forward: logits, online softmax and the weighted sum); CPU tensors run a PyTorch path over
 batch chunks. float64 always takes the PyTorch path.
 
-Saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample log-sum-exp (B) and
-the fp32 pooled output (B x C): nothing C x H x W (eager keeps ``l + g`` and ``a * l``'s operands). The backward
+Saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample softmax max and sum
+(B x 2) and the fp32 pooled output (B x C): nothing C x H x W (eager keeps ``l + g`` and ``a * l``'s operands). The backward
 is its own custom op (``attnfast::attention_pool_backward``) and recomputes ``a`` from the logits::
 
     ghat_p = s dpooled . l_p                         s = 1 (sum) or 1/(H*W) (mean)
@@ -25,7 +25,8 @@ is its own custom op (``attnfast::attention_pool_backward``) and recomputes ``a`
     dbias  = sum dc_p
 
 NaN and inf propagate as in eager, forward and backward, on both paths: the softmax of a row holding a NaN or a
-+inf, or of an all -inf row, is NaN (``softmax_lse``), and a -inf logit gets probability 0.
++inf, or of an all -inf row, is NaN (``exp(c - max) / sum`` as eager computes it), and a -inf logit gets
+probability 0.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import torch
 from .. import _alloc
 from .._checks import check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
-from .grid_attention import softmax_lse
 
 # The PyTorch path converts this many elements of l (B_chunk x C x H x W) to the compute dtype at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -86,15 +86,16 @@ def _spatial(g: Optional[torch.Tensor]) -> bool:
     return g is not None and tuple(g.shape[2:]) != (1, 1)
 
 
-def _offset(l, w32, bias, g) -> torch.Tensor:
-    """(B,) per-sample constant of the logits in the compute dtype: w . g (a pooled g) + bias."""
-    ct = w32.dtype
-    off = torch.zeros((l.shape[0],), device=l.device, dtype=ct)
-    if g is not None and not _spatial(g):
-        off = off + g.to(ct)[:, :, 0, 0] @ w32
-    if bias is not None:
-        off = off + bias.to(ct).reshape(())
-    return off
+def _offset(l, ct, bias) -> torch.Tensor:
+    """(B,) constant of the logits in the compute dtype: the bias (or 0). ``w . g`` is never split off for a pooled
+    ``g``: the products are taken per element, ``w_c (l_c + g_c)``, so infinities meet as in eager."""
+    if bias is None:
+        return torch.zeros((l.shape[0],), device=l.device, dtype=ct)
+    return bias.to(ct).reshape(1).expand(l.shape[0]).contiguous()
+
+
+def _g_chunk(g, b0, b1):
+    return g[b0:b1] if g.shape[0] != 1 else g
 
 
 def _kernel_path(l: torch.Tensor, *others) -> bool:
@@ -115,8 +116,15 @@ def _chunks(B: int, per_sample: int):
         yield b0, min(B, b0 + step)
 
 
-def _attention(logits, lse, softmax: bool):
-    return torch.exp(logits - lse[:, None]) if softmax else torch.sigmoid(logits)
+def _softmax_stats(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2): each row's max and ``sum(exp(logits - max))``, as eager softmax computes them (NaN where it gives
+    NaN: a row holding a NaN or a +inf, or all -inf)."""
+    m = logits.amax(1, keepdim=True)
+    return torch.cat([m, torch.exp(logits - m).sum(1, keepdim=True)], 1)
+
+
+def _attention(logits, stats, softmax: bool):
+    return torch.exp(logits - stats[:, :1]) / stats[:, 1:] if softmax else torch.sigmoid(logits)
 
 
 def _scale(l, mean: bool) -> float:
@@ -126,20 +134,19 @@ def _scale(l, mean: bool) -> float:
 # ----------------------------------------------------------------------------------------------
 # forward op
 # ----------------------------------------------------------------------------------------------
-def _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, lse, pooled32):
+def _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, stats, pooled32):
     B, C, H, W = l.shape
     ct = w32.dtype
-    spatial = _spatial(g)
     for b0, b1 in _chunks(B, C * H * W):
         x = l[b0:b1].to(ct)
-        if spatial:
-            x = x + g[b0:b1].to(ct)
+        if g is not None:
+            x = x + _g_chunk(g, b0, b1).to(ct)
         logits[b0:b1] = torch.einsum("bchw,c->bhw", x, w32).flatten(1) + off[b0:b1, None]
     if softmax:
-        lse.copy_(softmax_lse(logits))
+        stats.copy_(_softmax_stats(logits))
     else:
-        lse.zero_()
-    a = _attention(logits, lse, softmax) * _scale(l, mean)
+        stats.zero_()
+    a = _attention(logits, stats, softmax) * _scale(l, mean)
     for b0, b1 in _chunks(B, C * H * W):
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a[b0:b1].view(-1, H, W))
     c_out.copy_(logits.view(B, 1, H, W))
@@ -151,25 +158,24 @@ def _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, lse, po
 def attention_pool_op(l: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g: Optional[torch.Tensor],
                       softmax: bool, mean: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (c (B, 1, H, W), pooled (B, C), logits (B, HW), lse (B,), pooled32 (B, C)); the last three in fp32
-    (fp64 for fp64)."""
+    """Returns (c (B, 1, H, W), pooled (B, C), logits (B, HW), stats (B, 2): softmax max and sum, pooled32 (B, C));
+    the last three in fp32 (fp64 for fp64)."""
     B, C, H, W = l.shape
     f32 = dict(device=l.device, dtype=compute_dtype(l))
     c_out = _alloc.empty((B, 1, H, W), device=l.device, dtype=l.dtype)
     pooled = _alloc.empty((B, C), device=l.device, dtype=l.dtype)
     logits = _alloc.empty((B, H * W), **f32)
-    lse = _alloc.empty((B,), **f32)
+    stats = _alloc.empty((B, 2), **f32)
     pooled32 = _alloc.empty((B, C), **f32)
     w32 = weight.reshape(C).to(f32["dtype"])
-    off = _offset(l, w32, bias, g).expand(B).contiguous()
-    gs = g if _spatial(g) else None
+    off = _offset(l, f32["dtype"], bias)
     if _kernel_path(l, weight, bias, g):
         from ..kernels.attention_pool import attention_pool_fwd
 
-        attention_pool_fwd(l, weight.reshape(C), off, gs, softmax, mean, c_out, pooled, logits, lse, pooled32)
+        attention_pool_fwd(l, weight.reshape(C), off, g, softmax, mean, c_out, pooled, logits, stats, pooled32)
     else:
-        _torch_forward(l, w32, off, gs, softmax, mean, c_out, pooled, logits, lse, pooled32)
-    return c_out, pooled, logits, lse, pooled32
+        _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, stats, pooled32)
+    return c_out, pooled, logits, stats, pooled32
 
 
 @attention_pool_op.register_fake
@@ -177,20 +183,23 @@ def _(l, weight, bias, g, softmax, mean):
     B, C, H, W = l.shape
     ct = compute_dtype(l)
     return (l.new_empty((B, 1, H, W)), l.new_empty((B, C)), l.new_empty((B, H * W), dtype=ct),
-            l.new_empty((B,), dtype=ct), l.new_empty((B, C), dtype=ct))
+            l.new_empty((B, 2), dtype=ct), l.new_empty((B, C), dtype=ct))
 
 
 # ----------------------------------------------------------------------------------------------
 # backward op
 # ----------------------------------------------------------------------------------------------
 def _torch_backward(l, w32, g, a, kvec, dc_out, dpooled, softmax, mean, dl, dg):
-    """Writes dl (and dg for a spatial g); returns (dw (C,), dsum (B,)) in the compute dtype."""
+    """Writes dl (and dg for a map g); returns (dw (C,), dsum (B,), dg (B, C) for a pooled g) in the compute
+    dtype."""
     B, C, H, W = l.shape
     ct = w32.dtype
     s = _scale(l, mean)
     dp = dpooled.to(ct)
     dw = torch.zeros((C,), device=l.device, dtype=ct)
     dsum = torch.empty((B,), device=l.device, dtype=ct)
+    pooled_g = g is not None and dg is None
+    dgp = torch.empty((B, C), device=l.device, dtype=ct) if pooled_g else None
     for b0, b1 in _chunks(B, C * H * W):
         x = l[b0:b1].to(ct)
         ab = a[b0:b1].view(-1, 1, H, W)
@@ -202,16 +211,19 @@ def _torch_backward(l, w32, g, a, kvec, dc_out, dpooled, softmax, mean, dl, dg):
         dl[b0:b1] = s * ab * dp[b0:b1].view(-1, C, 1, 1) + dx
         if dg is not None:
             dg[b0:b1] = dx
-            x = x + g[b0:b1].to(ct)
+        elif pooled_g:
+            dgp[b0:b1] = dx.sum((2, 3))
+        if g is not None:
+            x = x + _g_chunk(g, b0, b1).to(ct)
         dw += torch.einsum("bhw,bchw->c", dcb[:, 0], x)
-    return dw, dsum
+    return dw, dsum, dgp
 
 
 @torch.library.custom_op("attnfast::attention_pool_backward", mutates_args=())
 @autocast_off
 def attention_pool_backward_op(dc: torch.Tensor, dpooled: torch.Tensor, l: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor], g: Optional[torch.Tensor], logits: torch.Tensor,
-                               lse: torch.Tensor, pooled32: torch.Tensor, softmax: bool, mean: bool
+                               stats: torch.Tensor, pooled32: torch.Tensor, softmax: bool, mean: bool
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dl, dweight, dbias, dg) from upstream (dc, dpooled); dbias / dg are empty when bias / g is None."""
     B, C, H, W = l.shape
@@ -224,18 +236,14 @@ def attention_pool_backward_op(dc: torch.Tensor, dpooled: torch.Tensor, l: torch
     if _kernel_path(l, weight, bias, g, dc, dpooled):
         from ..kernels.attention_pool import attention_pool_bwd
 
-        dw, dsum = attention_pool_bwd(l, weight.reshape(C), g if spatial else None, logits, lse, kvec, dc,
-                                      dpooled, softmax, mean, dl, dg_map)
+        dw, dsum, dgp = attention_pool_bwd(l, weight.reshape(C), g, logits, stats, kvec, dc, dpooled, softmax, mean,
+                                           dl, dg_map)
     else:
-        a = _attention(logits, lse, softmax)
-        dw, dsum = _torch_backward(l, w32, g, a, kvec, dc, dpooled, softmax, mean, dl, dg_map)
-    dw, dsum = dw.to(ct), dsum.to(ct)
-    if g is not None and not spatial:  # a pooled g: its logit term is w . g_b for every pixel
-        g32 = g.to(ct)[:, :, 0, 0].expand(B, C)
-        dw = dw + (dsum[:, None] * g32).sum(0)
-        per = dsum[:, None] * w32[None, :]
+        a = _attention(logits, stats, softmax)
+        dw, dsum, dgp = _torch_backward(l, w32, g, a, kvec, dc, dpooled, softmax, mean, dl, dg_map)
+    if dgp is not None:  # a pooled g: sum_p dc_p w per element (and over the batch for a (1, C, 1, 1) g)
         dg = _alloc.empty_like(g)
-        dg.copy_((per.sum(0, keepdim=True) if g.shape[0] != B else per).view(g.shape))
+        dg.copy_((dgp.sum(0, keepdim=True) if g.shape[0] != B else dgp).view(g.shape))
     else:
         dg = dg_map if spatial else l.new_empty((0,))
     dweight = _alloc.empty_like(weight)
@@ -249,7 +257,7 @@ def attention_pool_backward_op(dc: torch.Tensor, dpooled: torch.Tensor, l: torch
 
 
 @attention_pool_backward_op.register_fake
-def _(dc, dpooled, l, weight, bias, g, logits, lse, pooled32, softmax, mean):
+def _(dc, dpooled, l, weight, bias, g, logits, stats, pooled32, softmax, mean):
     return (torch.empty_like(l), torch.empty_like(weight),
             l.new_empty((0,)) if bias is None else torch.empty_like(bias),
             l.new_empty((0,)) if g is None else torch.empty_like(g))
@@ -257,20 +265,20 @@ def _(dc, dpooled, l, weight, bias, g, logits, lse, pooled32, softmax, mean):
 
 def _setup_context(ctx, inputs, output):
     l, weight, bias, g, softmax, mean = inputs
-    _, _, logits, lse, pooled32 = output
-    ctx.save_for_backward(l, weight, bias, g, logits, lse, pooled32)
+    _, _, logits, stats, pooled32 = output
+    ctx.save_for_backward(l, weight, bias, g, logits, stats, pooled32)
     ctx.args = (softmax, mean)
-    ctx.mark_non_differentiable(logits, lse, pooled32)
+    ctx.mark_non_differentiable(logits, stats, pooled32)
 
 
-def _backward(ctx, dc, dpooled, _dlogits, _dlse, _dpooled32):
-    l, weight, bias, g, logits, lse, pooled32 = ctx.saved_tensors
+def _backward(ctx, dc, dpooled, _dlogits, _dstats, _dpooled32):
+    l, weight, bias, g, logits, stats, pooled32 = ctx.saved_tensors
     B, C, H, W = l.shape
     if dc is None:  # absent upstream gradient: a stride-0 zero, no memory
         dc = l.new_zeros(()).expand(B, 1, H, W)
     if dpooled is None:
         dpooled = l.new_zeros(()).expand(B, C)
-    dl, dweight, dbias, dg = attention_pool_backward_op(dc, dpooled, l, weight, bias, g, logits, lse, pooled32,
+    dl, dweight, dbias, dg = attention_pool_backward_op(dc, dpooled, l, weight, bias, g, logits, stats, pooled32,
                                                         *ctx.args)
     return dl, dweight, dbias if bias is not None else None, dg if g is not None else None, None, None
 
