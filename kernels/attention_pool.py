@@ -39,10 +39,13 @@ from ._launch import on_device
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
-COMBINE_BLOCK_C = 128
-# (BLOCK_P, BLOCK_C, num_warps) per direction and storage dtype: a 2048/4096-element tile of l per step
-TILES = {("fwd", "fp32"): (32, 64, 4), ("fwd", "16"): (64, 64, 4),
-         ("bwd", "fp32"): (32, 64, 4), ("bwd", "16"): (32, 64, 4)}
+COMBINE_BLOCK_C = 32
+# (BLOCK_P, BLOCK_C, num_warps) per direction and storage dtype. Registers grow about linearly with the tile (its
+# 64-bit pointers, masks and values; plus g's with a map g): 1024-element forward / 512-element backward tiles of
+# 4 warps compile to <= 96 registers and no spills on sm_80/sm_90 (triton 3.8: 2048-element tiles reach 157-255
+# registers and spill in the 16-bit forward). Chosen for zero spills and occupancy, not timed (no GPU measured).
+TILES = {("fwd", "fp32"): (32, 32, 4), ("fwd", "16"): (32, 32, 4),
+         ("bwd", "fp32"): (16, 32, 4), ("bwd", "16"): (16, 32, 4)}
 
 
 def tile(kind: str, dtype: torch.dtype) -> tuple:
@@ -78,13 +81,13 @@ def _zero_row(row, C, BLOCK_C: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["tiles_per_split", "nsplit"])
+@triton.jit(do_not_specialize=["tiles_per_split", "nsplit", "softmax", "g_mode"])
 def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_ptr, s_ptr, acc_ptr,
-                              C, HW, W, tiles_per_split, nsplit,
+                              C, HW, W, tiles_per_split, nsplit, softmax, g_mode,
                               sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
-                              SOFTMAX: tl.constexpr, G_MODE: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``G_MODE``: 0 no g, 1 pooled g, 2 a map (both read through strides)."""
+    """``softmax``: 1 softmax, 0 sigmoid; ``g_mode``: 0 no g, 1 pooled g, 2 a map (both read through strides).
+    Runtime switches (uniform per launch): one binary per dtype."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     off = tl.load(off_ptr + b)
@@ -106,13 +109,13 @@ def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_
             mask_c = offs_c < C
             mask2 = mask_p[:, None] & mask_c[None, :]
             xt = _load_tile(l_b, row_l, offs_c, sl_c, mask2)
-            if G_MODE != 0:
+            if g_mode != 0:
                 xt += _load_tile(g_b, row_g, offs_c, sg_c, mask2)
             wv = tl.load(w_ptr + offs_c * sw, mask=mask_c, other=0.0).to(tl.float32)
             c += tl.sum(xt * wv[None, :], axis=1)
         tl.store(logit_ptr + b * HW + pix, c, mask=mask_p)
         tl.store(c_ptr + b * HW + pix, c.to(c_ptr.dtype.element_ty), mask=mask_p)
-        if SOFTMAX:
+        if softmax != 0:
             m_new = tl.maximum(m_run, tl.max(tl.where(mask_p, c, float("-inf")), axis=0))
             # while every logit so far is -inf, shift by 0: exp(-inf - 0) = 0, not exp(-inf + inf) = NaN
             # (a row that is -inf throughout still gets NaN, from the combine, as eager softmax gives)
@@ -135,14 +138,14 @@ def attention_pool_fwd_kernel(l_ptr, g_ptr, w_ptr, off_ptr, logit_ptr, c_ptr, m_
     tl.store(s_ptr + b * nsplit + sp, s_run)
 
 
-@triton.jit(do_not_specialize=["nsplit"])
+@triton.jit(do_not_specialize=["nsplit", "softmax"])
 def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_ptr, stats_ptr,
-                                  C, nsplit, scale, sp_b, sp_c,
-                                  SOFTMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  C, nsplit, softmax, scale, sp_b, sp_c,
+                                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < nsplit
-    if SOFTMAX:
+    if softmax != 0:
         ms = tl.load(m_ptr + b * nsplit + offs_s, mask=mask_s, other=float("-inf"))
         ss = tl.load(s_ptr + b * nsplit + offs_s, mask=mask_s, other=0.0)
         mx = tl.max(ms, axis=0)
@@ -168,16 +171,15 @@ def attention_pool_combine_kernel(m_ptr, s_ptr, acc_ptr, pooled_ptr, pooled32_pt
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["tiles_per_split", "nsplit"])
+@triton.jit(do_not_specialize=["tiles_per_split", "nsplit", "softmax", "g_mode"])
 def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, dc_ptr, dp_ptr,
                               dl_ptr, dg_ptr, dw_ptr, dsum_ptr,
-                              C, HW, W, tiles_per_split, nsplit, scale,
+                              C, HW, W, tiles_per_split, nsplit, softmax, g_mode, scale,
                               sl_b, sl_c, sl_h, sl_w, sg_b, sg_c, sg_h, sg_w, sw,
                               sdc_b, sdc_h, sdc_w, sdp_b, sdp_c,
                               sdl_b, sdl_c, sdl_h, sdl_w, sdg_b, sdg_c, sdg_h, sdg_w,
-                              SOFTMAX: tl.constexpr, G_MODE: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``G_MODE``: 0 no g, 1 pooled g (``dg_ptr``: per-program fp32 rows like ``dw_ptr``), 2 a map (``dg``
+    """``g_mode``: 0 no g, 1 pooled g (``dg_ptr``: per-program fp32 rows like ``dw_ptr``), 2 a map (``dg``
     written per element through its strides)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -187,7 +189,7 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, 
     dw_row = dw_ptr + (b * nsplit + sp) * C
     _zero_row(dw_row, C, BLOCK_C)
     dg_row = dg_ptr + (b * nsplit + sp) * C
-    if G_MODE == 1:
+    if g_mode == 1:
         _zero_row(dg_row, C, BLOCK_C)
     l_b = l_ptr + b * sl_b
     g_b = g_ptr + b * sg_b
@@ -201,7 +203,7 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, 
         pix, mask_p, y, x = _tile_pixels(t, HW, W, BLOCK_P)
         row_l = y * sl_h + x * sl_w
         c = tl.load(logit_ptr + b * HW + pix, mask=mask_p, other=0.0)
-        if SOFTMAX:
+        if softmax != 0:
             a = tl.exp(c - mx) / total
         else:
             a = tl.sigmoid(c)
@@ -214,7 +216,7 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, 
             gdot += tl.sum(lt * dp[None, :], axis=1)
         ghat = gdot * scale
         dco = tl.load(dc_ptr + b * sdc_b + y * sdc_h + x * sdc_w, mask=mask_p, other=0.0).to(tl.float32)
-        if SOFTMAX:
+        if softmax != 0:
             dc = dco + a * (ghat - kk)
         else:
             dc = dco + ghat * a * (1.0 - a)
@@ -232,13 +234,13 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, 
             dl = sa[:, None] * dp[None, :] + dx
             tl.store(dl_b + (y * sdl_h + x * sdl_w)[:, None] + offs_c[None, :] * sdl_c,
                      dl.to(dl_ptr.dtype.element_ty), mask=mask2)
-            if G_MODE == 2:
+            if g_mode == 2:
                 tl.store(dg_b + (y * sdg_h + x * sdg_w)[:, None] + offs_c[None, :] * sdg_c,
                          dx.to(dg_ptr.dtype.element_ty), mask=mask2)
-            if G_MODE == 1:  # sum_p dc_p w_c per element, as eager's expand backward sums (inf meets inf there)
+            if g_mode == 1:  # sum_p dc_p w_c per element, as eager's expand backward sums (inf meets inf there)
                 old = tl.load(dg_row + offs_c, mask=mask_c, other=0.0)
                 tl.store(dg_row + offs_c, old + tl.sum(tl.where(mask2, dx, 0.0), axis=0), mask=mask_c)
-            if G_MODE != 0:
+            if g_mode != 0:
                 xt += _load_tile(g_b, y * sg_h + x * sg_w, offs_c, sg_c, mask2)
             old = tl.load(dw_row + offs_c, mask=mask_c, other=0.0)
             tl.store(dw_row + offs_c, old + tl.sum(tl.where(mask2, dc[:, None] * xt, 0.0), axis=0), mask=mask_c)
@@ -271,11 +273,11 @@ def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, l
     B, C, H, W = l.shape
     HW = H * W
     bp, bc, warps = tile("fwd", l.dtype)
-    kw = dict(SOFTMAX=bool(softmax), G_MODE=g_mode(g), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    kw = dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     gt = g if g is not None else l
 
     def args(m, s, acc, per, nsplit):
-        return (l, gt, w, off, logits, c_out, m, s, acc, C, HW, W, per, nsplit,
+        return (l, gt, w, off, logits, c_out, m, s, acc, C, HW, W, per, nsplit, int(softmax), g_mode(g),
                 *l.stride(), *_g_strides(g, l), w.stride(0))
 
     with on_device(l):
@@ -286,8 +288,8 @@ def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, l
         acc = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
         attention_pool_fwd_kernel[(B, nsplit)](*args(m, s, acc, per, nsplit), **kw)
         attention_pool_combine_kernel[(B,)](
-            m, s, acc, pooled, pooled32, stats, C, nsplit, 1.0 / HW if mean else 1.0, pooled.stride(0),
-            pooled.stride(1), SOFTMAX=bool(softmax), BLOCK_S=BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4)
+            m, s, acc, pooled, pooled32, stats, C, nsplit, int(softmax), 1.0 / HW if mean else 1.0, pooled.stride(0),
+            pooled.stride(1), BLOCK_S=BLOCK_S, BLOCK_C=COMBINE_BLOCK_C, num_warps=4)
 
 
 def attention_pool_bwd(l, w, g, logits, stats, kvec, dc, dpooled, softmax: bool, mean: bool, dl, dg):
@@ -298,13 +300,13 @@ def attention_pool_bwd(l, w, g, logits, stats, kvec, dc, dpooled, softmax: bool,
     HW = H * W
     bp, bc, warps = tile("bwd", l.dtype)
     mode = g_mode(g)
-    kw = dict(SOFTMAX=bool(softmax), G_MODE=mode, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+    kw = dict(BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     gt = g if g is not None else l
 
     def args(dw, dsum, dgt, per, nsplit):
         dg_strides = _g_strides(dgt, l) if mode == 2 else (0, 0, 0, 0)
-        return (l, gt, w, logits, stats, kvec, dc, dpooled, dl, dgt, dw, dsum, C, HW, W, per, nsplit,
-                1.0 / HW if mean else 1.0, *l.stride(), *_g_strides(g, l), w.stride(0),
+        return (l, gt, w, logits, stats, kvec, dc, dpooled, dl, dgt, dw, dsum, C, HW, W, per, nsplit, int(softmax),
+                mode, 1.0 / HW if mean else 1.0, *l.stride(), *_g_strides(g, l), w.stride(0),
                 dc.stride(0), dc.stride(2), dc.stride(3), *dpooled.stride(), *dl.stride(), *dg_strides)
 
     with on_device(l):
@@ -323,37 +325,30 @@ def attention_pool_bwd(l, w, g, logits, stats, kvec, dc, dpooled, softmax: bool,
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
 def aot_configs() -> list:
-    """Forward and backward for every dtype, both normalizations, every g layout (none, pooled, map); the
-    combine."""
+    """Forward and backward for every dtype (softmax/sigmoid and the g layout are runtime switches); the combine."""
     from .aot.registry import KernelConfig, signature
 
     configs = []
     for dtype, dt in DTYPES.items():
-        for softmax in (True, False):
-            for mode in (0, 1, 2):
-                for kind, kernel, ptrs in (
-                        ("fwd", attention_pool_fwd_kernel,
-                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "off_ptr": "fp32", "logit_ptr": "fp32",
-                          "c_ptr": dt, "m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32"}),
-                        ("bwd", attention_pool_bwd_kernel,
-                         {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "logit_ptr": "fp32", "stats_ptr": "fp32",
-                          "k_ptr": "fp32", "dc_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dg_ptr": dt,
-                          "dw_ptr": "fp32", "dsum_ptr": "fp32"})):
-                    bp, bc, warps = tile(kind, dtype)
-                    cx = {"SOFTMAX": softmax, "G_MODE": mode, "BLOCK_P": bp, "BLOCK_C": bc}
-                    name = (f"attention_pool.{kind}[{dt},{'softmax' if softmax else 'sigmoid'}"
-                            f"{('', ',g=pooled', ',g=map')[mode]},P={bp},C={bc},w={warps}]")
-                    configs.append(KernelConfig(
-                        name=name, kernel=kernel, constexprs=cx, num_warps=warps,
-                        signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if kind == "bwd" else {},
-                                            constexprs=cx)))
-        for softmax in (True, False):
-            cx = {"SOFTMAX": softmax, "BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
-            name = f"attention_pool.combine[{dt},{'softmax' if softmax else 'sigmoid'}]"
+        for kind, kernel, ptrs in (
+                ("fwd", attention_pool_fwd_kernel,
+                 {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "off_ptr": "fp32", "logit_ptr": "fp32", "c_ptr": dt,
+                  "m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32"}),
+                ("bwd", attention_pool_bwd_kernel,
+                 {"l_ptr": dt, "g_ptr": dt, "w_ptr": dt, "logit_ptr": "fp32", "stats_ptr": "fp32", "k_ptr": "fp32",
+                  "dc_ptr": dt, "dp_ptr": dt, "dl_ptr": dt, "dg_ptr": dt, "dw_ptr": "fp32", "dsum_ptr": "fp32"})):
+            bp, bc, warps = tile(kind, dtype)
+            cx = {"BLOCK_P": bp, "BLOCK_C": bc}
             configs.append(KernelConfig(
-                name=name, kernel=attention_pool_combine_kernel, constexprs=cx, num_warps=4,
-                signature=signature(attention_pool_combine_kernel,
-                                    ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "pooled_ptr": dt,
-                                          "pooled32_ptr": "fp32", "stats_ptr": "fp32"},
-                                    scalars={"scale": "fp32"}, constexprs=cx)))
+                name=f"attention_pool.{kind}[{dt},P={bp},C={bc},w={warps}]", kernel=kernel, constexprs=cx,
+                num_warps=warps, signature=signature(kernel, ptrs=ptrs, scalars={"scale": "fp32"} if kind == "bwd"
+                                                     else {}, constexprs=cx)))
+        cx = {"BLOCK_S": BLOCK_S, "BLOCK_C": COMBINE_BLOCK_C}
+        configs.append(KernelConfig(
+            name=f"attention_pool.combine[{dt},S={BLOCK_S},C={COMBINE_BLOCK_C}]", kernel=attention_pool_combine_kernel,
+            constexprs=cx, num_warps=4,
+            signature=signature(attention_pool_combine_kernel,
+                                ptrs={"m_ptr": "fp32", "s_ptr": "fp32", "acc_ptr": "fp32", "pooled_ptr": dt,
+                                      "pooled32_ptr": "fp32", "stats_ptr": "fp32"},
+                                scalars={"scale": "fp32"}, constexprs=cx)))
     return configs

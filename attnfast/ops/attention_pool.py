@@ -16,7 +16,8 @@ over ``l`` in the forward: logits, online softmax and the weighted sum); CPU ten
 batch chunks. float64 always takes the PyTorch path.
 
 Saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample softmax max and sum
-(B x 2) and the fp32 pooled output (B x C): nothing C x H x W (eager keeps ``l + g`` and ``a * l``'s operands). The backward
+(B x 2) and the fp32 pooled output (B x C; the output itself for fp32 inputs): nothing C x H x W (eager keeps
+``l + g`` and ``a * l``'s operands). The backward
 is its own custom op (``attnfast::attention_pool_backward``) and recomputes ``a`` from the logits::
 
     ghat_p = s dpooled . l_p                         s = 1 (sum) or 1/(H*W) (mean)
@@ -265,8 +266,10 @@ def _(dc, dpooled, l, weight, bias, g, logits, stats, pooled32, softmax, mean):
 
 def _setup_context(ctx, inputs, output):
     l, weight, bias, g, softmax, mean = inputs
-    _, _, logits, stats, pooled32 = output
-    ctx.save_for_backward(l, weight, bias, g, logits, stats, pooled32)
+    _, pooled, logits, stats, pooled32 = output
+    # fp32 (fp64) inputs: the pooled output holds pooled32's values; saving it instead lets pooled32 go (the next
+    # layer usually keeps pooled anyway: timm's GlobalContext MLP saves it as its input)
+    ctx.save_for_backward(l, weight, bias, g, logits, stats, pooled if pooled.dtype == pooled32.dtype else pooled32)
     ctx.args = (softmax, mean)
     ctx.mark_non_differentiable(logits, stats, pooled32)
 
