@@ -18,12 +18,12 @@ VARIANTS = [("pooled", "softmax", "sum", False), ("pooled", "sigmoid", "mean", F
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32))
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
-def test_variants_fp32(request, backend, variant, device):
+def test_variants(request, backend, dtype, variant, device):
     request.getfixturevalue(backend)
     g_kind, norm, red, bias = variant
-    check_attention_pool(2, 5, 7, 11, torch.float32, g_kind=g_kind, normalize=norm, reduce=red, bias=bias,
-                         device=device)
+    check_attention_pool(2, 5, 7, 11, dtype, g_kind=g_kind, normalize=norm, reduce=red, bias=bias, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
