@@ -35,15 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
+from ._launch import DTYPES, on_device, splits
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
 COMBINE_BLOCK_C = 32
-# (BLOCK_P, BLOCK_C, num_warps) per direction and storage dtype. Registers grow about linearly with the tile (its
-# 64-bit pointers, masks and values; plus g's with a map g): 1024-element forward / 512-element backward tiles of
-# 4 warps compile to <= 96 registers and no spills on sm_80/sm_90 (triton 3.8: 2048-element tiles reach 157-255
-# registers and spill in the 16-bit forward). Chosen for zero spills and occupancy, not timed (no GPU measured).
+# (BLOCK_P, BLOCK_C, num_warps) per direction and storage dtype (benchmarks/results/kernel_tuning.md)
 TILES = {("fwd", "fp32"): (32, 32, 4), ("fwd", "16"): (32, 32, 4),
          ("bwd", "fp32"): (16, 32, 4), ("bwd", "16"): (16, 32, 4)}
 
@@ -251,12 +247,6 @@ def attention_pool_bwd_kernel(l_ptr, g_ptr, w_ptr, logit_ptr, stats_ptr, k_ptr, 
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _splits(kernel, args, kw, n_tiles: int, B: int, device):
-    from .grid_attention import _splits as grid_splits  # the occupancy-driven split model, shared
-
-    return grid_splits(kernel, args, kw, n_tiles, B, device, BLOCK_S)
-
-
 def g_mode(g) -> int:
     return 0 if g is None else (2 if tuple(g.shape[2:]) != (1, 1) else 1)
 
@@ -281,8 +271,8 @@ def attention_pool_fwd(l, w, off, g, softmax: bool, mean: bool, c_out, pooled, l
                 *l.stride(), *_g_strides(g, l), w.stride(0))
 
     with on_device(l):
-        nsplit, per = _splits(attention_pool_fwd_kernel, args(logits, logits, logits, 2, 2), kw,
-                              triton.cdiv(HW, bp), B, l.device)
+        nsplit, per = splits(attention_pool_fwd_kernel, args(logits, logits, logits, 2, 2), kw,
+                             triton.cdiv(HW, bp), B, l.device, BLOCK_S)
         m = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
         s = torch.empty_like(m)
         acc = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
@@ -311,8 +301,8 @@ def attention_pool_bwd(l, w, g, logits, stats, kvec, dc, dpooled, softmax: bool,
 
     with on_device(l):
         placeholder = dg if mode == 2 else logits
-        nsplit, per = _splits(attention_pool_bwd_kernel, args(logits, logits, placeholder, 2, 2), kw,
-                              triton.cdiv(HW, bp), B, l.device)
+        nsplit, per = splits(attention_pool_bwd_kernel, args(logits, logits, placeholder, 2, 2), kw,
+                             triton.cdiv(HW, bp), B, l.device, BLOCK_S)
         dw = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32)
         dsum = torch.empty((B, nsplit), device=l.device, dtype=torch.float32)
         dgrows = torch.empty((B, nsplit, C), device=l.device, dtype=torch.float32) if mode == 1 else None

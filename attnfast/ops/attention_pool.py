@@ -11,7 +11,7 @@ Learn to Pay Attention's ``LinearAttentionBlock`` is ``(softmax, sum)`` / ``(sig
 ``weight`` and ``g`` the global feature (B, C, 1, 1) or a map like ``l``; timm's ``GlobalContext`` pools with
 ``(softmax, sum)``, a bias and no ``g``.
 
-Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernels.attention_pool`` (one pass
+Dispatch (``attnfast._dispatch.kernel_eligible``): CUDA tensors run ``attnfast.kernels.attention_pool`` (one pass
 over ``l`` in the forward: logits, online softmax and the weighted sum); CPU tensors run a PyTorch path over
 batch chunks. float64 always takes the PyTorch path.
 
@@ -37,7 +37,7 @@ import torch
 
 from .. import _alloc
 from .._checks import check_same, check_tensor
-from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # The PyTorch path converts this many elements of l (B_chunk x C x H x W) to the compute dtype at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -58,9 +58,14 @@ def check_attention_pool_inputs(l, weight, bias=None, g=None, normalize="softmax
         raise ValueError(f"one sample of l must have fewer than 2**31 elements (32-bit offsets in the kernels); "
                          f"got {tuple(l.shape[1:])}")
     check_tensor(weight, "weight")
-    if tuple(weight.shape) not in ((1, C, 1, 1), (1, C), (C,)):
-        raise ValueError(f"weight must be a 1x1 convolution weight to one channel, (1, {C}, 1, 1), (1, {C}) or "
-                         f"({C},) for l's {C} channels; got shape {tuple(weight.shape)}")
+    shape = tuple(weight.shape)
+    if not (len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1) or len(shape) == 2 and shape[0] == 1
+            or len(shape) == 1):
+        raise ValueError(f"weight must be a 1x1 convolution weight to one channel, (1, C, 1, 1), (1, C) or (C,); "
+                         f"got shape {shape}")
+    if shape[-1 if len(shape) < 4 else 1] != C:
+        raise ValueError(f"l must have {shape[-1 if len(shape) < 4 else 1]} channels (the weight's in_channels); "
+                         f"got {C} (l's shape {tuple(l.shape)})")
     named = {"l": l, "weight": weight}
     if bias is not None:
         check_tensor(bias, "bias")
@@ -99,16 +104,8 @@ def _g_chunk(g, b0, b1):
     return g[b0:b1] if g.shape[0] != 1 else g
 
 
-def _kernel_path(l: torch.Tensor, *others) -> bool:
-    if not use_triton(l, *[t for t in others if t is not None]):
-        return False
-    from ..kernels.attention_pool import DTYPES
-
-    if l.dtype in DTYPES:
-        return True
-    if l.is_cuda:
-        warn_fallback("attention_pool", f"no Triton kernel for {l.dtype}")
-    return False
+def _present(*tensors):
+    return [t for t in tensors if t is not None]
 
 
 def _chunks(B: int, per_sample: int):
@@ -170,7 +167,7 @@ def attention_pool_op(l: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     pooled32 = _alloc.empty((B, C), **f32)
     w32 = weight.reshape(C).to(f32["dtype"])
     off = _offset(l, f32["dtype"], bias)
-    if _kernel_path(l, weight, bias, g):
+    if kernel_eligible("attention_pool", *_present(l, weight, bias, g)):
         from ..kernels.attention_pool import attention_pool_fwd
 
         attention_pool_fwd(l, weight.reshape(C), off, g, softmax, mean, c_out, pooled, logits, stats, pooled32)
@@ -234,7 +231,7 @@ def attention_pool_backward_op(dc: torch.Tensor, dpooled: torch.Tensor, l: torch
     spatial = _spatial(g)
     dl = _alloc.empty_like(l)
     dg_map = _alloc.empty_like(g) if spatial else None
-    if _kernel_path(l, weight, bias, g, dc, dpooled):
+    if kernel_eligible("attention_pool", *_present(l, weight, bias, g, dc, dpooled)):
         from ..kernels.attention_pool import attention_pool_bwd
 
         dw, dsum, dgp = attention_pool_bwd(l, weight.reshape(C), g, logits, stats, kvec, dc, dpooled, softmax, mean,

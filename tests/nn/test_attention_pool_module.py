@@ -101,11 +101,11 @@ def test_global_context_without_timm_children_uses_given_modules():
 
 def test_bad_inputs():
     block = LinearAttentionBlock(8)
-    with pytest.raises(ValueError, match="l must have 8 channels"):
+    with pytest.raises(ValueError, match="l must have 8 channels .the weight's in_channels.; got 6"):
         block(torch.randn(2, 6, 4, 4), torch.randn(2, 6, 1, 1))
     with pytest.raises(ValueError, match=r"g must be the global feature, \(2, 8, 1, 1\)"):
         block(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2))
     with pytest.raises(ValueError, match="float64.*float32|float32.*float64"):
         block(torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 8, 1, 1, dtype=torch.float64))
-    with pytest.raises(ValueError, match="x must be a 4-D tensor"):
+    with pytest.raises(ValueError, match="must be a 4-D tensor"):
         GlobalContextPool(8)(torch.randn(2, 8, 4))

@@ -100,7 +100,8 @@ def test_bad_inputs():
     l, w = torch.randn(2, 3, 4, 5), torch.randn(1, 3, 1, 1)
     cases = [
         ((torch.randn(2, 3, 4), w), {}, "4-D"),
-        ((l, torch.randn(2, 3, 1, 1)), {}, r"weight must be a 1x1 convolution weight to one channel, \(1, 3, 1, 1\)"),
+        ((l, torch.randn(2, 3, 1, 1)), {}, r"weight must be a 1x1 convolution weight to one channel, \(1, C, 1, 1\)"),
+        ((l, torch.randn(1, 4, 1, 1)), {}, r"l must have 4 channels \(the weight's in_channels\); got 3"),
         ((l, w, torch.randn(2)), {}, "bias must hold one value"),
         ((l, w, None, torch.randn(2, 3, 2, 5)), {}, r"g must be the global feature, \(2, 3, 1, 1\)"),
         ((l, w.double()), {}, "dtype"),
