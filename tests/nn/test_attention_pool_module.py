@@ -72,7 +72,7 @@ def test_timm_global_context(request, backend, options, device):
                device)
 
 
-@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["amp-bf16", "amp-fp16"])
 def test_autocast_dtypes_and_values(torch_backend, amp):
     timm_gc = pytest.importorskip("timm.layers.global_context")
     for ref, fused, shapes in ((RefLinear(8), LinearAttentionBlock(8), [(2, 8, 5, 6), (2, 8, 1, 1)]),

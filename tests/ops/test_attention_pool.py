@@ -2,7 +2,7 @@
 float64 reference (attnfast.reference.attention_pool), three-way: both paths (PyTorch, and the Triton kernels
 interpreted on a CPU / compiled on CUDA), every g layout (none, pooled (B, C, 1, 1), (1, C, 1, 1), a map like l),
 softmax/sigmoid, sum/mean, with and without a bias, contiguous and channels_last; opcheck; torch.compile; input
-validation. Shapes are tiny (the interpreter): several pixel tiles and splits all the same."""
+validation. bf16: tests/ops/test_bf16.py (refused on the interpreter, the PyTorch path vs float64). Shapes are tiny (the interpreter): several pixel tiles and splits all the same."""
 import pytest
 import torch
 
@@ -113,11 +113,3 @@ def test_bad_inputs():
     for args, kw, match in cases:
         with pytest.raises(ValueError, match=match):
             attention_pool(*args, **kw)
-
-
-def test_bf16_refused_on_the_interpreter(triton_backend, device):
-    if device == "cuda":
-        pytest.skip("compiled kernels run bf16")
-    l, w = torch.randn(2, 3, 4, 5, dtype=torch.bfloat16), torch.randn(1, 3, 1, 1, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bfloat16 cannot run on the Triton interpreter"):
-        attention_pool(l, w)
