@@ -1,5 +1,5 @@
 """Modules over the fused ``attnfast::attention_pool`` op (attention pooling with a linear score), each a subclass
-of its reference (``attnfast.reference.attention_pool``) overriding only ``forward`` / ``context``:
+of its reference (``attnfast.reference.attention_pool``) overriding only ``forward`` / ``_context``:
 
 - ``LinearAttentionBlock``: drop-in for Learn to Pay Attention's ``LinearAttentionBlock`` (constructor, ``op.weight``,
   ``forward(l, g) -> (c, pooled)``); ``g`` the global feature (B, C, 1, 1) as LTPA's models pass it, or a map like l.
@@ -56,7 +56,7 @@ class GlobalContextPool(reference.GlobalContextPool):
 class GlobalContext(reference.GlobalContext):
     """timm's ``GlobalContext`` with the attention pooling fused."""
 
-    def context(self, x):
+    def _context(self, x):
         if self.conv_attn is not None:
             return context_pool(x, self.conv_attn)
         return x.mean(dim=(2, 3), keepdim=True)

@@ -111,14 +111,14 @@ class GlobalContext(nn.Module):
         if self.mlp_add is not None:
             nn.init.zeros_(self.mlp_add.fc2.weight)
 
-    def context(self, x):
+    def _context(self, x):
         """The pooled context (B, C, 1, 1): the softmax attention pooling, or the mean without ``conv_attn``."""
         if self.conv_attn is not None:
             return _softmax_context(x, self.conv_attn)
         return x.mean(dim=(2, 3), keepdim=True)
 
     def forward(self, x):
-        context = self.context(x)
+        context = self._context(x)
         if self.mlp_scale is not None:
             x = x * self.gate(self.mlp_scale(context))
         if self.mlp_add is not None:

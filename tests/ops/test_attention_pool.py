@@ -28,7 +28,7 @@ def test_variants(request, backend, dtype, variant, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", dtype_params(torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("variant", VARIANTS[:3], ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant", [VARIANTS[1], VARIANTS[3]], ids=lambda v: "-".join(map(str, v)))
 def test_16bit(request, backend, dtype, variant, device):
     request.getfixturevalue(backend)
     g_kind, norm, red, bias = variant
@@ -79,8 +79,8 @@ def test_stride0_gradients_and_unused_outputs(request, backend, device):
     torch.testing.assert_close(want[1], want[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("g_kind", [None, "map"])
+@pytest.mark.parametrize("backend, g_kind", [("triton_backend", "map"), ("torch_backend", "map"),
+                                             ("torch_backend", None)])
 def test_opcheck(request, backend, g_kind, device):
     request.getfixturevalue(backend)
     l = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
