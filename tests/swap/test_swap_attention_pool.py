@@ -105,3 +105,26 @@ def test_on_the_triton_path(triton_backend):
     ref.square().sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), oracle.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_directly_built_fused_modules_unswap_to_the_references_and_back():
+    """attention="fused"-style models: unswap gives attnfast's references (same Parameters, same outputs), swap
+    the fused modules again."""
+    from attnfast.reference.attention_pool import GlobalContext as RefGC
+    from attnfast.reference.attention_pool import LinearAttentionBlock as RefLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"gc": GlobalContext(16, fuse_add=True), "ltpa": LinearAttentionBlock(8, False)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    params = [id(p) for p in model.parameters()]
+    x, l, g = torch.randn(2, 16, 5, 6), torch.randn(2, 8, 4, 5), torch.randn(2, 8, 1, 1)
+    want = [model["gc"](x), *model["ltpa"](l, g)]
+    assert [r.name for r in unswap(model)] == ["gc", "ltpa"]
+    assert type(model["gc"]) is RefGC and type(model["ltpa"]) is RefLinear
+    assert [id(p) for p in model.parameters()] == params
+    for a, b in zip(want, [model["gc"](x), *model["ltpa"](l, g)]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert [r.family for r in swap(model)] == ["timm_global_context", "ltpa_linear"]
+    assert type(model["gc"]) is GlobalContext and type(model["ltpa"]) is LinearAttentionBlock
