@@ -315,6 +315,9 @@ def _setup_context(ctx, inputs, output):
     ctx.up_factor = up_factor
     ctx.normalize = normalize
     ctx.mark_non_differentiable(lse, pooled32)
+    # An output the loss does not use gets None, not materialized zeros: the logits' share of the backward
+    # (a PyTorch pass on the Triton path) runs only when the logits carry a gradient.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, da, dpooled, dlogits, _dlse, _dpooled32):
