@@ -20,6 +20,9 @@ _LAZY = {
     "ResidualAttentionModule": "attnfast.nn.residual_attention",
     "CBAM": "attnfast.nn.cbam",
     "LightCBAM": "attnfast.nn.cbam",
+    "LinearAttentionBlock": "attnfast.nn.attention_pool",
+    "GlobalContext": "attnfast.nn.attention_pool",
+    "GlobalContextPool": "attnfast.nn.attention_pool",
     "swap": None,  # the package attnfast.swap, which is callable: attnfast.swap(model)
     "unswap": "attnfast.swap",
     "config": None,  # attnfast.config: settings (ATTNFAST_BACKEND read at import; set_backend at run time)

@@ -30,7 +30,7 @@ import harness
 import sdpa_providers
 
 GRID_PROVIDERS = ("eager", "compile", "fused")
-BLOCK_PROVIDERS = ("eager", "compile", "fused")  # CBAM, residual gate
+BLOCK_PROVIDERS = ("eager", "compile", "fused")  # CBAM, residual gate, attention pooling
 SAGAN_PROVIDERS = ("eager", "compile") + sdpa_providers.PROVIDERS + ("chunked", "fused")
 TRAIN_PROVIDERS = ("reference", "fused")
 
@@ -231,6 +231,32 @@ def gate(names=BLOCK_PROVIDERS) -> dict:
 
     return _pick({"eager": residual_gate_reference, "compile": harness.compiled(residual_gate_reference),
                   "fused": residual_gate}, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention pooling with a linear score (LTPA LinearAttentionBlock, timm GlobalContext)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _attention_pool_modules(kind, channels, dtype, device):
+    """``ltpa``: Learn to Pay Attention's LinearAttentionBlock (softmax); ``gc``: timm's GlobalContext (its
+    defaults: softmax pooling, the scale MLP) and attnfast's drop-ins, same weights."""
+    from attnfast.nn.attention_pool import GlobalContext, LinearAttentionBlock
+    from attnfast.reference.attention_pool import LinearAttentionBlock as Ref
+
+    torch.manual_seed(0)
+    if kind == "ltpa":
+        ref, fused = Ref(channels), LinearAttentionBlock(channels)
+    else:
+        from timm.layers.global_context import GlobalContext as Ref  # noqa: N806 - timm is a benchmark extra
+
+        ref, fused = Ref(channels), GlobalContext(channels)
+    fused.load_state_dict(ref.state_dict())
+    return ref.to(device=device, dtype=dtype), fused.to(device=device, dtype=dtype)
+
+
+def attention_pool(kind, channels, dtype, device, names=BLOCK_PROVIDERS) -> dict:
+    ref, fused = _attention_pool_modules(kind, channels, dtype, device)
+    return _pick({"eager": ref, "compile": harness.compiled(ref), "fused": fused}, names)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 Counts, with ``torch.autograd.graph.saved_tensors_hooks`` (``harness.SavedBytes``), the bytes of every
 tensor the forward saves for backward (each storage once), at the real shapes of AttnVGG (pool-3 and
-pool-4 at 224 and 512 input), SAGAN self-attention and the RAN gate. The module's own weights are
+pool-4 at 224 and 512 input), SAGAN self-attention, the RAN gate, Learn to Pay Attention's
+LinearAttentionBlock and timm's GlobalContext. The module's own weights are
 saved by both sides and are excluded; the input feature maps are reported both ways (counted, and not).
 
 What an attnfast op saves is decided by its ``register_autograd`` setup_context from the op's inputs
@@ -90,6 +91,35 @@ def residual_cases():
            _saved(ref, (x,), weights), _saved(fused, (x,), weights))
 
 
+def attention_pool_cases():
+    """Learn to Pay Attention's AttnVGG_before blocks at 224 (l: 512 x 56/28/14, g: the (B, 512, 1, 1) global
+    feature), and timm's GlobalContext (gcresnet33ts's widths at 224; the whole layer, its MLP included)."""
+    from attnfast.nn.attention_pool import LinearAttentionBlock
+    from attnfast.reference.attention_pool import LinearAttentionBlock as RefLinear
+
+    for name, b, c, hw in [("attn1 @224", 8, 512, 56), ("attn2 @224", 8, 512, 28), ("attn3 @224", 8, 512, 14)]:
+        ref, fused = RefLinear(c), LinearAttentionBlock(c)
+        fused.load_state_dict(ref.state_dict())
+        l = torch.randn(b, c, hw, hw, requires_grad=True)
+        g = torch.randn(b, c, 1, 1, requires_grad=True)
+        weights = list(ref.parameters()) + list(fused.parameters())
+        yield ("attention_pool_ltpa", f"LTPA {name}: B={b}, l {c}x{hw}x{hw}, g {c}x1x1",
+               _saved(ref, (l, g), weights), _saved(fused, (l, g), weights))
+    try:
+        from timm.layers.global_context import GlobalContext as TimmGC
+    except ImportError:
+        return
+    from attnfast.nn.attention_pool import GlobalContext
+
+    for b, c, hw in [(32, 256, 56), (32, 512, 28), (32, 1536, 14)]:
+        ref, fused = TimmGC(c), GlobalContext(c)
+        fused.load_state_dict(ref.state_dict())
+        x = torch.randn(b, c, hw, hw, requires_grad=True)
+        weights = list(ref.parameters()) + list(fused.parameters())
+        yield ("global_context", f"timm GlobalContext (gcresnet33ts): B={b}, {c}x{hw}x{hw}",
+               _saved(ref, (x,), weights), _saved(fused, (x,), weights))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -99,7 +129,7 @@ def main(argv=None) -> int:
         attnfast.config.set_backend("torch")
     torch.manual_seed(0)
     rows = []
-    for gen in (grid_cases, self_attention_cases, residual_cases):
+    for gen in (grid_cases, self_attention_cases, residual_cases, attention_pool_cases):
         for op, case, eager, fused in gen():
             rows.append({"op": op, "case": case, "eager_saved_bytes": eager[0], "attnfast_saved_bytes": fused[0],
                          "ratio": fused[0] / eager[0], "eager_beyond_inputs_bytes": eager[1],

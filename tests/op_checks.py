@@ -346,3 +346,59 @@ def check_cbam(shape, dtype, light, train, device, channels_last=False, **kw):
                               getattr(eager.spatial.conv.bn, name).cpu(), name=name)
         else:
             assert torch.equal(getattr(fused.spatial.conv.bn, name), buf), name
+
+
+# ----------------------------------------------------------------------------------------------
+# attention pooling with a linear score (attnfast::attention_pool), against its float64 reference
+# ----------------------------------------------------------------------------------------------
+def attention_pool_inputs(B, C, H, W, g_kind, bias, seed=0, device="cpu", logit_scale=1.0):
+    """float64 (l, weight, bias or None, g or None, dc, dpooled) on ``device``; g_kind: None, "pooled" (B, C, 1, 1),
+    "pooled1" (1, C, 1, 1) or "map" (B, C, H, W). ``logit_scale`` scales the weight (peaked softmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    l = _randn(B, C, H, W, gen=gen, device=device)
+    w = _randn(1, C, 1, 1, gen=gen, device=device) * (logit_scale / C ** 0.5)
+    b = _randn(1, gen=gen, device=device) if bias else None
+    g = {None: None, "pooled": (B, C, 1, 1), "pooled1": (1, C, 1, 1), "map": (B, C, H, W)}[g_kind]
+    g = _randn(*g, gen=gen, device=device) if g is not None else None
+    return l, w, b, g, _randn(B, 1, H, W, gen=gen, device=device), _randn(B, C, gen=gen, device=device)
+
+
+def attention_pool_run(fn, l, w, b, g, dc, dp, normalize, reduce, *, dtype, channels_last=False, dc_on=True):
+    """Forward + backward of ``fn`` (the op or its reference) in ``dtype``: [c, pooled, dl, dw, (db), (dg)]."""
+    def leaf(t):
+        if t is None:
+            return None
+        t = t.to(dtype)
+        if channels_last and t.dim() == 4 and t.shape[2] * t.shape[3] > 1:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.detach().requires_grad_()
+
+    lv, wv, bv, gv = (leaf(t) for t in (l, w, b, g))
+    c, pooled = fn(lv, wv, bv, gv, normalize=normalize, reduce=reduce)
+    loss = (pooled * dp.to(dtype)).sum()
+    if dc_on:
+        loss = loss + (c * dc.to(dtype)).sum()
+    loss.backward()
+    return [c.detach(), pooled.detach()] + [t.grad for t in (lv, wv, bv, gv) if t is not None]
+
+
+def check_attention_pool(B, C, H, W, dtype, *, g_kind="pooled", normalize="softmax", reduce="sum", bias=False,
+                         device="cpu", channels_last=False, seed=0, dc_on=True, logit_scale=1.0):
+    """attention_pool's outputs (c, pooled) and gradients (l, weight, bias, g) vs float64, three-way; the truth
+    takes the inputs as rounded to ``dtype`` (only the computation's error is compared)."""
+    from attnfast.ops import attention_pool
+    from attnfast.reference.attention_pool import attention_pool_reference
+
+    inputs = [t if t is None else t.to(dtype).double()
+              for t in attention_pool_inputs(B, C, H, W, g_kind, bias, seed, device, logit_scale)]
+    args = dict(normalize=normalize, reduce=reduce, channels_last=channels_last, dc_on=dc_on)
+    ref = attention_pool_run(attention_pool_reference, *inputs, dtype=torch.float64, **args)
+    eager = attention_pool_run(attention_pool_reference, *inputs, dtype=dtype, **args)
+    out = attention_pool_run(attention_pool, *inputs, dtype=dtype, **args)
+    for o in out:
+        assert o.dtype == dtype and o.device.type == torch.device(device).type
+    if channels_last:
+        assert out[2].is_contiguous(memory_format=torch.channels_last), "dl should keep channels_last"
+    assert_close_3way(out, ref, eager, name=f"attention_pool[{B}x{C}x{H}x{W},g={g_kind},{normalize},{reduce},"
+                                            f"bias={bias},{dtype},{device},cl={channels_last}]")
+    return out

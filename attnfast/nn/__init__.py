@@ -1,11 +1,13 @@
 """Thin drop-in modules over the fused ops (same constructor and parameter names as the references).
 
 One attention per file: ``grid_attention.GridAttention``, ``self_attention.SelfAttention2d``,
-``residual_attention.ResidualAttentionModule``, ``cbam.CBAM`` / ``cbam.LightCBAM``.
+``residual_attention.ResidualAttentionModule``, ``cbam.CBAM`` / ``cbam.LightCBAM``,
+``attention_pool.LinearAttentionBlock`` / ``GlobalContextPool`` / ``GlobalContext``.
 """
 from .residual_attention import ResidualAttentionModule
 
-__all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d", "CBAM", "LightCBAM"]
+__all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d", "CBAM", "LightCBAM",
+           "LinearAttentionBlock", "GlobalContextPool", "GlobalContext"]
 
 
 def __getattr__(name):
@@ -18,4 +20,7 @@ def __getattr__(name):
     if name in ("CBAM", "LightCBAM"):
         from . import cbam
         return getattr(cbam, name)
+    if name in ("LinearAttentionBlock", "GlobalContextPool", "GlobalContext"):
+        from . import attention_pool
+        return getattr(attention_pool, name)
     raise AttributeError(f"module 'attnfast.nn' has no attribute {name!r}")

@@ -6,10 +6,12 @@ every op: docs/adding-an-op.md).
 - ``self_attention(q, k, v, x=None, gamma=None, ...)``: exact SAGAN attention, O(N) memory
 - ``residual_gate(mask_logits, trunk)``: ``(1 + sigmoid(m)) * t``
 - ``cbam(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var, ...)``: fused CBAM
+- ``attention_pool(l, weight, bias=None, g=None, normalize=..., reduce=...)``: linear-score attention pooling
 """
+from .attention_pool import attention_pool
 from .cbam import cbam
 from .grid_attention import grid_attention
 from .residual_gate import residual_gate
 from .self_attention import self_attention
 
-__all__ = ["cbam", "grid_attention", "residual_gate", "self_attention"]
+__all__ = ["attention_pool", "cbam", "grid_attention", "residual_gate", "self_attention"]

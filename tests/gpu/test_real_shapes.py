@@ -35,7 +35,8 @@ import traceback
 import pytest
 import torch
 
-from op_checks import check_cbam, check_gate, check_grid, check_sagan, check_sagan_variant, tf32
+from op_checks import (check_attention_pool, check_cbam, check_gate, check_grid, check_sagan, check_sagan_variant,
+                       tf32)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -77,6 +78,24 @@ CBAM_REAL = [
     ("stage4", (32, 2048, 7, 7), False),
     ("stage1-light", (32, 256, 56, 56), True),
 ]
+
+# Attention pooling: Learn to Pay Attention's AttnVGG_before at 224 (512 x 56/28/14, g the (B, 512, 1, 1) global
+# feature; softmax and sigmoid) and timm gcresnet33ts's GlobalContext pooling at 224, B = 32 (no g, a bias).
+POOL_REAL = [
+    ("ltpa-attn1", (8, 512, 56), "pooled", False),
+    ("ltpa-attn2", (8, 512, 28), "pooled", False),
+    ("ltpa-attn3", (8, 512, 14), "pooled", False),
+    ("gc-stage1", (32, 256, 56), None, True),
+    ("gc-stage3", (32, 1536, 14), None, True),
+]
+
+
+def check_real_pool(case, precision, device):
+    _, (b, c, hw), g_kind, bias = case
+    modes = (("softmax", "sum"), ("sigmoid", "mean")) if g_kind else (("softmax", "sum"),)
+    for norm, red in modes:
+        check_attention_pool(b, c, hw, hw, DTYPES[precision], g_kind=g_kind, normalize=norm, reduce=red, bias=bias,
+                             device=device, channels_last=c == 256)
 
 
 def check_real_grid(case, precision, device):
@@ -121,6 +140,7 @@ OPS = {
     "self_attention": (SAGAN_REAL, _sagan_id, ("fp32", "fp16", "bf16"), check_real_sagan),
     "residual_gate": (GATE_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_gate),
     "cbam": (CBAM_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_cbam),
+    "attention_pool": (POOL_REAL, lambda c: c[0], ("fp32", "fp16", "bf16"), check_real_pool),
 }
 
 
@@ -130,6 +150,7 @@ TINY = {
     "self_attention": [(2, 16, 6, 5, {}), (2, 32, 5, 6, {"pool": True, "heads": 2, "value_dim": 8})],
     "residual_gate": [("tiny", (2, 4, 5, 6), False), ("tiny-channels_last", (2, 4, 5, 6), True)],
     "cbam": [("tiny", (2, 20, 9, 9), False), ("tiny-light", (2, 8, 5, 3), True)],
+    "attention_pool": [("tiny-ltpa", (2, 40, 6), "pooled", False), ("tiny-gc", (2, 8, 5), None, True)],
 }
 
 

@@ -53,3 +53,14 @@ def test_residual_gate_choices_are_registered():
 def test_precision_choice_is_one_of_the_registered():
     for dtype in G.DTYPES:
         assert G.precision_for(dtype) in G._precisions(dtype)
+
+
+def test_attention_pool_choices_are_registered():
+    from attnfast.kernels import attention_pool as P
+
+    names = {c.name for c in P.aot_configs()}
+    for dtype, dt in P.DTYPES.items():
+        for kind in ("fwd", "bwd"):
+            bp, bc, warps = P.tile(kind, dtype)
+            assert f"attention_pool.{kind}[{dt},P={bp},C={bc},w={warps}]" in names
+        assert f"attention_pool.combine[{dt},S={P.BLOCK_S},C={P.COMBINE_BLOCK_C}]" in names

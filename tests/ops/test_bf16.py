@@ -9,8 +9,8 @@ the compiled kernels (their gpu-marked cases).
 import pytest
 import torch
 
-from attnfast.ops import cbam, grid_attention, residual_gate, self_attention
-from op_checks import check_cbam, check_gate, check_grid, check_sagan
+from attnfast.ops import attention_pool, cbam, grid_attention, residual_gate, self_attention
+from op_checks import check_attention_pool, check_cbam, check_gate, check_grid, check_sagan
 
 pytest.importorskip("timm.layers.cbam")  # check_cbam's reference
 
@@ -26,6 +26,7 @@ CALLS = {
     "self_attention": lambda: self_attention(*_bf16((1, 2, 5), (1, 2, 5), (1, 3, 5))),
     "residual_gate": lambda: residual_gate(*_bf16((2, 3, 4, 4), (2, 3, 4, 4))),
     "cbam": lambda: cbam(*_bf16((2, 8, 3, 3), (2, 8, 1, 1), (2,), (8, 2, 1, 1), (8,), (1, 2, 3, 3), (1,), (1,))),
+    "attention_pool": lambda: attention_pool(*_bf16((2, 3, 4, 5), (1, 3, 1, 1), (1,), (2, 3, 1, 1))),
 }
 
 
@@ -62,3 +63,9 @@ def test_residual_gate_bf16(torch_backend, device):
 @pytest.mark.parametrize("light", [False, True], ids=["cbam", "light"])
 def test_cbam_bf16(torch_backend, light, device):
     check_cbam((2, 20, 9, 9), torch.bfloat16, light, True, device)
+
+
+def test_attention_pool_bf16(torch_backend, device):
+    check_attention_pool(2, 20, 7, 9, torch.bfloat16, device=device)
+    check_attention_pool(2, 8, 5, 6, torch.bfloat16, g_kind="map", normalize="sigmoid", reduce="mean", bias=True,
+                         device=device, channels_last=True)

@@ -380,3 +380,55 @@ def test_fp16_output_overflow(request, backend, device):
     want = _run(eager, inputs, upstream)
     assert want["out[0]"].isinf().sum() == 2 and want["dt"].isinf().sum() == 1
     assert not _mismatches(_run(fused, inputs, upstream), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention pooling with a linear score (LTPA LinearAttentionBlock, timm GlobalContext pooling)
+# ----------------------------------------------------------------------------------------------
+def _pool_op(device, variant, dtype=torch.float32):
+    from attnfast.ops import attention_pool
+    from attnfast.reference.attention_pool import attention_pool_reference
+
+    g_shape, norm, red = {"ltpa-softmax": ((2, 6, 1, 1), "softmax", "sum"),
+                          "ltpa-sigmoid": ((2, 6, 1, 1), "sigmoid", "mean"),
+                          "map-softmax": ((2, 6, 4, 5), "softmax", "sum")}[variant]
+
+    def wrap(fn):
+        return _Fn(lambda l, w, b, g: fn(l, w, b, g, normalize=norm, reduce=red))
+
+    inputs = {"l": _randn(2, 6, 4, 5, device=device).to(dtype), "w": _randn(1, 6, 1, 1, device=device).to(dtype),
+              "b": _randn(1, device=device).to(dtype), "g": _randn(*g_shape, device=device).to(dtype)}
+    return (wrap(attention_pool_reference), wrap(attention_pool), inputs,
+            [_randn(2, 1, 4, 5, device=device), _randn(2, 6, device=device)])
+
+
+POOL_CASES = [(v, t) for v in ("ltpa-softmax", "ltpa-sigmoid", "map-softmax") for t in ("l", "w", "b", "g")]
+POOL_TRITON = [(v, t) for v in ("ltpa-softmax", "ltpa-sigmoid") for t in ("l", "w", "g")] + [("map-softmax", "g")]
+
+
+@pytest.mark.parametrize("backend, variant, target", matrix(POOL_CASES, POOL_TRITON))
+def test_attention_pool(request, backend, variant, target, device):
+    request.getfixturevalue(backend)
+    check_nonfinite(*_pool_op(device, variant), target)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_pool_fp16(request, backend, device):
+    request.getfixturevalue(backend)
+    check_nonfinite(*_pool_op(device, "ltpa-softmax", torch.float16), "l", wheres=("one",))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_pool_minus_inf_leading_tiles(request, backend, device):
+    """The first 140 of 160 pixels score -inf (several tiles and splits), the rest finite: probability 0 there and
+    a finite pooled output (NaN only in the channel holding the infinities, 0 * inf), as eager softmax gives."""
+    request.getfixturevalue(backend)
+    eager, fused, inputs, _ = _pool_op(device, "ltpa-softmax")
+    inputs["w"] = inputs["w"].abs()
+    inputs["w"][0, 0] = -inputs["w"][0, 0]
+    inputs["l"] = _randn(2, 6, 8, 20, device=device)
+    inputs["l"][:, 0, :7] = float("inf")
+    upstream = [_randn(2, 1, 8, 20, device=device), _randn(2, 6, device=device)]
+    want = _run(eager, inputs, upstream)
+    assert want["out[1]"][:, 0].isnan().all() and want["out[1]"][:, 1:].isfinite().all()
+    assert not _mismatches(_run(fused, inputs, upstream), want)

@@ -4,8 +4,8 @@ Written from the projects' maths and code layout (names, module types, parameter
 operations), not imported: BigGAN-PyTorch ``layers.py`` (``SN``/``SNConv2d`` power iteration, ``Attention``),
 the CBAM authors' ``MODELS/cbam.py`` (Jongchan/attention-module), ResidualAttentionNetwork-pytorch's
 ``attention_module.py`` (``ResidualBlock``, ``AttentionModule_stage3``), Learn to Pay Attention's
-``LinearAttentionBlock`` and Attention-Gated-Networks' ``GridAttentionBlock2D``. timm's and MONAI's layers are
-used from the installed packages.
+``LinearAttentionBlock`` (and ``model1.AttnVGG_before`` with its ``ConvBlock``/``ProjectorBlock``) and
+Attention-Gated-Networks' ``GridAttentionBlock2D``. timm's and MONAI's layers are used from the installed packages.
 """
 import torch
 import torch.nn as nn
@@ -305,6 +305,78 @@ class LinearAttentionBlock(nn.Module):
         else:
             g = F.adaptive_avg_pool2d(g, (1, 1)).view(N, C)
         return c.view(N, 1, W, H), g
+
+
+class ConvBlock(nn.Module):
+    """Learn to Pay Attention's ``ConvBlock``: num_layers x (3x3 conv, BatchNorm, ReLU), then a max pool per layer
+    with ``pool``."""
+
+    def __init__(self, in_features, out_features, num_conv, pool=False):
+        super(ConvBlock, self).__init__()
+        features = [in_features] + [out_features for i in range(num_conv)]
+        layers = []
+        for i in range(len(features) - 1):
+            layers.append(nn.Conv2d(in_channels=features[i], out_channels=features[i + 1], kernel_size=3, padding=1,
+                                    bias=True))
+            layers.append(nn.BatchNorm2d(num_features=features[i + 1], affine=True, track_running_stats=True))
+            layers.append(nn.ReLU())
+            if pool:
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2, padding=0))
+        self.op = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ProjectorBlock(nn.Module):
+    def __init__(self, in_features, out_features):
+        super(ProjectorBlock, self).__init__()
+        self.op = nn.Conv2d(in_channels=in_features, out_channels=out_features, kernel_size=1, padding=0, bias=False)
+
+    def forward(self, inputs):
+        return self.op(inputs)
+
+
+class AttnVGG_before(nn.Module):
+    """Learn to Pay Attention's ``model1.AttnVGG_before`` (attention before max-pooling), channels divided by
+    ``shrink`` for tests: l1 (projected), l2, l3 attend to the global feature g = dense(...) (B, C, 1, 1)."""
+
+    def __init__(self, im_size, num_classes, attention=True, normalize_attn=True, shrink=16):
+        super(AttnVGG_before, self).__init__()
+        self.attention = attention
+        c64, c128, c256, c512 = (n // shrink for n in (64, 128, 256, 512))
+        self.conv_block1 = ConvBlock(3, c64, 2)
+        self.conv_block2 = ConvBlock(c64, c128, 2)
+        self.conv_block3 = ConvBlock(c128, c256, 3)
+        self.conv_block4 = ConvBlock(c256, c512, 3)
+        self.conv_block5 = ConvBlock(c512, c512, 3)
+        self.conv_block6 = ConvBlock(c512, c512, 2, pool=True)
+        self.dense = nn.Conv2d(in_channels=c512, out_channels=c512, kernel_size=int(im_size / 32), padding=0,
+                               bias=True)
+        if self.attention:
+            self.projector = ProjectorBlock(c256, c512)
+            self.attn1 = LinearAttentionBlock(in_features=c512, normalize_attn=normalize_attn)
+            self.attn2 = LinearAttentionBlock(in_features=c512, normalize_attn=normalize_attn)
+            self.attn3 = LinearAttentionBlock(in_features=c512, normalize_attn=normalize_attn)
+        self.classify = nn.Linear(in_features=c512 * 3, out_features=num_classes, bias=True)
+
+    def forward(self, x):
+        x = self.conv_block1(x)
+        x = self.conv_block2(x)
+        l1 = self.conv_block3(x)
+        x = F.max_pool2d(l1, kernel_size=2, stride=2, padding=0)
+        l2 = self.conv_block4(x)
+        x = F.max_pool2d(l2, kernel_size=2, stride=2, padding=0)
+        l3 = self.conv_block5(x)
+        x = F.max_pool2d(l3, kernel_size=2, stride=2, padding=0)
+        x = self.conv_block6(x)
+        g = self.dense(x)
+        c1, g1 = self.attn1(self.projector(l1), g)
+        c2, g2 = self.attn2(l2, g)
+        c3, g3 = self.attn3(l3, g)
+        g = torch.cat((g1, g2, g3), dim=1)
+        x = self.classify(g)
+        return [x, c1, c2, c3]
 
 
 class GridAttentionBlock2D(nn.Module):

@@ -78,9 +78,7 @@ def _zoo():
 
 
 EXPECTED = [  # (path, status, family)
-    ("ltpa", "no fused op", "ltpa_linear"),
     ("agn", "no fused op", "agn_grid"),
-    ("gc", "no fused op", "timm_global_context"),
     ("se", "out of scope", "channel_gate"),
     ("eca", "out of scope", "channel_gate"),
     ("ran.attention_module1", "partly fusable", "ran_port"),
@@ -94,14 +92,15 @@ def test_every_attention_like_layer_is_reported_once():
     model = _zoo()
     with pytest.warns(SwapWarning) as record:
         result = swap(model)
-    assert [(r.name, r.family) for r in result] == [("net.sagan", "sagan")]
+    assert [(r.name, r.family) for r in result] == [("ltpa", "ltpa_linear"), ("gc", "timm_global_context"),
+                                                     ("net.sagan", "sagan")]
     assert [(s.name, s.status, s.family) for s in result.skipped] == EXPECTED
     assert len(record) == 1
     message = str(record[0].message)
     for s in result.skipped:
         assert f"[{s.status}] {s}" in message
     reasons = {s.name: s.reason for s in result.skipped}
-    assert reasons["ltpa"].startswith("recognised as Learn to Pay Attention LinearAttentionBlock (no fused op yet)")
+    assert reasons["agn"].startswith("recognised as Attention-Gated-Networks")
     assert "residual_gate" in reasons["ran.attention_module1"]
     assert "channel-only gate" in reasons["se"]
     assert "class name has 'gate'" in reasons["mygate"]
@@ -111,7 +110,7 @@ def test_every_attention_like_layer_is_reported_once():
 
 def test_strict_raises_for_layers_left_alone_of_any_status():
     model = _zoo()
-    with pytest.raises(ValueError, match=r"(?s)strict=True.*\[no fused op\] ltpa.*\[unknown\] mixer"):
+    with pytest.raises(ValueError, match=r"(?s)strict=True.*\[no fused op\] agn.*\[unknown\] mixer"):
         swap(model, strict=True)
     assert isinstance(model["net"].sagan, SelfAttention)  # nothing was changed
 
@@ -165,12 +164,13 @@ def test_attnfast_models_report_nothing_after_swap():
 
 def test_timm_channel_gates_and_global_context_in_real_models():
     timm = pytest.importorskip("timm")
-    for arch, status, family in (("ecaresnet26t", "out of scope", "channel_gate"),
-                                 ("gcresnet33ts", "no fused op", "timm_global_context")):
-        model = timm.create_model(arch, pretrained=False, num_classes=2)
-        with pytest.warns(SwapWarning):
-            result = swap(model, dry_run=True)
-        assert result.skipped and {(s.status, s.family) for s in result.skipped} == {(status, family)}
+    model = timm.create_model("ecaresnet26t", pretrained=False, num_classes=2)
+    with pytest.warns(SwapWarning):
+        result = swap(model, dry_run=True)
+    assert result.skipped and {(s.status, s.family) for s in result.skipped} == {("out of scope", "channel_gate")}
+    model = timm.create_model("gcresnet33ts", pretrained=False, num_classes=2)
+    result = swap(model, dry_run=True)  # every GlobalContext fused, nothing left alone
+    assert not result.skipped and len(result) == 10 and {r.family for r in result} == {"timm_global_context"}
 
 
 def test_monai_attention_block_is_recognised():

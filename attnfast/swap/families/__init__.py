@@ -28,11 +28,11 @@ FAMILIES = (
     Cbam(),
     LightCbam(),
     CbamAuthors(),
-    # recognised, no fused op yet
     LtpaLinear(),
+    TimmGlobalContext(),
+    # recognised, no fused op yet
     AgnGrid(),
     MonaiAttention(),
-    TimmGlobalContext(),
     # recognised, only partly fusable / out of scope
     RanPort(),
     ChannelGates(),
