@@ -67,8 +67,10 @@ def chunk_rows(b: int, nq: int, nk: int, elems: int = CHUNK_ELEMS) -> int:
 
 def cpu_blocks(b: int, nq: int, nk: int, d: int, dv: int) -> tuple[int, int]:
     """``(samples, rows)`` per block of the CPU path: whole samples while a sample's scores and its
-    fp32 key/value copies fit ``CPU_BLOCK_ELEMS``, else one sample and ``rows * NK`` within it."""
-    budget = _budget(CPU_BLOCK_ELEMS)
+    fp32 key/value copies fit the budget, else one sample and ``rows * NK`` within it. The budget is
+    ``CPU_BLOCK_ELEMS``, but no more than the larger of the output's elements and an eighth of all B*NQ*NK
+    scores (at least 2**19): small problems keep small buffers (memory O(block + N * C))."""
+    budget = _budget(min(CPU_BLOCK_ELEMS, max(1 << 19, b * nq * dv, b * nq * nk // 8)))
     per_sample = max(nq * nk, (d + dv) * nk, 1)
     if per_sample <= budget:
         return max(1, min(b, budget // per_sample)), max(nq, 1)
