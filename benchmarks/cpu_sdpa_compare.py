@@ -70,9 +70,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def make_step(provider: str, b: int, c: int, n: int, scale: float = 1.0):
-    """``(step, leaves, info)``: ``step()`` runs one forward+backward of ``provider`` on fresh-grad
-    leaves of shape B=b, C=c, N=n. ``info`` says which path/backend it runs."""
+def make_fn(provider: str, b: int, c: int, n: int, scale: float = 1.0):
+    """``(fn, leaves, info)``: ``fn()`` is one forward of ``provider`` on leaves (requiring grad) of shape
+    B=b, C=c, N=n. ``info`` says which path/backend it runs."""
     import torch
 
     import sdpa_providers
@@ -112,6 +112,15 @@ def make_step(provider: str, b: int, c: int, n: int, scale: float = 1.0):
     leaves = [q, k, v, x, gamma]
     for t in leaves:
         t.requires_grad_(True)
+    return fn, leaves, info
+
+
+def make_step(provider: str, b: int, c: int, n: int, scale: float = 1.0):
+    """``(step, info)``: ``step()`` runs one forward+backward of ``provider`` (``make_fn``) and clears
+    the leaves' grads."""
+    import torch
+
+    fn, leaves, info = make_fn(provider, b, c, n, scale)
     grad = torch.randn(fn().shape)
 
     def step(backward: bool = True):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CI guard for the README's main job: run it as written, check its AUC and its time.
 
-    python ci/main_job.py [--limit-s 300] [--min-auc 0.9] [--workdir DIR]
+    python ci/main_job.py [--limit-s 300] [--max-ratio 1.5] [--hard-limit-s 3600] [--min-auc 0.9] [--workdir DIR]
 
 - The command is read from README.md: the first ```bash block with a command that starts with
   ``attnfast train``. That command alone is run (the block's ``pip install`` is CI's job), so a README edit
@@ -10,8 +10,14 @@
   ``runs/<model>-<data>-<time>`` output lands there and nothing of the user's is touched) with
   ``ATTNFAST_CACHE`` pointing into that folder, so the synthetic set is generated from scratch. Test-only
   settings (``TRITON_INTERPRET``, ``ATTNFAST_BACKEND``, ``ATTNFAST_NAN_FILL``) are removed from its environment.
-- It fails (exit status 1) if the command exits non-zero, if it runs longer than ``--limit-s`` seconds (it is
-  then killed), or if the validation AUC of the last epoch, read from the run's ``metrics.csv``, is below
+- Time: a job within ``--limit-s`` passes. CI machines are shared, and on busy cores every PyTorch op
+  waits for its threads to be scheduled (issue 18: 23 s quiet, 394 s under load, the plain reference model
+  as much as the fused one), so a job past ``--limit-s`` is not failed on its own: the guard then runs the same
+  command with ``--attention reference`` (plain PyTorch attention, a fresh folder) right after, and fails only
+  if the job took more than ``--max-ratio`` times that baseline: attnfast, not the machine, is slow. A job
+  past ``--hard-limit-s`` is killed and fails.
+- It fails (exit status 1) if the command exits non-zero, if the time check above fails, or if the
+  validation AUC of the last epoch, read from the run's ``metrics.csv``, is below
   ``--min-auc`` or was not computed over the whole validation split (``val_count`` must equal the size the run
   printed). It prints the wall time and the load average before and after, since CI machines are shared.
 """
@@ -110,6 +116,22 @@ def check_run(workdir: str, output: str, min_auc: float) -> tuple:
     return auc, count
 
 
+def check_time(elapsed: float, limit_s: float, baseline_s, max_ratio: float) -> str:
+    """The time verdict (one line), or GuardError. ``baseline_s``: the reference-attention run's seconds,
+    measured right after the job (None when the job was within the limit and no baseline ran)."""
+    if elapsed <= limit_s:
+        return f"{elapsed:.1f} s (<= {limit_s:.0f} s)"
+    if baseline_s is None:
+        raise GuardError(f"the job took {elapsed:.1f} s (> {limit_s:.0f} s) and no baseline ran")
+    ratio = elapsed / max(baseline_s, 1e-9)
+    if ratio > max_ratio:
+        raise GuardError(f"the job took {elapsed:.1f} s (> {limit_s:.0f} s), {ratio:.2f}x the reference-attention "
+                         f"run's {baseline_s:.1f} s right after it (allowed {max_ratio:g}x): attnfast is slow, "
+                         f"not only the machine")
+    return (f"{elapsed:.1f} s: past {limit_s:.0f} s on a busy machine, but {ratio:.2f}x the reference-attention "
+            f"run's {baseline_s:.1f} s right after it (<= {max_ratio:g}x)")
+
+
 def _load() -> str:
     try:
         return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -119,7 +141,12 @@ def _load() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--limit-s", type=float, default=300.0, help="fail when the job runs longer (default 5 min)")
+    p.add_argument("--limit-s", type=float, default=300.0,
+                   help="a job within this passes; past it, the reference-attention baseline decides (default 5 min)")
+    p.add_argument("--max-ratio", type=float, default=1.5,
+                   help="past --limit-s, fail when the job took more than this times the same command with "
+                        "--attention reference, run right after it (default 1.5)")
+    p.add_argument("--hard-limit-s", type=float, default=3600.0, help="kill and fail the job past this (default 1 h)")
     p.add_argument("--min-auc", type=float, default=0.9, help="fail below this whole-split validation AUC")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     p.add_argument("--workdir", default=None,
@@ -138,13 +165,26 @@ def main(argv=None) -> int:
         print(f"main job: `{shlex.join(cmd)}` in {workdir} (fresh ATTNFAST_CACHE); {_load()}"
               + (f"; not passed on: {', '.join(dropped)}" if dropped else ""), flush=True)
         try:
-            code, elapsed, output = run(exe, workdir, env, a.limit_s)
+            code, elapsed, output = run(exe, workdir, env, a.hard_limit_s)
             print(f"main job: {elapsed:.1f} s wall (limit {a.limit_s:.0f} s); {_load()}", flush=True)
             if code is None:
-                raise GuardError(f"`{shlex.join(cmd)}` ran past {a.limit_s:.0f} s and was killed")
+                raise GuardError(f"`{shlex.join(cmd)}` ran past {a.hard_limit_s:.0f} s and was killed")
             if code != 0:
                 raise GuardError(f"`{shlex.join(cmd)}` exited with status {code}")
             auc, count = check_run(workdir, output, a.min_auc)
+            baseline_s = None
+            if elapsed > a.limit_s:
+                ref = cmd + ["--attention", "reference"]  # argparse: the last --attention wins
+                base_dir = os.path.join(workdir, "baseline")
+                os.makedirs(base_dir)
+                base_env = dict(env, ATTNFAST_CACHE=os.path.join(base_dir, "cache"))
+                print(f"main job: past {a.limit_s:.0f} s; baseline `{shlex.join(ref)}` in {base_dir}", flush=True)
+                bcode, baseline_s, _ = run(resolve(ref), base_dir, base_env, a.hard_limit_s)
+                print(f"main job: baseline {baseline_s:.1f} s wall; {_load()}", flush=True)
+                if bcode != 0:
+                    raise GuardError(f"the baseline `{shlex.join(ref)}` "
+                                     + ("was killed" if bcode is None else f"exited with status {bcode}"))
+            verdict = check_time(elapsed, a.limit_s, baseline_s, a.max_ratio)
         finally:
             if a.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -152,7 +192,7 @@ def main(argv=None) -> int:
         print(f"main job: FAILED: {e}", file=sys.stderr, flush=True)
         return 1
     print(f"main job: OK: validation AUC {auc:.4f} over all {count} validation images (>= {a.min_auc}), "
-          f"{elapsed:.1f} s (<= {a.limit_s:.0f} s)", flush=True)
+          f"{verdict}", flush=True)
     return 0
 
 

@@ -15,10 +15,11 @@ Paths (``attnfast._dispatch.kernel_eligible``):
   PyTorch's matmul TF32 setting (``kernels._launch.dot_precision(like="ieee")``: the kernels' fp32 tiles are
   FMA tiles), never less accurate than eager's ``bmm``.
 - PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): blocks of ``cpu_blocks(...)`` (samples,
-  query rows) whose score block stays cache-resident (``CPU_BLOCK_ELEMS``); per block one GEMM at
-  the true query/key dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's
-  fused softmax, the value GEMM; the backward recomputes the block the same way. Memory
-  O(block + N * C) forward and backward.
+  query rows) of ``CPU_BLOCK_ELEMS`` scores; per block one GEMM at the true query/key dim (no padding
+  to the value dim, as SDPA's flash kernel needs), PyTorch's fused softmax, the value GEMM; the
+  backward recomputes the block the same way and uses PyTorch's fused softmax backward. Few, large
+  ops (5 per block forward, 7 backward): each is a parallel region waiting for all threads, which
+  is what costs on busy cores. Memory O(block + N * C) forward and backward.
 - PyTorch, batched (float64 on any device, and CUDA tensors the Triton kernels do not take): queries
   in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory O(chunk * NK + N * C).
 
@@ -45,10 +46,14 @@ from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 # Score-matrix elements per chunk of the batched PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB,
 # and the backward holds two such blocks.
 CHUNK_ELEMS = 1 << 22
-# Score elements per block of the CPU path (samples * rows * NK). 2**19 fp32 = 2 MiB: the score,
-# probability and dP blocks stay in L2/L3 between the GEMM and the softmax, where the batched
-# path's 16 MiB chunks streamed every elementwise pass through DRAM.
-CPU_BLOCK_ELEMS = 1 << 19
+# Score elements per block of the CPU path (samples * rows * NK). 2**23 fp32 = 32 MiB, two such
+# buffers (S, P). Each multi-threaded op is one parallel region that waits for all its threads; on busy
+# cores every region costs a scheduling delay, so the time follows the number of ops (blocks x 7
+# forward, x 8 backward), not their size. Measured at B=8, C=128, 64x64 on 2 shared cores, load 11-14
+# (fwd+bwd, CPU seconds / wall): 2 MiB blocks (2**19, before) 28 / 172 s, 2**21 8.8 / 52 s, 2**22
+# 5.5 / 34 s, 2**23 3.9 / 17 s, SDPA flash with padded q/k 3.1 / 18 s. 2**24 would double the buffers
+# past SDPA flash's peak memory. benchmarks/cpu_load.py measures it.
+CPU_BLOCK_ELEMS = 1 << 23
 # Test-only: an int here overrides both budgets (the tests monkeypatch it to force many blocks).
 BLOCK_ELEMS_OVERRIDE = None
 
@@ -64,8 +69,10 @@ def chunk_rows(b: int, nq: int, nk: int, elems: int = CHUNK_ELEMS) -> int:
 
 def cpu_blocks(b: int, nq: int, nk: int, d: int, dv: int) -> tuple[int, int]:
     """``(samples, rows)`` per block of the CPU path: whole samples while a sample's scores and its
-    fp32 key/value copies fit ``CPU_BLOCK_ELEMS``, else one sample and ``rows * NK`` within it."""
-    budget = _budget(CPU_BLOCK_ELEMS)
+    fp32 key/value copies fit the budget, else one sample and ``rows * NK`` within it. The budget is
+    ``CPU_BLOCK_ELEMS``, but no more than the larger of the output's elements and an eighth of all B*NQ*NK
+    scores (at least 2**19): small problems keep small buffers (memory O(block + N * C))."""
+    budget = _budget(min(CPU_BLOCK_ELEMS, max(1 << 19, b * nq * dv, b * nq * nk // 8)))
     per_sample = max(nq * nk, (d + dv) * nk, 1)
     if per_sample <= budget:
         return max(1, min(b, budget // per_sample)), max(nq, 1)
@@ -197,16 +204,23 @@ def _softmax_into(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_cpu(q, k, v, x, gamma, scale, out, o, lse):
+    # Five multi-threaded ops per block (two GEMMs, the softmax, the max and its gather): each is a
+    # parallel region that waits for every thread, so on busy cores the op count, not the FLOPs, sets the
+    # time. The residual epilogue runs once over the whole output.
     f32 = torch.float32
     b, d, nq = q.shape
     nk, dvd = k.shape[2], v.shape[1]
     gb, rows = cpu_blocks(b, nq, nk, d, dvd)
-    g = gamma.to(f32).reshape(()) if gamma is not None else None
     s_buf = torch.empty(gb * rows * nk, dtype=f32)
     p_buf = torch.empty_like(s_buf)
+    # the attention output lands in o (fp32, saved for the backward) or, without it, in out when out is fp32
+    direct = o if o is not None else (out if out.dtype == f32 else None)
+    g = gamma.to(f32).reshape(()) if gamma is not None else None
     for b0 in range(0, b, gb):
         b1 = min(b, b0 + gb)
-        kb = k[b0:b1].to(f32) * scale  # (n, D, NK): the logit scale folded into the keys
+        kb = k[b0:b1].to(f32)
+        if scale != 1.0:
+            kb = kb * scale  # (n, D, NK): the logit scale folded into the keys
         vb = v[b0:b1].to(f32)
         for i0 in range(0, nq, rows):
             i1 = min(nq, i0 + rows)
@@ -214,21 +228,29 @@ def _fwd_cpu(q, k, v, x, gamma, scale, out, o, lse):
             n = shape[0] * shape[1] * nk
             s = torch.bmm(q[b0:b1, :, i0:i1].to(f32).transpose(1, 2), kb, out=s_buf[:n].view(shape))
             p = _softmax_into(s, p_buf[:n].view(shape))
-            # lse = max s + log(sum exp(s - max s)), and the largest p is exp(0) / sum.
-            torch.sub(s.amax(-1), p.amax(-1).log_(), out=lse[b0:b1, i0:i1])
-            if o is not None:
-                oc = torch.bmm(vb, p.transpose(1, 2), out=o[b0:b1, :, i0:i1])  # (n, DV, m)
-            else:
-                oc = torch.bmm(vb, p.transpose(1, 2))
+            # lse = max s + log(sum exp(s - max s)); p at the max is exp(0) / sum
+            mx, at = s.max(-1, keepdim=True)
+            torch.sub(mx.squeeze(-1), p.gather(-1, at).squeeze(-1).log_(), out=lse[b0:b1, i0:i1])
+            if direct is not None:
+                torch.bmm(vb, p.transpose(1, 2), out=direct[b0:b1, :, i0:i1])  # (n, DV, m)
+                continue
+            oc = torch.bmm(vb, p.transpose(1, 2))
             dst = out[b0:b1, :, i0:i1]
             if x is None:
                 dst.copy_(oc)
             else:
-                torch.addcmul(x[b0:b1, :, i0:i1].to(f32), oc, g, out=dst)
+                torch.addcmul(x[b0:b1, :, i0:i1], oc, g, out=dst)
+    if direct is not None:
+        if x is not None:  # fp32 arithmetic (x promotes), one rounding into out's dtype
+            torch.addcmul(x, direct, g, out=out)
+        elif direct is not out:
+            out.copy_(direct)
     return out, o, lse
 
 
 def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
+    # Seven multi-threaded ops per block: S, P = softmax(S), dV += dO P, dP = dO^T V, dS = PyTorch's fused
+    # softmax backward P * (dP - rowsum(dP * P)) (eager's own op, in place over dP), dQ, dK += Q dS.
     f32 = torch.float32
     b, d, nq = q.shape
     nk, dvd = k.shape[2], v.shape[1]
@@ -236,13 +258,19 @@ def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
         return dq, dk.zero_(), dv.zero_(), r
     gb, rows = cpu_blocks(b, nq, nk, d, dvd)
     g_post, g_pre = _gamma_factors(gamma, f32, q.device)
+    pre_one = bool(g_pre == 1)  # a CPU tensor: no device sync
+    gf = grad.to(f32)
     s_buf = torch.empty(gb * rows * nk, dtype=f32)  # S, then dP and dS of the same block
     p_buf = torch.empty_like(s_buf)
     dk_acc = torch.empty(gb, d, nk, dtype=f32)
     dv_acc = torch.empty(gb, dvd, nk, dtype=f32)
     for b0 in range(0, b, gb):
         b1 = min(b, b0 + gb)
-        kb = k[b0:b1].to(f32) * scale
+        torch.sum(gf[b0:b1] * o[b0:b1], 1, out=r[b0:b1])  # rowsum(dout * o), for dgamma
+        d_o = gf[b0:b1] if pre_one else gf[b0:b1] * g_pre  # dO without g_post
+        kb = k[b0:b1].to(f32)
+        if scale != 1.0:
+            kb = kb * scale
         vb = v[b0:b1].to(f32)
         dka, dva = dk_acc[: b1 - b0], dv_acc[: b1 - b0]
         for i0 in range(0, nq, rows):
@@ -250,19 +278,15 @@ def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
             shape = (b1 - b0, i1 - i0, nk)
             n = shape[0] * shape[1] * nk
             qc = q[b0:b1, :, i0:i1].to(f32)  # (n, D, m)
-            gc = grad[b0:b1, :, i0:i1].to(f32)  # (n, DV, m)
-            oc = o[b0:b1, :, i0:i1].to(f32)
-            r[b0:b1, i0:i1] = (gc * oc).sum(1)  # (n, m): rowsum(dout * o), for dgamma
-            d_o = gc * g_pre  # dO without g_post
-            delta = (d_o * oc).sum(1).unsqueeze(-1)  # (n, m, 1): rowsum(dO * o)
+            dob = d_o[:, :, i0:i1]  # (n, DV, m)
             s = torch.bmm(qc.transpose(1, 2), kb, out=s_buf[:n].view(shape))
             p = _softmax_into(s, p_buf[:n].view(shape))
             if i0 == 0:
-                torch.bmm(d_o, p, out=dva)
+                torch.bmm(dob, p, out=dva)
             else:
-                dva.baddbmm_(d_o, p)
-            ds = torch.bmm(d_o.transpose(1, 2), vb, out=s)  # dP over the consumed S
-            ds.sub_(delta).mul_(p)  # dS without g_post * scale
+                dva.baddbmm_(dob, p)
+            dp = torch.bmm(dob.transpose(1, 2), vb, out=s)  # over the consumed S
+            ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, f32, grad_input=dp)  # dS w/o g_post * scale
             torch.mul(torch.bmm(kb, ds.transpose(1, 2)), g_post, out=dq[b0:b1, :, i0:i1])
             if i0 == 0:
                 torch.bmm(qc, ds, out=dka)

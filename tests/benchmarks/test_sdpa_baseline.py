@@ -179,8 +179,10 @@ def _memory(provider):
 def test_attnfast_no_heavier_than_sdpa_flash_padded(monkeypatch):
     """B=8, C=128 (d_qk=16, d_v=128), 32x32, forward+backward of gamma * attention + x: attnfast's
     saved-for-backward bytes and allocator peak are at most SDPA flash-padded's."""
-    monkeypatch.delenv("ATTNFAST_BACKEND", raising=False)
-    monkeypatch.delenv("ATTNFAST_SA_CHUNK_ELEMS", raising=False)
+    import attnfast.config
+    import attnfast.ops.self_attention as SA
+    monkeypatch.setattr(attnfast.config, "BACKEND", "auto")
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
     ours_peak, ours_saved = _memory("attnfast")
     flash_peak, flash_saved = _memory("sdpa_flash_padded")
     mib = 2 ** 20

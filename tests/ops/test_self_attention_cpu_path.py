@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnfast.ops.self_attention import CPU_BLOCK_ELEMS, cpu_blocks, self_attention, self_attention_op
 from attnfast.testing import assert_close_3way
@@ -67,13 +68,16 @@ def test_dispatch(monkeypatch, dtype, path):
 
 def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
-    # SAGAN 64x64 (N=4096): one sample per block, 128 rows = 2**19 scores (2 MiB fp32)
+    # SAGAN 64x64 (N=4096): one sample per block, 2048 rows = 2**23 scores (32 MiB fp32)
     assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
-    # pooled keys: 4x more rows fit
-    assert cpu_blocks(8, 4096, 1024, 16, 128) == (1, CPU_BLOCK_ELEMS // 1024)
+    # pooled keys: 4x more rows fit, here a whole sample; and rows of one sample at N=16384
+    assert cpu_blocks(8, 4096, 1024, 16, 128) == (1, 4096)
+    assert cpu_blocks(8, 16384, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
     # small maps: whole samples per block, limited by the scores and by the fp32 key/value copies
-    assert cpu_blocks(64, 256, 256, 16, 128) == (CPU_BLOCK_ELEMS // (256 * 256), 256)
-    assert cpu_blocks(64, 64, 64, 16, 128) == (CPU_BLOCK_ELEMS // (144 * 64), 64)
+    assert cpu_blocks(256, 256, 256, 16, 128) == (CPU_BLOCK_ELEMS // (256 * 256), 256)
+    # a small problem keeps small buffers: the output's size (64*64*128 = 2**19), not CPU_BLOCK_ELEMS
+    assert cpu_blocks(64, 64, 64, 16, 128) == (2 ** 19 // (144 * 64), 64)
+    assert cpu_blocks(4096, 64, 64, 16, 128) == (CPU_BLOCK_ELEMS // (144 * 64), 64)
     assert cpu_blocks(3, 64, 64, 16, 128) == (3, 64)
     # no queries: one (empty) row per block, never zero
     assert cpu_blocks(2, 0, 7, 4, 4) == (2, 1)
@@ -141,3 +145,39 @@ def test_no_queries():
     out.sum().backward()
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
     assert torch.equal(gamma.grad, torch.zeros_like(gamma))
+
+
+class _CountOps(TorchDispatchMode):
+    """The aten ops (views excluded) a piece of code issues, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_few_ops_per_block(monkeypatch):
+    """Each multi-threaded op is a parallel region that waits for all its threads, which on busy cores
+    costs a scheduling delay per op (issue 18): per block the forward issues at most 7 ops (2 GEMMs,
+    softmax, max, gather, 2 on the (rows,) lse), the backward 8 (5 GEMMs, softmax, its fused backward,
+    the dQ scaling); the old path issued 8 and 15. At SAGAN 64x64, B=8 the default budget runs 16 blocks (the old one 256)."""
+    assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, 2048)
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 16 * 256)
+    b, d, dv, n = 2, 4, 8, 256
+    blocks = b * (n // cpu_blocks(b, n, n, d, dv)[1])
+    assert blocks == 32
+    tensors, grad = _inputs(b, d, dv, n, n, True)
+    (q, k, v, x, gamma), grad = [t.float() for t in tensors], grad.float()
+    out, o, lse = self_attention_op(q, k, v, x, gamma, 1.0, True)
+    with _CountOps() as fwd:
+        SA._fwd_cpu(q, k, v, x, gamma, 1.0, torch.empty_like(x), torch.empty_like(x), torch.empty(b, n))
+    with _CountOps() as bwd:
+        SA._bwd_cpu(grad, q, k, v, o, gamma, 1.0, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                    torch.empty(b, n))
+    assert fwd.ops.count("aten.bmm") == 2 * blocks
+    assert len(fwd.ops) <= 7 * blocks + 16, fwd.ops
+    assert len(bwd.ops) <= 8 * blocks + 40, bwd.ops

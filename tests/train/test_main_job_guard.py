@@ -80,3 +80,39 @@ def test_guard_runs_a_readme_job_in_a_fresh_folder(tmp_path, capsys, monkeypatch
     # an existing --workdir is refused (the guard never reuses a run or a cache)
     assert guard.main(["--readme", readme, "--workdir", str(work)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_time_past_the_limit_is_judged_against_the_reference_baseline():
+    assert guard.check_time(100.0, 300.0, None, 1.5) == "100.0 s (<= 300 s)"
+    assert "1.20x the reference-attention run's 500.0 s" in guard.check_time(600.0, 300.0, 500.0, 1.5)
+    with pytest.raises(guard.GuardError, match="2.00x the reference-attention run's 300.0 s .*attnfast is slow"):
+        guard.check_time(600.0, 300.0, 300.0, 1.5)
+    with pytest.raises(guard.GuardError, match="no baseline ran"):
+        guard.check_time(600.0, 300.0, None, 1.5)
+
+
+@pytest.mark.parametrize("times,ok", [((400.0, 380.0), True), ((400.0, 100.0), False), ((10.0, None), True)])
+def test_a_slow_job_runs_the_reference_baseline(tmp_path, capsys, monkeypatch, times, ok):
+    """Past --limit-s the guard runs the same command with --attention reference in its own folder and
+    passes when the job is within --max-ratio of it (a busy CI machine slows both alike)."""
+    readme = _readme(tmp_path, "```bash\nattnfast train --epochs 1\n```\n")
+    calls = []
+
+    def fake_run(argv, cwd, env, limit_s, echo=None):
+        calls.append((argv[1:], cwd, env["ATTNFAST_CACHE"], limit_s))
+        return 0, times[len(calls) - 1], HEADER
+
+    monkeypatch.setattr(guard, "run", fake_run)
+    monkeypatch.setattr(guard, "resolve", lambda argv: ["attnfast"] + argv[1:])
+    monkeypatch.setattr(guard, "check_run", lambda workdir, output, min_auc: (0.99, 400))
+    work = tmp_path / "work"
+    assert guard.main(["--readme", readme, "--workdir", str(work), "--limit-s", "300"]) == (0 if ok else 1)
+    if times[1] is None:
+        assert len(calls) == 1
+        return
+    (job, job_cwd, job_cache, hard), (base, base_cwd, base_cache, _) = calls
+    assert job == ["train", "--epochs", "1"] and base == ["train", "--epochs", "1", "--attention", "reference"]
+    assert base_cwd == str(work / "baseline") and base_cache != job_cache and hard == 3600.0
+    captured = capsys.readouterr()
+    assert ("main job: OK" in captured.out) == ok
+    assert ok or "attnfast is slow" in captured.err
