@@ -179,8 +179,9 @@ def _memory(provider):
 def test_attnfast_no_heavier_than_sdpa_flash_padded(monkeypatch):
     """B=8, C=128 (d_qk=16, d_v=128), 32x32, forward+backward of gamma * attention + x: attnfast's
     saved-for-backward bytes and allocator peak are at most SDPA flash-padded's."""
+    import importlib
     import attnfast.config
-    import attnfast.ops.self_attention as SA
+    SA = importlib.import_module("attnfast.ops.self_attention")
     monkeypatch.setattr(attnfast.config, "BACKEND", "auto")
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
     ours_peak, ours_saved = _memory("attnfast")
