@@ -1,11 +1,13 @@
 """Thin drop-in modules over the fused ops (same constructor and parameter names as the references).
 
 One attention per file: ``grid_attention.GridAttention``, ``self_attention.SelfAttention2d``,
-``residual_attention.ResidualAttentionModule``, ``cbam.CBAM`` / ``cbam.LightCBAM``.
+``residual_attention.ResidualAttentionModule``, ``cbam.CBAM`` / ``cbam.LightCBAM``,
+``attention_gate.AttentionBlock`` (MONAI) / ``attention_gate.GridAttentionBlock2D`` (Attention-Gated-Networks).
 """
 from .residual_attention import ResidualAttentionModule
 
-__all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d", "CBAM", "LightCBAM"]
+__all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d", "CBAM", "LightCBAM", "AttentionBlock",
+           "GridAttentionBlock2D"]
 
 
 def __getattr__(name):
@@ -18,4 +20,7 @@ def __getattr__(name):
     if name in ("CBAM", "LightCBAM"):
         from . import cbam
         return getattr(cbam, name)
+    if name in ("AttentionBlock", "GridAttentionBlock2D"):
+        from . import attention_gate
+        return getattr(attention_gate, name)
     raise AttributeError(f"module 'attnfast.nn' has no attribute {name!r}")
