@@ -27,9 +27,9 @@ timm_nonlocal       timm NonLocalAttn (t/p/g, z + norm, scale)                  
 residual_attention  attnfast ResidualAttentionModule                                         nn.ResidualAttentionModule
 cbam, light_cbam    attnfast CBAM/LightCBAM, timm CbamModule/LightCbamModule                 nn.CBAM, nn.LightCBAM
 cbam_authors        the CBAM authors' code (ChannelGate + SpatialGate)                       AuthorsCBAM
+agn_grid            Attention-Gated-Networks GridAttentionBlock2D (concatenation[_softmax])  nn.GridAttentionBlock2D
+monai_attention     MONAI AttentionBlock (Attention U-Net gate)                              nn.AttentionBlock
 ltpa_linear         LTPA LinearAttentionBlock                                                none yet (reported)
-agn_grid            Attention-Gated-Networks GridAttentionBlock2D                            none yet (reported)
-monai_attention     MONAI AttentionBlock                                                     none yet (reported)
 timm_global_context timm GlobalContext                                                       none yet (reported)
 ran_port            ResidualAttentionNetwork-pytorch AttentionModule_stage*                  only its gate (reported)
 channel_gate        SE / ECA channel-only gates                                              out of scope (reported)

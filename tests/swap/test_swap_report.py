@@ -79,7 +79,6 @@ def _zoo():
 
 EXPECTED = [  # (path, status, family)
     ("ltpa", "no fused op", "ltpa_linear"),
-    ("agn", "no fused op", "agn_grid"),
     ("gc", "no fused op", "timm_global_context"),
     ("se", "out of scope", "channel_gate"),
     ("eca", "out of scope", "channel_gate"),
@@ -94,7 +93,7 @@ def test_every_attention_like_layer_is_reported_once():
     model = _zoo()
     with pytest.warns(SwapWarning) as record:
         result = swap(model)
-    assert [(r.name, r.family) for r in result] == [("net.sagan", "sagan")]
+    assert [(r.name, r.family) for r in result] == [("agn", "agn_grid"), ("net.sagan", "sagan")]
     assert [(s.name, s.status, s.family) for s in result.skipped] == EXPECTED
     assert len(record) == 1
     message = str(record[0].message)
@@ -173,10 +172,11 @@ def test_timm_channel_gates_and_global_context_in_real_models():
         assert result.skipped and {(s.status, s.family) for s in result.skipped} == {(status, family)}
 
 
-def test_monai_attention_block_is_recognised():
+def test_monai_attention_block_is_swapped():
     attentionunet = pytest.importorskip("monai.networks.nets.attentionunet")
     model = attentionunet.AttentionUnet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
-    with pytest.warns(SwapWarning, match="MONAI AttentionBlock"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SwapWarning)
         result = swap(model, dry_run=True)
-    assert [(s.status, s.family, s.type.rsplit(".", 1)[-1]) for s in result.skipped] == [
-        ("no fused op", "monai_attention", "AttentionBlock")]
+    assert [(r.family, r.new_type.rsplit(".", 1)[-1]) for r in result] == [("monai_attention", "AttentionBlock")]
+    assert result.skipped == []

@@ -28,10 +28,10 @@ FAMILIES = (
     Cbam(),
     LightCbam(),
     CbamAuthors(),
-    # recognised, no fused op yet
-    LtpaLinear(),
     AgnGrid(),
     MonaiAttention(),
+    # recognised, no fused op yet
+    LtpaLinear(),
     TimmGlobalContext(),
     # recognised, only partly fusable / out of scope
     RanPort(),
