@@ -3,7 +3,7 @@ Triton forward and backward of the gate's logits, and of the gating product.
 
 Per sample and pixel ``p`` of theta's grid (Ht x Wt = H // KS x W // KS)::
 
-    z_p     = W_x patch_KS(x)_p + W_g up(g)_p + bias      (F channels, never written to memory)
+    z_p     = W_x patch_KS(x)_p + W_g up(g)_p + up(bias)   (F channels, never written to memory)
     logit_p = psi . relu(z_p) + psi_bias
 
 ``patch_KS(x)_p`` is the KS x KS x C patch of x under p (stride KS, no padding: theta's convolution; KS = 1
@@ -135,7 +135,14 @@ def _z_tile(x_b, g_b, wx_ptr, wg_ptr, b_ptr, i, j, mask_p, offs_f, mask_f, C, CG
         gt = _g_tile(g_b, i, j, mask_p, kk, mask_k, h, w, scale_h, scale_w, sg_c, sg_h, sg_w, INTERP)
         wt = tl.load(wg_ptr + offs_f[None, :] * CG + kk[:, None], mask=mask_k[:, None] & mask_f[None, :], other=0.0)
         z = tl.dot(gt.to(wg_ptr.dtype.element_ty), wt, z, input_precision=PRECISION)
-    z += tl.load(b_ptr + offs_f, mask=mask_f, other=0.0)[None, :]
+    bias = tl.load(b_ptr + offs_f, mask=mask_f, other=0.0)[None, :]
+    if INTERP:  # through the resize's taps, as eager adds it before resizing (0 * inf = NaN included)
+        _, _, ly = _src(i, scale_h, h)
+        _, _, lx = _src(j, scale_w, w)
+        lx2 = lx[:, None]
+        ly2 = ly[:, None]
+        bias = (1.0 - ly2) * ((1.0 - lx2) * bias + lx2 * bias) + ly2 * ((1.0 - lx2) * bias + lx2 * bias)
+    z += bias
     return tl.where(mask_p[:, None] & mask_f[None, :], z, 0.0)
 
 

@@ -51,12 +51,17 @@ def batch_norm_statistics(bn, v: torch.Tensor, w: torch.Tensor, b):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[v.shape[0], w.shape[0], *v.shape[2:]]}")
     mean, var = projection_stats(w, b, channel_moments(v))
+    stats = mean, var
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
-            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1 - factor).add_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype),
-                                                 alpha=factor)
-    return mean, var
+            # eager's statistics of a channel holding a non-finite value: the variance is NaN, the mean +-inf, or
+            # NaN where +inf and -inf meet (an infinite weight times inputs of both signs); the folded
+            # ``w m + b`` and ``w S w^T`` follow that with these NaN terms
+            mean = mean + 0.0 * w.reshape(w.shape[0], -1).to(mean.dtype).abs().sum(1)
+            var = var * (n / (n - 1)) + 0.0 * mean
+            bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype), alpha=factor)
+    return stats
 
 
 def fold_conv_bn(conv, bn, v: torch.Tensor):

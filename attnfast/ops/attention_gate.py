@@ -9,9 +9,10 @@ The gate is split where its tensors are small:
       z = conv_k(x; w_x, stride k) + w_g up(g) + bias     (F_int channels: never in memory)
       logits = psi_w . relu(z) + psi_b
 
-  ``up`` resizes g bilinearly to theta's grid (align_corners=False; identity when the sizes agree; a 1x1
-  conv commutes with it since its taps sum to 1). Backward (``attnfast::attention_gate_logits_backward``)
-  recomputes z.
+  ``up`` resizes ``w_g g + bias`` bilinearly to theta's grid (align_corners=False; identity when the sizes
+  agree). The PyTorch path does exactly that; the kernels resize g and then project (a 1x1 conv commutes
+  with the resize: its taps sum to 1), adding the bias through the same taps. Backward
+  (``attnfast::attention_gate_logits_backward``) recomputes z.
 - what turns the one-channel logits into the map (BatchNorm, sigmoid, softmax over space, resizing) is
   plain PyTorch on (B, 1, h, w) tensors, with autograd;
 - ``gate(x, m) -> x * m`` (``attnfast::attention_gate_mul``): one pass forward; backward one pass over
@@ -27,7 +28,10 @@ Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernel
 CPU tensors a PyTorch path that keeps the memory behaviour (z exists one batch chunk at a time, in
 forward and in the recomputing backward). float64, and F_int > ``MAX_F``, take the PyTorch path.
 fp32 dots use TF32 exactly when eager fp32 convolutions would (``precision_for``).
-NaN and inf propagate as in eager, forward and backward (relu keeps NaN; its gradient passes NaN).
+NaN and inf propagate as in eager, forward and backward (relu keeps NaN; its gradient passes NaN), with one
+documented difference on the kernels: where g is resized, a non-finite ``w_g`` meets the resize's zero-weight
+taps in eager (0 * inf = NaN) but not in the kernels (which resize g first): there eager has NaN and the kernels
++-inf or a finite value.
 """
 from __future__ import annotations
 
@@ -128,9 +132,8 @@ def _params(x, w_x, w_g, bias, psi_w, psi_b, ct):
 
 
 def _torch_z(xc, gc, wx, wg, bias, k, size):
-    gi = _resize(gc, size)
-    z = F.conv2d(xc, wx, stride=k) + torch.einsum("bchw,fc->bfhw", gi, wg) + bias.view(1, -1, 1, 1)
-    return z, gi
+    """z for a batch chunk in eager's order (project g, add the bias, resize): the same NaN/inf as eager."""
+    return F.conv2d(xc, wx, stride=k) + _resize(torch.einsum("bchw,fc->bfhw", gc, wg) + bias.view(1, -1, 1, 1), size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def attention_gate_logits_op(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor
         return logits
     wx, wg, b, psi, pb = _params(x, w_x, w_g, bias, psi_w, psi_b, ct)
     for b0, b1 in _chunks(B, fi * Ht * Wt):
-        z, _ = _torch_z(x[b0:b1].to(ct), g[b0:b1].to(ct), wx, wg, b, stride, (Ht, Wt))
+        z = _torch_z(x[b0:b1].to(ct), g[b0:b1].to(ct), wx, wg, b, stride, (Ht, Wt))
         logits[b0:b1] = torch.einsum("bfhw,f->bhw", torch.relu(z), psi).unsqueeze(1) + pb
     return logits
 
@@ -182,19 +185,19 @@ def _torch_backward(dl, x, g, w_x, w_g, bias, psi_w, psi_b, k, dx, dg):
     dbias, dpsi = torch.zeros_like(b), torch.zeros_like(psi)
     for b0, b1 in _chunks(B, fi * Ht * Wt):
         xc, gc = x[b0:b1].to(ct), g[b0:b1].to(ct)
-        z, gi = _torch_z(xc, gc, wx, wg, b, k, (Ht, Wt))
+        z = _torch_z(xc, gc, wx, wg, b, k, (Ht, Wt))
         dlc = dl[b0:b1]
         dpsi += torch.einsum("bhw,bfhw->f", dlc[:, 0], torch.relu(z))
         dz = relu_grad(z, dlc * psi.view(1, -1, 1, 1))
         del z
-        dbias += dz.sum((0, 2, 3))
         dx[b0:b1] = torch.nn.grad.conv2d_input(xc.shape, wx, dz, stride=k)
         dwx += torch.nn.grad.conv2d_weight(xc, wx.shape, dz, stride=k)
-        dwg += torch.einsum("bfhw,bchw->fc", dz, gi)
-        dgi = torch.einsum("bfhw,fc->bchw", dz, wg)
-        if tuple(gc.shape[2:]) != (Ht, Wt):
-            dgi = torch.ops.aten.upsample_bilinear2d_backward(dgi, [Ht, Wt], list(gc.shape), False)
-        dg[b0:b1] = dgi
+        if tuple(gc.shape[2:]) != (Ht, Wt):  # the resize's adjoint, at g's resolution
+            dz = torch.ops.aten.upsample_bilinear2d_backward(dz, [Ht, Wt], [dz.shape[0], dz.shape[1], *gc.shape[2:]],
+                                                             False)
+        dbias += dz.sum((0, 2, 3))
+        dwg += torch.einsum("bfhw,bchw->fc", dz, gc)
+        dg[b0:b1] = torch.einsum("bfhw,fc->bchw", dz, wg)
     return dwx, dwg, dbias, dpsi
 
 
@@ -374,8 +377,9 @@ def fold_batch_norm(w: torch.Tensor, b, mean, var, gamma, beta, eps: float):
     s = torch.rsqrt(var.to(ct) + eps)
     if gamma is not None:
         s = s * gamma.to(ct)
-    shift = -mean.to(ct) if b is None else b.to(ct) - mean.to(ct)
-    bias = shift * s + (beta.to(ct) if beta is not None else 0.0)
+    # eager BatchNorm's ``v * s + (beta - mean * s)`` (so a non-finite gamma or statistic gives eager's NaN/inf)
+    shift = (beta.to(ct) if beta is not None else 0.0) - mean.to(ct) * s
+    bias = shift if b is None else b.to(ct) * s + shift
     return w.to(ct) * s.view(-1, *([1] * (w.dim() - 1))), bias
 
 
