@@ -22,6 +22,7 @@ _LAZY = {
     "LightCBAM": "attnfast.nn.cbam",
     "swap": None,  # the package attnfast.swap, which is callable: attnfast.swap(model)
     "unswap": "attnfast.swap",
+    "config": None,  # attnfast.config: settings (ATTNFAST_BACKEND read at import; set_backend at run time)
     "reference": None,
     "ops": None,
     "nn": None,

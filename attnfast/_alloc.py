@@ -1,22 +1,18 @@
 """Output allocation for attnfast ops.
 
-All kernel outputs are allocated here. With ``ATTNFAST_NAN_FILL=1`` (the test suite sets it)
-fresh floating buffers are filled with NaN, so an element a kernel forgot to write shows up as
-NaN in the comparison instead of passing by luck with leftover memory.
+All kernel outputs are allocated here. With ``NAN_FILL = True`` (a test-only knob: tests/conftest.py
+sets it, and monkeypatching it works) fresh floating buffers are filled with NaN, so an element a kernel
+forgot to write shows up as NaN in the comparison instead of passing by luck with leftover memory.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def _nan_fill() -> bool:
-    return os.environ.get("ATTNFAST_NAN_FILL", "0") == "1"
+NAN_FILL = False
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if _nan_fill() and t.is_floating_point() and t.numel():
+    if NAN_FILL and t.is_floating_point() and t.numel():
         t.fill_(float("nan"))
     return t
 

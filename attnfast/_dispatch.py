@@ -1,9 +1,12 @@
-"""Backend selection shared by every attnfast op.
+"""Backend selection shared by every attnfast op: ``kernel_eligible`` is THE rule.
 
-- CUDA tensors run the Triton kernels; CPU tensors run the PyTorch path.
-- ``ATTNFAST_BACKEND=torch`` forces the PyTorch path everywhere.
-- ``ATTNFAST_BACKEND=triton`` forces the Triton kernels; on CPU tensors that needs the Triton
-  interpreter (``TRITON_INTERPRET=1`` set before ``attnfast.kernels`` is imported).
+- The backend (``attnfast.config``: ``ATTNFAST_BACKEND`` read at import, ``config.set_backend`` /
+  ``config.backend(...)`` at run time): ``auto`` runs the Triton kernels on CUDA tensors and the PyTorch path
+  on CPU tensors; ``torch`` forces the PyTorch path everywhere; ``triton`` forces the Triton kernels, which on
+  CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before ``attnfast.kernels`` is imported).
+- ``kernel_eligible(op, *tensors, limit=...)``: the backend wants the kernels (``use_triton``), the dtype has
+  kernels (``attnfast.kernels._launch.DTYPES``) and the op's own ``limit`` (a shape its kernels do not take)
+  passes. A CUDA call that falls back warns once per (op, reason).
 - bfloat16 never runs on the interpreter (its bf16 arithmetic is wrong): ``use_triton`` raises
   RuntimeError there, for every op, instead of returning garbage.
 """
@@ -13,20 +16,21 @@ import functools
 import inspect
 import os
 import typing
+from typing import Callable, Optional
 
 import torch
 
-_VALID = ("auto", "triton", "torch")
+from . import config
 
 
 def backend_setting() -> str:
-    mode = os.environ.get("ATTNFAST_BACKEND", "auto").strip().lower() or "auto"
-    if mode not in _VALID:
-        raise ValueError(f"ATTNFAST_BACKEND must be one of {', '.join(_VALID)}; got {mode!r}")
-    return mode
+    """The backend in force (``attnfast.config.get_backend()``)."""
+    return config.get_backend()
 
 
 def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its interpreter: Triton's own ``TRITON_INTERPRET`` (not an attnfast
+    setting; Triton reads it when a kernel module is imported, so it is read here, not cached)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -68,6 +72,26 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if use and interpreter_enabled():
         check_interpretable(tensors)
     return use
+
+
+def kernel_eligible(op: str, *tensors: torch.Tensor, limit: Optional[Callable[[], Optional[str]]] = None) -> bool:
+    """THE rule every op asks before launching its Triton kernels on ``tensors`` (the first one's dtype
+    decides): the backend wants the kernels (``use_triton``; RuntimeError where it wants them and they
+    cannot run), ``attnfast.kernels`` has kernels for the dtype, and ``limit()`` (the op's own: a reason
+    string for a shape its kernels do not take, None when they do; called only after the checks before
+    it passed, so it may import the kernel module) is None. CUDA tensors that fall back warn once per
+    (op, reason) that the slower PyTorch path runs."""
+    if not use_triton(*tensors):
+        return False
+    from .kernels._launch import DTYPES
+
+    dtype = tensors[0].dtype
+    reason = f"no Triton kernel for {dtype}" if dtype not in DTYPES else (limit() if limit is not None else None)
+    if reason is None:
+        return True
+    if tensors[0].is_cuda:
+        warn_fallback(op, reason)
+    return False
 
 
 def autocast_off(fn):

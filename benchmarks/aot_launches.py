@@ -8,25 +8,28 @@ signatures come from the ops' own buffer allocation and the launchers' own argum
 integer values; no kernel runs and the full-size buffers are allocated (``torch.empty``) but never
 touched. What is a stand-in, not the benchmark's own code path:
 
-- the ops take their Triton path on CPU tensors: ``ATTNFAST_BACKEND=triton`` with the dispatcher told
-  the interpreter is on (``_dispatch.interpreter_enabled``), which it is not: the kernels stay
-  ``JITFunction``s, whose launches are captured;
+- the ops take their Triton path on CPU tensors: backend ``triton`` (``attnfast.config.backend``) with the
+  dispatcher told the interpreter is on (``_dispatch.interpreter_enabled``), which it is not: the kernels
+  stay ``JITFunction``s, whose launches are captured (so the interpreter's bf16 refusal,
+  ``_dispatch.check_interpretable``, is off);
 - the grid launchers run fp32 with the dot precision they pick on CUDA under torch's defaults
   (``precision_for(dtype, "cuda")``: TF32, as cuDNN's fp32 convolutions); on CPU they would pick IEEE;
 - SAGAN's q, k, v are stand-ins for the 1x1-conv outputs (``torch.empty`` in the input's memory
   format, reshaped as ``attnfast.nn.SelfAttention`` reshapes them), not computed by the convolutions;
-- split counts come from the CPU path (``INTERPRETER_PROGRAMS``); they do not enter the binaries
-  (``do_not_specialize``).
+- split counts come from the CPU path (``INTERPRETER_PROGRAMS``); they do not enter the grid binaries
+  (``do_not_specialize``); CBAM's split integers are specialized (1, multiples of 16, other), so its
+  captured binaries are those of the CPU split counts.
 
 Upstream gradients are dense tensors laid out like the outputs (the benchmarks' ``randn_like``); the
 grid also runs once with ``da`` absent (AttnVGG trains on the pooled features only: a stride-0 zero).
 """
 import contextlib
-import os
 
 import torch
 
+import attnfast._alloc
 import attnfast._dispatch as dispatch
+import attnfast.config
 from attnfast.kernels import grid_attention as G
 from attnfast.nn.cbam import CBAM
 from attnfast.nn.grid_attention import GridAttention
@@ -48,21 +51,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 @contextlib.contextmanager
 def _triton_path_on_cpu():
-    old_env = {k: os.environ.get(k) for k in ("ATTNFAST_BACKEND", "ATTNFAST_NAN_FILL")}
-    old_interp, old_prec = dispatch.interpreter_enabled, G.precision_for
-    os.environ["ATTNFAST_BACKEND"] = "triton"
-    os.environ.pop("ATTNFAST_NAN_FILL", None)  # a NaN fill would write every full-size buffer
+    old_fill, old_interp, old_prec = attnfast._alloc.NAN_FILL, dispatch.interpreter_enabled, G.precision_for
+    old_refuse = dispatch.check_interpretable
+    attnfast._alloc.NAN_FILL = False  # a NaN fill would write every full-size buffer
     dispatch.interpreter_enabled = lambda: True
+    # the launches are captured, never interpreted: bf16 is no interpreter arithmetic here
+    dispatch.check_interpretable = lambda tensors: None
     G.precision_for = lambda dtype, device=None: old_prec(dtype, "cuda")
     try:
-        yield
+        with attnfast.config.backend("triton"):
+            yield
     finally:
-        dispatch.interpreter_enabled, G.precision_for = old_interp, old_prec
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        attnfast._alloc.NAN_FILL, dispatch.interpreter_enabled, G.precision_for = old_fill, old_interp, old_prec
+        dispatch.check_interpretable = old_refuse
 
 
 def _empty(shape, dtype, layout="nchw", grad=True):

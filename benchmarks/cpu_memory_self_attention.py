@@ -35,7 +35,8 @@ from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.reference.self_attention import SelfAttention
 
 provider, b, c, s, repeats, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
-os.environ["ATTNFAST_BACKEND"] = "torch"
+import attnfast.config
+attnfast.config.set_backend("torch")
 torch.manual_seed(0)
 ref = SelfAttention(c)
 with torch.no_grad():

@@ -75,13 +75,22 @@ def main(argv=None) -> int:
             parser.error("no CUDA device: the real shapes need a GPU (use --tiny for a CPU run through the "
                          "Triton interpreter)")
         os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["ATTNFAST_BACKEND"] = "triton" if not cuda else "auto"
-    os.environ.setdefault("ATTNFAST_NAN_FILL", "1")
+    import attnfast._alloc
+    import attnfast.config
+
+    attnfast.config.set_backend("triton" if not cuda else "auto")
+    attnfast._alloc.NAN_FILL = True  # every output buffer starts as NaN: an unwritten element fails
     dtypes = args.dtypes or (list(DTYPE_NAMES) if cuda else ["fp32", "fp16"])
     if not cuda and "bf16" in dtypes:
         parser.error("bf16 needs a GPU: the Triton interpreter's bf16 arithmetic is wrong")
     smoke = Smoke(args, dtypes, "cuda" if cuda else "cpu")
     return smoke.run()
+
+
+def _nan_fill() -> bool:
+    import attnfast._alloc
+
+    return bool(attnfast._alloc.NAN_FILL)
 
 
 class Smoke:
@@ -104,7 +113,7 @@ class Smoke:
                     "finished_utc": None, "complete": False, "pass": None,
                     "settings": {"mode": "tiny" if args.tiny else "real", "device": device,
                                  "backend": "triton (compiled)" if device == "cuda" else "triton (interpreter)",
-                                 "tf32": False, "nan_fill": os.environ.get("ATTNFAST_NAN_FILL") == "1",
+                                 "tf32": False, "nan_fill": _nan_fill(),
                                  "budget_s": self.budget, "dtypes": dtype_names, "ops": args.ops,
                                  "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])},
                     "results": []}

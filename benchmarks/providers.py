@@ -22,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 
 import torch
 
+import attnfast.config
 import harness
 import sdpa_providers
 
@@ -37,23 +37,14 @@ TRAIN_PROVIDERS = ("reference", "fused")
 
 @contextlib.contextmanager
 def backend_env(value: str | None):
-    """``ATTNFAST_BACKEND`` set to ``value`` (None: removed) inside the block, restored after."""
-    old = os.environ.get("ATTNFAST_BACKEND")
-    if value is None:
-        os.environ.pop("ATTNFAST_BACKEND", None)
-    else:
-        os.environ["ATTNFAST_BACKEND"] = value
-    try:
+    """attnfast's backend set to ``value`` (None: ``auto``) inside the block (``attnfast.config.backend``),
+    restored after."""
+    with attnfast.config.backend(value or "auto"):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("ATTNFAST_BACKEND", None)
-        else:
-            os.environ["ATTNFAST_BACKEND"] = old
 
 
 class OnBackend:
-    """``fn`` called with ``ATTNFAST_BACKEND=value`` (e.g. ``torch``: attnfast's PyTorch path on CUDA)."""
+    """``fn`` called with attnfast's backend ``value`` (e.g. ``torch``: attnfast's PyTorch path on CUDA)."""
 
     def __init__(self, fn, value: str):
         self.fn, self.value = fn, value

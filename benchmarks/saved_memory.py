@@ -22,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attnfast.config  # noqa: E402
 import harness  # noqa: E402
 from attnfast.nn.grid_attention import GridAttention  # noqa: E402
 from attnfast.nn.residual_attention import ResidualAttentionModule  # noqa: E402
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "saved_memory_cpu"))
     args = p.parse_args(argv)
-    os.environ.setdefault("ATTNFAST_BACKEND", "torch")
+    if not os.environ.get("ATTNFAST_BACKEND"):  # the caller's choice (read by attnfast at import) wins
+        attnfast.config.set_backend("torch")
     torch.manual_seed(0)
     rows = []
     for gen in (grid_cases, self_attention_cases, residual_cases):

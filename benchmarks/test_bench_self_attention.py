@@ -25,6 +25,8 @@ pairs/s can be reported against the hardware's exp throughput.
 import pytest
 import torch
 
+import attnfast.config
+
 import harness
 import providers
 import sdpa_providers
@@ -59,7 +61,7 @@ def test_self_attention(benchmark, monkeypatch, case, dtype, provider, mode):
     reason = cpu_unsupported(provider, mode)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv("ATTNFAST_BACKEND", "auto")  # chunked sets torch itself, around its calls
+    monkeypatch.setattr(attnfast.config, "BACKEND", "auto")  # chunked sets torch itself, around its calls
     fn = providers.sagan(c, dtype, harness.device(), [provider])[provider]
     x = providers.randn(case, dtype, harness.device(), 0)
     n = h * w

@@ -47,9 +47,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import blocks_per_sm, compute_capability, on_device
+from ._launch import (  # noqa: F401 (re-exported: the split logic's names, as the tests and tools read them)
+    DTYPES, INTERPRETER_PROGRAMS, PROGRAM_OVERHEAD_TILES, RESIDENT, blocks_per_sm, compiled_resident_blocks,
+    compute_capability, conv_tf32_allowed, dot_precision, dot_precisions, on_device, resident_blocks, split_time,
+    splits, splits_for, w2d)
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_RESIDENT = RESIDENT  # the occupancy cache ``_splits`` uses (the shared one; tests swap in their own)
+_precisions = dot_precisions
 MAX_ATTN_FEATURES = 512  # larger A -> PyTorch path (configs are compiled and checked up to 512)
 BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
 COMBINE_BLOCK_C = 64
@@ -435,41 +439,8 @@ def grid_bwd_weight_kernel(l_ptr, gp_ptr, wl_ptr, phi_ptr, dc_ptr, dwl_ptr, dphi
 # ----------------------------------------------------------------------------------------------
 # launch heuristics and launchers
 # ----------------------------------------------------------------------------------------------
-def conv_tf32_allowed() -> bool:
-    """Whether eager fp32 convolutions on CUDA (cuDNN) may use TF32 under the current settings.
-
-    Reads the ``fp32_precision`` API where torch has it: ``torch.backends.cudnn.conv``, then its
-    parents ``torch.backends.cudnn`` and ``torch.backends``, the first that is not ``"none"`` decides
-    (``"tf32"`` allows TF32; ``"ieee"``, or ``"none"`` all the way up, does not). Older torch: the
-    legacy ``torch.backends.cudnn.allow_tf32``. Never raises: the legacy flag raises on recent torch
-    once the two APIs were mixed, and then counts as not allowed."""
-    backends = torch.backends
-    levels = (getattr(getattr(backends, "cudnn", None), "conv", None), getattr(backends, "cudnn", None), backends)
-    try:
-        for level in levels:
-            value = getattr(level, "fp32_precision", None) if level is not None else None
-            if value is None:  # torch without the fp32_precision API
-                break
-            if value != "none":
-                return value == "tf32"
-        else:
-            return False
-    except Exception:  # a getter that raises: fall back to the legacy flag
-        pass
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except Exception:
-        return False
-
-
-def precision_for(dtype: torch.dtype, device: torch.device | str | None = None) -> str:
-    """``input_precision`` of the fp32 dots: ``"tf32"`` exactly when eager fp32 1x1 convolutions on
-    ``device`` would use TF32 (CUDA only, ``conv_tf32_allowed()``), else ``"ieee"``. 16-bit dtypes:
-    ``"ieee"`` (the tensor cores take them as they are). ``device=None``: CUDA if it is available."""
-    if dtype != torch.float32:
-        return "ieee"
-    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return "tf32" if on_cuda and conv_tf32_allowed() else "ieee"
+# fp32 dots: 1x1 convolutions, so cuDNN's TF32 setting decides (``_launch.dot_precision``).
+precision_for = functools.partial(dot_precision, like="conv")
 
 
 # Tile table of the main kernels, per A bucket (A rounded up to a power of two, >= 16):
@@ -537,104 +508,11 @@ def weight_blocks(C: int, dtype: torch.dtype, precision: str = "ieee") -> dict:
             "num_stages": stages}
 
 
-INTERPRETER_PROGRAMS = 8  # CPU (interpreter): a few splits so the split/combine path is exercised
-
-
-PROGRAM_OVERHEAD_TILES = 1  # a program's fixed cost (setup, its partials, the combine's read) in tiles
-
-
-def split_time(n_tiles: int, n_outer: int, slots: int, nsplit: int) -> int:
-    """Modelled time of ``n_outer`` rows of ``n_tiles`` tiles cut into ``nsplit`` equal splits, on
-    ``slots`` resident programs: waves x (tiles per split + a program's fixed cost), in tile-times."""
-    per = -(-n_tiles // nsplit)
-    programs = n_outer * -(-n_tiles // per)
-    return -(-programs // slots) * (per + PROGRAM_OVERHEAD_TILES)
-
-
-@functools.lru_cache(maxsize=4096)
-def splits_for(n_tiles: int, n_outer: int, sm_count: int, resident_per_sm: int,
-               max_splits: int | None = None) -> tuple:
-    """(nsplit, tiles_per_split) for ``n_outer`` independent rows of ``n_tiles`` work tiles each, on
-    ``sm_count`` SMs that hold ``resident_per_sm`` blocks of the kernel at once (a wave is
-    ``sm_count * resident_per_sm`` programs).
-
-    Every split gets ``tiles_per_split`` tiles (the last one the rest, at least one). The split
-    count (up to ``max_splits`` and ``n_tiles``) with the least ``split_time`` wins, the fewest
-    splits on ties (less to combine): a batch that fills the device runs unsplit, and a split count
-    that would start a second, mostly idle wave is not taken."""
-    slots = max(1, sm_count) * max(1, resident_per_sm)
-    n_outer = max(1, n_outer)
-    most = max(1, min(n_tiles, max_splits or n_tiles))
-    best = None
-    for want in range(1, most + 1):
-        per = -(-n_tiles // want)
-        nsplit = -(-n_tiles // per)
-        cost = (split_time(n_tiles, n_outer, slots, nsplit), nsplit)
-        if best is None or cost < best[0]:
-            best = (cost, (nsplit, per))
-    return best[1]
-
-
-def resident_blocks(regs: int, shared_bytes: int, num_warps: int, cap: int) -> int:
-    """Blocks of one compiled kernel resident per SM, as the split logic counts them (at least 1:
-    a kernel that launched runs one block per SM at a time)."""
-    return max(1, blocks_per_sm(regs, shared_bytes, num_warps, cap))
-
-
-def compiled_resident_blocks(compiled, cap: int) -> int:
-    """``resident_blocks`` of a Triton ``CompiledKernel`` (its registers are known once loaded)."""
-    if hasattr(compiled, "result"):  # async compile: a future
-        compiled = compiled.result()
-    if getattr(compiled, "n_regs", None) is None:
-        compiled._init_handles()
-    return resident_blocks(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps, cap)
-
-
-_RESIDENT = {}  # (kernel, device index, argument specialization, constexprs) -> resident blocks per SM
-
-
-def _specialization(args: tuple) -> tuple:
-    """What Triton specializes a launch on (``triton/runtime/jit.py``): tensors by dtype and 16-byte
-    alignment, integers equal to 1 or divisible by 16; floats are not specialized. Launches with the
-    same key run the same binary (NCHW and channels_last strides do not)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or not isinstance(a, int):
-            key.append(type(a).__name__)
-        else:
-            key.append("1" if a == 1 else "D" if a % 16 == 0 else "i")
-    return tuple(key)
-
-
-def _resident_per_sm(kernel, device: torch.device, args: tuple, kw: dict) -> int:
-    """Resident blocks per SM of ``kernel`` compiled for ``args``/``kw`` on ``device``, compiled
-    ahead of the launch with ``warmup`` (no launch; the launch then hits the JIT cache) and cached
-    per binary (the arguments' specialization, e.g. the memory layout: ``_specialization``) and
-    device. ``args`` carry placeholders for what depends on the split count: those arguments are not
-    specialized on (``do_not_specialize``) or are buffers that any fresh allocation matches."""
-    key = (kernel.fn.__name__, device.index, _specialization(args), tuple(sorted(kw.items())))
-    hit = _RESIDENT.get(key)
-    if hit is None:
-        compiled = kernel.warmup(*args, grid=(1,), **kw)
-        hit = _RESIDENT[key] = compiled_resident_blocks(compiled, compute_capability(device))
-    return hit
-
-
 def _splits(kernel, args: tuple, kw: dict, n_tiles: int, n_outer: int, device: torch.device,
             max_splits: int | None = None):
-    """(nsplit, tiles_per_split) from the real occupancy of ``kernel`` on ``device``; the interpreter
-    (CPU) gets a few splits."""
-    if device.type != "cuda":
-        return splits_for(n_tiles, n_outer, INTERPRETER_PROGRAMS, 1, max_splits)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return splits_for(n_tiles, n_outer, sms, _resident_per_sm(kernel, device, args, kw), max_splits)
-
-
-def _w2d(wt: torch.Tensor) -> torch.Tensor:
-    """(out, in, 1, 1) conv weight -> (out, in) view (strides kept)."""
-    return wt[:, :, 0, 0] if wt.dim() == 4 else wt
+    """``_launch.splits`` with this module's occupancy cache and capability reader."""
+    return splits(kernel, args, kw, n_tiles, n_outer, device, max_splits, cache=_RESIDENT,
+                  capability=compute_capability)
 
 
 def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
@@ -645,8 +523,8 @@ def grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor: int, softmax: bool,
     h, w = gp.shape[1], gp.shape[2]
     A = gp.shape[3]
     HW = H * W
-    wl = _w2d(w_l)
-    phi = _w2d(phi_w)[0]
+    wl = w2d(w_l)
+    phi = w2d(phi_w)[0]
     cfg = main_blocks(A, l.dtype)
     kw = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], BLOCK_A=cfg["BLOCK_A"], A_CHUNKS=cfg["A_CHUNKS"],
               PRECISION=precision_for(l.dtype, l.device), num_warps=cfg["num_warps"],
@@ -684,8 +562,8 @@ def grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_fac
     B, C, H, W = l.shape
     h, w, A = gp.shape[1], gp.shape[2], gp.shape[3]
     HW = H * W
-    wl = _w2d(w_l)
-    phi = _w2d(phi_w)[0]
+    wl = w2d(w_l)
+    phi = w2d(phi_w)[0]
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     cfg = main_blocks(A, l.dtype, backward=True)
@@ -739,8 +617,8 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
     B, C, H, W = l.shape
     h, w, A = gp.shape[1], gp.shape[2], gp.shape[3]
     HW = H * W
-    wl = _w2d(w_l)
-    phi = _w2d(phi_w)[0]
+    wl = w2d(w_l)
+    phi = w2d(phi_w)[0]
     precision = precision_for(l.dtype, l.device)
     cfg = weight_blocks(C, l.dtype, precision)
     n_a, n_c = triton.cdiv(A, cfg["BLOCK_A2"]), triton.cdiv(C, cfg["BLOCK_C2"])
@@ -763,10 +641,6 @@ def grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor: int):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers above can pick
 # ----------------------------------------------------------------------------------------------
-def _precisions(dtype):
-    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-
-
 def _main_config(kind: str, dtype: torch.dtype, prec: str, cfg: dict, deterministic: bool = False) -> KernelConfig:
     from .aot.registry import KernelConfig, signature
 
@@ -822,7 +696,7 @@ def aot_configs() -> list:
 
     configs = {}
     for dtype, dt in DTYPES.items():
-        for prec in _precisions(dtype):
+        for prec in dot_precisions(dtype):
             for bucket in (16, 32, 64, 128, 256, 512):
                 for kind, det in (("fwd", False), ("bwd", False), ("bwd", True)):
                     kc = _main_config(kind, dtype, prec, main_blocks(bucket, dtype, backward=kind == "bwd"), det)

@@ -44,9 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
-
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from ._launch import DTYPES, dot_precision, dot_precisions, on_device  # noqa: F401 (DTYPES: the one table, read here by tests)
 BLOCK_DS = (16, 32, 64, 128)  # padded query/key dims
 BLOCK_DVS = (32, 128)  # padded value-channel tile (more channels: grid split)
 MAX_D = BLOCK_DS[-1]
@@ -273,9 +271,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
              (dq * (gm * scale)).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
-def _prec(dtype) -> str:
-    # fp32 inputs: full-precision dots (no TF32), like eager fp32 bmm.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _prec(t: torch.Tensor) -> str:
+    """The dots replace eager's fp32 ``bmm``: PyTorch's matmul TF32 setting decides (``dot_precision``)."""
+    return dot_precision(t.dtype, t.device, like="matmul")
 
 
 def blocks(d: int, dv: int) -> tuple:
@@ -299,7 +297,7 @@ class Tile(NamedTuple):
     BLOCK_C: int  # channel chunk of the dP = dO^T V contraction when DV spans several tiles (not ONE_DV)
 
 
-def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
+def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True, prec: str = "ieee") -> dict:
     """kernel -> ``Tile`` for padded dims ``bd`` (q/k) and ``bdv`` (value tile); ``one_dv``: DV fits
     one value tile (else the backward contracts dP in ``BLOCK_C``-channel chunks, see ``blocks``).
 
@@ -324,13 +322,16 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
     fp32 is the accuracy path: IEEE dots (``input_precision="ieee"``, no tensor cores) on FMA
     units, whose blocked layouts give each output element to one thread (warpsPerCTA [8, 1], [4, 2]
     or [4, 1] over 16-32 rows: no warp repeats rows at these tiles, read from the TTGIR). Its
-    operands take far more registers, hence the small tiles.
+    operands take far more registers, hence the small tiles. fp32 with TF32 dots (``prec="tf32"``: the
+    user allowed TF32 for fp32 matmuls, ``_launch.dot_precision``) keeps the IEEE tiles, but for the dQ
+    kernel at D = 16 with channel chunks, whose dP chunk is 16 channels (32 spilled 8 bytes on triton 3.8).
     """
     bc = bdv if one_dv else 32
     if dtype == "fp32":
         if bdv <= 32:
             return dict(fwd=Tile(32, 32, 4, bdv), dq=Tile(32, 32, 4, bc), dkdv=Tile(32, 32, 4, bc))
-        return dict(fwd=Tile(16, 32, 8, bdv), dq=Tile(16, 32, 8, bc), dkdv=Tile(16, 32, 8, bc))
+        dq_bc = 16 if prec == "tf32" and not one_dv and bd == 16 else bc
+        return dict(fwd=Tile(16, 32, 8, bdv), dq=Tile(16, 32, 8, dq_bc), dkdv=Tile(16, 32, 8, bc))
     inner = 64 if bd == 16 or bdv == 32 else 32
     if one_dv:
         dkdv = Tile(32 if bdv == 32 else 16, 128, 8, bdv)
@@ -398,7 +399,8 @@ def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     residual = x is not None
     store_o = o is not None
     bd, bdv, _ = blocks(D, DV)
-    t = tiles(DTYPES[q.dtype], bd, bdv)["fwd"]
+    prec = _prec(q)
+    t = tiles(DTYPES[q.dtype], bd, bdv, prec=prec)["fwd"]
     grid = (triton.cdiv(NQ, t.BLOCK_M), B, triton.cdiv(DV, bdv))
     xs = _batch3(x) if residual else (0, 0, 0)
     with on_device(q):
@@ -406,7 +408,7 @@ def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
             q, k, v, x if residual else out, _gamma32(gamma, q), out, o if store_o else lse, lse,
             float(scale), NQ, NK, D, DV, *_batch3(q), *_batch3(k), *_batch3(v), *xs, *_batch3(out),
             *(_batch3(o) if store_o else (0, 0, 0)), lse.stride(0), int(residual), int(store_o),
-            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, PREC=_prec(q.dtype),
+            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_D=bd, BLOCK_DV=bdv, PREC=prec,
             num_warps=t.num_warps, num_stages=NUM_STAGES)
     return out, o, lse
 
@@ -434,8 +436,9 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     # r (for dgamma) = rowsum(dout * o); delta, the softmax backward's row term, = rowsum(dO * o) with
     # dO = g_pre * dout (r itself without gamma)
     delta = r if gamma is None else torch.empty_like(r)
-    t = tiles(DTYPES[q.dtype], bd, bdv, one_dv)
-    common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=_prec(q.dtype), num_stages=NUM_STAGES)
+    prec = _prec(q)
+    t = tiles(DTYPES[q.dtype], bd, bdv, one_dv, prec)
+    common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=prec, num_stages=NUM_STAGES)
     with on_device(q):
         if NQ:
             r.fill_(1.0)  # the factor of dout in each row's sum
@@ -475,24 +478,26 @@ def aot_configs() -> list:
         ce = dict(ce, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N)
         add(name, kernel, ptrs, ce, tile.num_warps, {"scale": "fp32"})
 
-    for dt in DTYPES.values():
-        prec = "ieee" if dt == "fp32" else "tf32"
+    for dtype, dt in DTYPES.items():
         add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel, {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"},
             {"BLOCK_M": ROWSUM_BLOCK_M, "BLOCK_DV": ROWSUM_BLOCK_C}, NUM_WARPS)
-        for bdv in BLOCK_DVS:
-            for bd in (b for b in BLOCK_DS if b <= bdv):
-                ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
-                ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
-                ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
-                add_tile(f"self_attention.fwd[{dt},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce, tiles(dt, bd, bdv)["fwd"])
-                for one_dv in ((False,) if bd == MAX_D else (True, False) if bdv == MAX_DV else (True,)):
-                    t = tiles(dt, bd, bdv, one_dv)
-                    tag = f"{dt},D={bd},DV={bdv},one_dv={int(one_dv)}"
-                    common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
-                    common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")
-                    for kind, kernel, out in (("dkdv", _bwd_dkdv_kernel, dict(dk_ptr=dt, dv_ptr=dt)),
-                                              ("dq", _bwd_dq_kernel, dict(dq_ptr=dt))):
-                        ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "BLOCK_C": t[kind].BLOCK_C, "ONE_DV": one_dv,
-                              "PREC": prec}
-                        add_tile(f"self_attention.bwd_{kind}[{tag}]", kernel, dict(common, **out), ce, t[kind])
+        for prec in dot_precisions(dtype):
+            dtag = dt if prec == "ieee" else f"{dt},{prec}"  # IEEE builds keep their names (budgets, evidence)
+            for bdv in BLOCK_DVS:
+                for bd in (b for b in BLOCK_DS if b <= bdv):
+                    ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "PREC": prec}
+                    ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
+                    ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
+                    add_tile(f"self_attention.fwd[{dtag},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce,
+                             tiles(dt, bd, bdv, prec=prec)["fwd"])
+                    for one_dv in ((False,) if bd == MAX_D else (True, False) if bdv == MAX_DV else (True,)):
+                        t = tiles(dt, bd, bdv, one_dv, prec=prec)
+                        tag = f"{dtag},D={bd},DV={bdv},one_dv={int(one_dv)}"
+                        common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
+                        common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")
+                        for kind, kernel, out in (("dkdv", _bwd_dkdv_kernel, dict(dk_ptr=dt, dv_ptr=dt)),
+                                                  ("dq", _bwd_dq_kernel, dict(dq_ptr=dt))):
+                            ce = {"BLOCK_D": bd, "BLOCK_DV": bdv, "BLOCK_C": t[kind].BLOCK_C, "ONE_DV": one_dv,
+                                  "PREC": prec}
+                            add_tile(f"self_attention.bwd_{kind}[{tag}]", kernel, dict(common, **out), ce, t[kind])
     return configs

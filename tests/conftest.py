@@ -11,8 +11,10 @@
   are skipped without a GPU.
 - On CUDA every test runs with TF32 off (cuDNN convolutions and matmuls), so fp32 means IEEE fp32
   in eager PyTorch and in the kernels; tests of the TF32 path turn it on (``op_checks.tf32``).
-- ``ATTNFAST_NAN_FILL=1``: every output buffer attnfast allocates starts as NaN (on any device), so an
-  element a kernel does not write fails the comparison.
+- ``attnfast._alloc.NAN_FILL = True``: every output buffer attnfast allocates starts as NaN (on any
+  device), so an element a kernel does not write fails the comparison.
+- The backend fixtures set ``attnfast.config.BACKEND`` (monkeypatched, restored after each test); the
+  library reads no environment variable at run time.
 - Every test is seeded.
 - ``ATTNFAST_TEST_FAKE_CUDA=1`` makes collection behave as on a GPU machine without one (for
   ``--collect-only`` only: tests/test_gpu_matrix.py checks what a GPU run would collect and skip);
@@ -32,12 +34,16 @@ FAKE_CUDA = os.environ.get("ATTNFAST_TEST_FAKE_CUDA", "0") == "1"
 DEVICE = "cuda" if (FAKE_CUDA or torch.cuda.is_available()) else "cpu"
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
-os.environ["ATTNFAST_NAN_FILL"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 COMPILED_KERNELS = DEVICE == "cuda" and not INTERPRET  # what gpu-marked tests need
 NEEDS_INTERPRETER = "runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (the device-taking tests cover CUDA)"
+
+import attnfast._alloc  # noqa: E402  (torch only: no kernel module is imported here)
+import attnfast.config  # noqa: E402
+
+attnfast._alloc.NAN_FILL = True
 
 
 def pytest_configure(config):
@@ -106,14 +112,14 @@ def triton_backend(monkeypatch, request):
     skipped (normally at collection; this covers a dynamic ``request.getfixturevalue``)."""
     if COMPILED_KERNELS and "device" not in request.fixturenames:
         pytest.skip(NEEDS_INTERPRETER)
-    monkeypatch.setenv("ATTNFAST_BACKEND", "triton")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "triton")
     return "triton"
 
 
 @pytest.fixture
 def torch_backend(monkeypatch):
     """Force the PyTorch path of every op."""
-    monkeypatch.setenv("ATTNFAST_BACKEND", "torch")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "torch")
     return "torch"
 
 
@@ -126,8 +132,8 @@ def kernels_only(monkeypatch):
 
     from attnfast import _dispatch
 
-    if os.environ.get("ATTNFAST_BACKEND", "").strip().lower() == "torch":
-        monkeypatch.delenv("ATTNFAST_BACKEND")
+    if attnfast.config.BACKEND == "torch":
+        monkeypatch.setattr(attnfast.config, "BACKEND", "auto")
     monkeypatch.setattr(_dispatch, "_WARNED", set())
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*using the PyTorch path on CUDA")

@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .. import config
 from .layouts import MELANOMA_MERGED_SUBDIRS
 
 CASSAVA_NAMES = {
@@ -215,16 +216,12 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
-def cache_dir() -> str:
-    return os.environ.get("ATTNFAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnfast")
-
-
 def ensure_synthetic(kind: str = "melanoma", *, n: int = 3000, size: int = 128, seed: int = 0,
                      root: str | None = None) -> str:
     """Generate the synthetic set once into a cache folder keyed by its parameters; return its path."""
     layout = "cassava" if kind == "cassava" else "marking"
     key = hashlib.sha1(f"{GENERATOR_VERSION}-{layout}-{n}-{size}-{seed}".encode()).hexdigest()[:10]
-    final = os.path.join(root or os.path.join(cache_dir(), "synthetic"), f"{kind}-{n}-{size}px-{key}")
+    final = os.path.join(root or os.path.join(config.cache_dir(), "synthetic"), f"{kind}-{n}-{size}px-{key}")
     if os.path.isdir(final):
         return final
     parent = os.path.dirname(final)

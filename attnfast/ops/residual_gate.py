@@ -13,10 +13,11 @@ import torch
 
 from .. import _alloc
 from .._checks import check_same, check_tensor
-from .._dispatch import autocast_off, compute_dtype, use_triton
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 
-def _check(m: torch.Tensor, t: torch.Tensor) -> None:
+def check_residual_gate_inputs(m: torch.Tensor, t: torch.Tensor) -> None:
+    """ValueError for anything the op cannot compute (what was expected is in the message)."""
     check_tensor(m, "mask_logits")
     check_tensor(t, "trunk")
     check_same({"mask_logits": m, "trunk": t})
@@ -27,29 +28,16 @@ def _check(m: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"residual_gate supports tensors of at most 4 dims; got {m.dim()}")
 
 
-def _out_like(t: torch.Tensor) -> torch.Tensor:
-    # preserve_format: same strides when t is dense (channels_last stays channels_last),
-    # row-major otherwise.
-    return _alloc.empty_like(t)
-
-
-def _kernel_ok(*tensors) -> bool:
-    if not use_triton(*tensors):
-        return False
-    from ..kernels.residual_gate import DTYPES
-
-    return tensors[0].dtype in DTYPES
-
-
 @torch.library.custom_op("attnfast::residual_gate", mutates_args=())
 @autocast_off
 def residual_gate_op(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    if _kernel_ok(m, t):
+    # Outputs and gradients are allocated like the trunk (preserve_format: channels_last stays so).
+    out = _alloc.empty_like(t)
+    if kernel_eligible("residual_gate", m, t):
         from ..kernels.residual_gate import residual_gate_fwd
 
-        return residual_gate_fwd(m, t, _out_like(t))
+        return residual_gate_fwd(m, t, out)
     ct = compute_dtype(t)
-    out = _out_like(t)
     return out.copy_((1 + torch.sigmoid(m.to(ct))) * t.to(ct))
 
 
@@ -61,9 +49,9 @@ def _(m, t):
 @torch.library.custom_op("attnfast::residual_gate_backward", mutates_args=())
 @autocast_off
 def residual_gate_backward_op(grad: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dm = _out_like(t)
+    dm = _alloc.empty_like(t)
     dt = _alloc.empty_like(dm)
-    if _kernel_ok(m, t, grad):
+    if kernel_eligible("residual_gate", m, t, grad):
         from ..kernels.residual_gate import residual_gate_bwd
 
         return residual_gate_bwd(grad, m, t, dm, dt)
@@ -96,5 +84,5 @@ residual_gate_op.register_autograd(_backward, setup_context=_setup_context)
 
 def residual_gate(mask_logits: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
     """``(1 + sigmoid(mask_logits)) * trunk``, fused; validates its inputs."""
-    _check(mask_logits, trunk)
+    check_residual_gate_inputs(mask_logits, trunk)
     return residual_gate_op(mask_logits, trunk)

@@ -32,7 +32,6 @@ gamma of 0, inf or NaN enters the backward as eager's ``dO = gamma * dout`` (``_
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -48,11 +47,12 @@ CHUNK_ELEMS = 1 << 22
 # probability and dP blocks stay in L2/L3 between the GEMM and the softmax, where the batched
 # path's 16 MiB chunks streamed every elementwise pass through DRAM.
 CPU_BLOCK_ELEMS = 1 << 19
-# ATTNFAST_SA_CHUNK_ELEMS overrides both budgets (the tests use it to force many blocks).
+# Test-only: an int here overrides both budgets (the tests monkeypatch it to force many blocks).
+BLOCK_ELEMS_OVERRIDE = None
 
 
 def _budget(default: int) -> int:
-    return int(os.environ.get("ATTNFAST_SA_CHUNK_ELEMS", default))
+    return default if BLOCK_ELEMS_OVERRIDE is None else int(BLOCK_ELEMS_OVERRIDE)
 
 
 def chunk_rows(b: int, nq: int, nk: int, elems: int = CHUNK_ELEMS) -> int:

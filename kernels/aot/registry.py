@@ -22,10 +22,6 @@ import subprocess
 import tempfile
 from typing import Callable
 
-TORCH_TO_TRITON = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
-                   "torch.float64": "fp64", "torch.int32": "i32", "torch.int64": "i64"}
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """One launchable configuration of one kernel (``attrs`` empty), or one binary of it as a launch

@@ -15,6 +15,8 @@ import sys
 import pytest
 import torch
 
+import attnfast.config
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
@@ -104,7 +106,7 @@ def test_measure_refuses_a_compile_baseline_that_ran_eagerly(eager_backend):
 def test_chunked_provider_runs_backward_on_its_backend_too(monkeypatch):
     """attnfast's backward dispatches again: the chunked provider's context covers it (harness.measure
     runs forward and backward inside it)."""
-    monkeypatch.setenv("ATTNFAST_BACKEND", "auto")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "auto")
     chunked = providers.sagan(16, torch.float32, "cpu", ["chunked"])["chunked"]
     seen = []
     from attnfast import _dispatch
@@ -115,7 +117,7 @@ def test_chunked_provider_runs_backward_on_its_backend_too(monkeypatch):
     with harness.provider_context(chunked):
         chunked(x).sum().backward()
     assert seen and set(seen) == {"torch"}, seen
-    assert os.environ["ATTNFAST_BACKEND"] == "auto"
+    assert attnfast.config.BACKEND == "auto"
 
 
 # ----------------------------------------------------------------------------------------------

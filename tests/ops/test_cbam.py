@@ -10,6 +10,8 @@ channels_last, odd sizes.
 import pytest
 import torch
 
+import attnfast.config
+
 from attnfast.nn.cbam import CBAM, LightCBAM
 from attnfast.ops import cbam as cbam_fn
 from attnfast.testing import assert_close_3way
@@ -143,11 +145,11 @@ def test_backend_setting_is_respected(monkeypatch):
         raise RuntimeError("kernel called")
 
     monkeypatch.setattr(K, "channel_pool", kernel_called)
-    monkeypatch.setenv("ATTNFAST_BACKEND", "torch")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "torch")
     m = CBAM(8)
     m(torch.randn(2, 8, 4, 4))
     assert not calls
-    monkeypatch.setenv("ATTNFAST_BACKEND", "triton")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "triton")
     from attnfast._dispatch import interpreter_enabled
 
     if interpreter_enabled():

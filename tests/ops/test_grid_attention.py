@@ -11,6 +11,8 @@ import random
 import pytest
 import torch
 
+import attnfast.config
+
 from attnfast.nn.grid_attention import GridAttention
 from attnfast.ops.grid_attention import grid_attention
 from attnfast.testing import assert_close_3way
@@ -107,7 +109,7 @@ def test_backends_agree_and_splits(triton_backend, monkeypatch, device):
     l, g, da, dp = grid_inputs(1, 16, 16, 28, 28, 1, device=device)
     _, fused = grid_modules(ref, torch.float32)
     out_triton = grid_run(fused, l.float(), g.float(), da, dp)
-    monkeypatch.setenv("ATTNFAST_BACKEND", "torch")
+    monkeypatch.setattr(attnfast.config, "BACKEND", "torch")
     out_torch = grid_run(fused, l.float(), g.float(), da, dp)
     for x, y in zip(out_triton, out_torch):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ channels). The tests take the ``device`` fixture: Triton interpreted on a CPU, c
 GPU machine. SAGAN's real shapes are in tests/gpu/test_real_shapes.py.
 """
 import random
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from attnfast.ops.self_attention import (chunk_rows, self_attention, self_attent
 from attnfast.reference.self_attention import SelfAttention
 from attnfast.testing import BASE_ATOL, assert_close_3way
 from op_checks import check_sagan, dtype_params
+
+SA = sys.modules["attnfast.ops.self_attention"]  # the package re-exports the function under that name
 
 BACKENDS = ["triton_backend", "torch_backend"]
 
@@ -54,7 +57,7 @@ def test_shapes_cover_edge_cases():
 def test_multiple_chunks_and_blocks(request, backend, monkeypatch, device):
     """Several query chunks (PyTorch path) / several key and query blocks (Triton)."""
     request.getfixturevalue(backend)
-    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "3000")
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 3000)
     assert chunk_rows(2, 200, 200) == 7
     check_sagan((2, 16, 20, 10), torch.float32, device=device)
 

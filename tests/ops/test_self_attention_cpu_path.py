@@ -66,7 +66,7 @@ def test_dispatch(monkeypatch, dtype, path):
 
 
 def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
-    monkeypatch.delenv("ATTNFAST_SA_CHUNK_ELEMS", raising=False)
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
     # SAGAN 64x64 (N=4096): one sample per block, 128 rows = 2**19 scores (2 MiB fp32)
     assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
     # pooled keys: 4x more rows fit
@@ -77,7 +77,7 @@ def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
     assert cpu_blocks(3, 64, 64, 16, 128) == (3, 64)
     # no queries: one (empty) row per block, never zero
     assert cpu_blocks(2, 0, 7, 4, 4) == (2, 1)
-    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "3000")
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 3000)
     assert cpu_blocks(2, 200, 200, 16, 16) == (1, 15)
     assert cpu_blocks(5, 20, 20, 4, 4) == (5, 20)
 
@@ -103,9 +103,9 @@ CASES = [
 def test_matches_float64(monkeypatch, case, residual, dtype):
     budget, b, d, dv, nq, nk = case
     if budget is None:
-        monkeypatch.delenv("ATTNFAST_SA_CHUNK_ELEMS", raising=False)
+        monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
     else:
-        monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", budget)
+        monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", int(budget))
     tensors, grad = _inputs(b, d, dv, nq, nk, residual)
     _check(tensors, grad, dtype, 0.3 if nk != nq else 1.0, f"cpu path {case} {dtype}")
 
@@ -114,7 +114,7 @@ def test_matches_float64(monkeypatch, case, residual, dtype):
 def test_large_logits_many_blocks(monkeypatch, residual):
     """|q^T k| ~ 1e3 (SAGAN's scale 1 with big projections), several row blocks: finite and as
     accurate as eager fp32."""
-    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "700")
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 700)
     tensors, grad = _inputs(2, 4, 24, 70, 70, residual, mult=16.0)
     q, k = tensors[0], tensors[1]
     assert (q.transpose(1, 2) @ k).abs().max() > 1e3
@@ -122,7 +122,7 @@ def test_large_logits_many_blocks(monkeypatch, residual):
 
 
 def test_lse_is_the_logsumexp(monkeypatch):
-    monkeypatch.setenv("ATTNFAST_SA_CHUNK_ELEMS", "500")
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 500)
     (q, k, v, _, _), _ = _inputs(3, 6, 10, 37, 29, False, mult=3.0)
     out, o, lse = self_attention_op(q.float(), k.float(), v.float(), None, None, 0.5, True)
     ref = torch.logsumexp(0.5 * q.transpose(1, 2) @ k, -1)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import attnfast.config
 import attnfast.swap
 from attnfast.cli import main
 from attnfast.data import write_dataset
@@ -89,7 +90,7 @@ def test_resnet18_cbam_reference_trains_and_predicts(cassava, tmp_path, swap_cal
 def test_without_timm_one_error_line_before_any_data(tmp_path, capsys, monkeypatch, argv, expected):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
     cache = tmp_path / "cache"
-    monkeypatch.setenv("ATTNFAST_CACHE", str(cache))
+    monkeypatch.setattr(attnfast.config, "CACHE_DIR", str(cache))
     code = main(["train", *argv, "--out", str(tmp_path / "o")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and lines == ["error: " + expected], lines
@@ -103,7 +104,7 @@ def test_without_timm_one_error_line_before_any_data(tmp_path, capsys, monkeypat
     (["--model", "resnet18-cbam", "--sigmoid-attn"], "--sigmoid-attn is AttnVGG's"),
 ])
 def test_timm_option_errors(tmp_path, capsys, monkeypatch, argv, expected):
-    monkeypatch.setenv("ATTNFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(attnfast.config, "CACHE_DIR", str(tmp_path / "cache"))
     code = main(["train", *argv, "--out", str(tmp_path / "o")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
