@@ -24,7 +24,8 @@ Kernels
   backward ``dx = dy * m`` and ``dm = sum_c dy * x`` in one pass over dy and x.
 
 fp32 accumulation everywhere; fp32 inputs use TF32 dots exactly when eager fp32 convolutions would
-(``PRECISION``, chosen by the op). Every tensor is read through its strides (NCHW, channels_last).
+(``_launch.dot_precision(..., like="conv")``). The weight kernel's split count comes from its real occupancy
+(``_launch.splits``). Every tensor is read through its strides (NCHW, channels_last).
 NaN/inf: relu keeps NaN, its gradient passes NaN (eager's ``threshold_backward``), padded lanes are zeroed
 before they can turn ``0 * inf`` into NaN in real elements.
 """
@@ -34,15 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
+from ._launch import DTYPES, dot_precision, dot_precisions, on_device, splits
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_F = 256  # inter channels held in registers; larger -> the PyTorch path
 BLOCK_K = 32
 BLOCK_K2 = 32
 GATE_BLOCK_P = 64
 GATE_BLOCK_C = 16
-INTERPRETER_SPLITS = 2
 
 
 def blocks(F: int, dtype: torch.dtype) -> dict:
@@ -325,21 +324,21 @@ def _geometry(x, g, ks):
     return B, C, Ht, Wt, h, w, interp, float(h) / Ht, float(w) / Wt
 
 
-def _common(x, g, wx, wg, ks, precision):
+def _common(x, g, wx, wg, ks):
     B, C, Ht, Wt, h, w, interp, sh, sw = _geometry(x, g, ks)
     F = wx.shape[0]
     cfg = blocks(F, x.dtype)
     scalars = (C, g.shape[1], F, Ht, Wt, h, w, sh, sw)
     strides = (*x.stride(), *g.stride())
     cx = dict(KS=ks, INTERP=interp, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_F=cfg["BLOCK_F"],
-              PRECISION=precision, num_warps=cfg["num_warps"])
+              PRECISION=dot_precision(x.dtype, x.device, like="conv"), num_warps=cfg["num_warps"])
     return B, Ht * Wt, cfg, scalars, strides, cx
 
 
-def attention_gate_fwd(x, g, wx, wg, bias, psi, psib, ks: int, precision: str, logits):
+def attention_gate_fwd(x, g, wx, wg, bias, psi, psib, ks: int, logits):
     """logits (B, Ht*Wt) fp32. wx (F, C*ks*ks), wg (F, CG) contiguous in x's dtype; bias, psi (F,), psib (1,)
     fp32."""
-    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks, precision)
+    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks)
     if B * P == 0:
         return logits
     with on_device(x):
@@ -348,9 +347,9 @@ def attention_gate_fwd(x, g, wx, wg, bias, psi, psib, ks: int, precision: str, l
     return logits
 
 
-def attention_gate_bwd(x, g, wx, wg, bias, psi, dlogits, ks: int, precision: str, dx, dg):
+def attention_gate_bwd(x, g, wx, wg, bias, psi, dlogits, ks: int, dx, dg):
     """dx (x's patches written), dg at theta's grid (B, CG, Ht, Wt), any strides."""
-    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks, precision)
+    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks)
     if B * P == 0:
         return dx, dg
     with on_device(x):
@@ -359,30 +358,26 @@ def attention_gate_bwd(x, g, wx, wg, bias, psi, dlogits, ks: int, precision: str
     return dx, dg
 
 
-def _nsplit(x, n_tiles: int, n_kb: int) -> int:
-    if not x.is_cuda:
-        return max(1, min(n_tiles, INTERPRETER_SPLITS))
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(n_tiles, -(-4 * sms // n_kb)))
-
-
-def attention_gate_bwd_weight(x, g, wx, wg, bias, psi, dlogits, ks: int, precision: str):
+def attention_gate_bwd_weight(x, g, wx, wg, bias, psi, dlogits, ks: int):
     """(dW (F, C*ks*ks + CG), dbias (F,), dpsi (F,)) fp32."""
-    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks, precision)
+    B, P, cfg, scalars, strides, cx = _common(x, g, wx, wg, ks)
     F, KX, CG = wx.shape[0], wx.shape[1], wg.shape[1]
     n_tiles = B * triton.cdiv(P, cfg["BLOCK_P"])
     n_kb = triton.cdiv(KX, BLOCK_K2) + triton.cdiv(CG, BLOCK_K2)
-    nsplit = _nsplit(x, n_tiles, n_kb)
-    per = triton.cdiv(n_tiles, nsplit)
-    nsplit = triton.cdiv(n_tiles, per) if n_tiles else 1
     dev = dict(device=x.device, dtype=torch.float32)
-    dw = torch.zeros((nsplit, F, KX + CG), **dev)
-    dbias = torch.zeros((nsplit, F), **dev)
-    dpsi = torch.zeros((nsplit, F), **dev)
-    if n_tiles:
-        with on_device(x):
-            ag_bwd_weight_kernel[(n_kb, nsplit)](x, g, wx, wg, bias, psi, dlogits, dw, dbias, dpsi,
-                                                 *scalars, n_tiles, per, *strides, BLOCK_K2=BLOCK_K2, **cx)
+    if n_tiles == 0:
+        return torch.zeros((F, KX + CG), **dev), torch.zeros((F,), **dev), torch.zeros((F,), **dev)
+    kw = dict(BLOCK_K2=BLOCK_K2, **cx)
+
+    def args(dw, dbias, dpsi, per):
+        return (x, g, wx, wg, bias, psi, dlogits, dw, dbias, dpsi, *scalars, n_tiles, per, *strides)
+
+    with on_device(x):
+        nsplit, per = splits(ag_bwd_weight_kernel, args(dlogits, dlogits, dlogits, 2), kw, n_tiles, n_kb, x.device)
+        dw = torch.empty((nsplit, F, KX + CG), **dev)  # every program writes its block of its split's row
+        dbias = torch.empty((nsplit, F), **dev)
+        dpsi = torch.empty((nsplit, F), **dev)
+        ag_bwd_weight_kernel[(n_kb, nsplit)](*args(dw, dbias, dpsi, per), **kw)
     return dw.sum(0), dbias.sum(0), dpsi.sum(0)
 
 
@@ -417,7 +412,7 @@ def aot_configs() -> list:
 
     configs = []
     for dtype, dt in DTYPES.items():
-        for prec in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+        for prec in dot_precisions(dtype):
             tag = dt + (f",{prec}" if dtype == torch.float32 else "")
             for bucket in (16, 32, 64, 128, 256):
                 cfg = blocks(bucket, dtype)

@@ -13,6 +13,9 @@ covariances (``channel_moments``, ``projection_stats``), and the running statist
 sigmoid run as the modules themselves on the logits. AGN's ``W`` (conv + BatchNorm on the gated x) is the
 module's own ``W``.
 
+Checks (``docs/adding-an-op.md``): the logits op validates x, g and the weights it is given (the AGN module
+checks nothing itself); the MONAI module checks g and x first, as it reads their moments before the op.
+
 Under autocast, x and g enter the logits op in the autocast dtype (as the eager convolutions would take
 them); the op accumulates in fp32. The map and the output come back in x's dtype.
 """
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import autocast_dtype
-from ..ops.attention_gate import (attention_gate_logits, channel_moments, fold_batch_norm, gate,
+from ..ops.attention_gate import (attention_gate_logits, channel_moments, fold_batch_norm, gate_op,
                                   projection_stats)
 from ..reference.attention_gate import AttentionBlock as _RefAttentionBlock
 from ..reference.attention_gate import GridAttentionBlock2D as _RefGridAttentionBlock2D
@@ -85,14 +88,13 @@ class AttentionBlock(_RefAttentionBlock):
         if bn.weight is not None:
             logits = logits.to(bn.weight.dtype)
         att = self.psi[2](bn(logits))
-        return gate(x, att.to(x.dtype))
+        return gate_op(x, att.to(x.dtype))
 
 
 class GridAttentionBlock2D(_RefGridAttentionBlock2D):
     """Attention-Gated-Networks' ``GridAttentionBlock2D``, fused: ``forward(x, g) -> (W_y, map)``."""
 
     def forward(self, x: torch.Tensor, g: torch.Tensor):
-        self.check_inputs(x, g)
         fi = self.theta.weight.shape[0]
         bias = _zeros_if_none(self.phi.bias, self.phi.weight, fi)
         if self.theta.bias is not None:
@@ -104,4 +106,4 @@ class GridAttentionBlock2D(_RefGridAttentionBlock2D):
         if att.shape[2:] != x.shape[2:]:
             att = F.interpolate(att, size=x.shape[2:], mode=self.upsample_mode, align_corners=False)
         att = att.to(x.dtype)
-        return self.W(gate(x, att)), att
+        return self.W(gate_op(x, att)), att

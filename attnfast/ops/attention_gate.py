@@ -24,10 +24,10 @@ BatchNorm after a 1x1 projection is affine in it, so the modules fold it into th
 ``fold_batch_norm`` gives ``W s`` and ``(b - mu) s + beta`` with ``s = gamma / sqrt(var + eps)``. Autograd
 through this small torch graph gives BatchNorm's exact training gradients.
 
-Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernels.attention_gate``;
+Dispatch (``attnfast._dispatch.kernel_eligible``): CUDA tensors run ``attnfast.kernels.attention_gate``;
 CPU tensors a PyTorch path that keeps the memory behaviour (z exists one batch chunk at a time, in
 forward and in the recomputing backward). float64, and F_int > ``MAX_F``, take the PyTorch path.
-fp32 dots use TF32 exactly when eager fp32 convolutions would (``precision_for``).
+fp32 dots use TF32 exactly when eager fp32 convolutions would (``kernels._launch.dot_precision``, like="conv").
 NaN and inf propagate as in eager, forward and backward (relu keeps NaN; its gradient passes NaN), with one
 documented difference on the kernels: where g is resized, a non-finite ``w_g`` meets the resize's zero-weight
 taps in eager (0 * inf = NaN) but not in the kernels (which resize g first): there eager has NaN and the kernels
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from .. import _alloc
 from .._checks import check_same, check_tensor
-from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
+from ..kernels._launch import w2d
 
 TORCH_CHUNK_ELEMENTS = 1 << 22  # z elements (b x F x Ht x Wt) the PyTorch path holds at a time
 
@@ -56,15 +57,20 @@ def check_attention_gate_inputs(x, g, w_x, w_g, bias, psi_w, psi_b, stride) -> N
         raise ValueError(f"stride must be a positive integer; got {stride!r}")
     k = int(stride)
     check_tensor(w_x, "w_x", ndim=4)
-    if tuple(w_x.shape[1:]) != (x.shape[1], k, k):
-        raise ValueError(f"w_x must be a ({w_x.shape[0]}, {x.shape[1]}, {k}, {k}) convolution weight "
-                         f"(x's channels, stride x stride); got {tuple(w_x.shape)}")
+    if tuple(w_x.shape[2:]) != (k, k):
+        raise ValueError(f"w_x must be a {k}x{k} convolution weight (F_int, C, {k}, {k}) for stride {k}; "
+                         f"got {tuple(w_x.shape)}")
+    if w_x.shape[1] != x.shape[1]:
+        raise ValueError(f"x must have {w_x.shape[1]} channels (w_x's in_channels); got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)})")
     fi = w_x.shape[0]
     check_tensor(w_g, "w_g")
-    if w_g.dim() not in (2, 4) or (w_g.dim() == 4 and tuple(w_g.shape[2:]) != (1, 1)) \
-            or tuple(w_g.shape[:2]) != (fi, g.shape[1]):
-        raise ValueError(f"w_g must be a 1x1 convolution weight ({fi}, {g.shape[1]}[, 1, 1]) (F_int, g's "
-                         f"channels); got {tuple(w_g.shape)}")
+    if w_g.dim() not in (2, 4) or (w_g.dim() == 4 and tuple(w_g.shape[2:]) != (1, 1)) or w_g.shape[0] != fi:
+        raise ValueError(f"w_g must be a 1x1 convolution weight ({fi}, C_g[, 1, 1]) (F_int={fi} as w_x); "
+                         f"got {tuple(w_g.shape)}")
+    if w_g.shape[1] != g.shape[1]:
+        raise ValueError(f"g must have {w_g.shape[1]} channels (w_g's in_channels); got {g.shape[1]} "
+                         f"(shape {tuple(g.shape)})")
     for name, t, n in (("bias", bias, fi), ("psi_w", psi_w, fi), ("psi_b", psi_b, 1)):
         check_tensor(t, name)
         if t.numel() != n:
@@ -112,23 +118,25 @@ def _chunks(B, per_sample):
         yield b0, min(B, b0 + step)
 
 
-def _kernel_path(x, fi) -> bool:
-    from ..kernels.attention_gate import DTYPES, MAX_F
+def _f_limit(fi: int):
+    """``kernel_eligible``'s limit: F_int above the kernels' register tile takes the PyTorch path."""
+    def limit():
+        from ..kernels.attention_gate import MAX_F
 
-    if x.dtype not in DTYPES:
-        reason = f"no Triton kernel for {x.dtype}"
-    elif fi > MAX_F:
-        reason = f"F_int={fi} > {MAX_F} has no Triton kernel"
-    else:
-        return True
-    if x.is_cuda:
-        warn_fallback("attention_gate", reason)
-    return False
+        return f"F_int={fi} > {MAX_F} has no Triton kernel" if fi > MAX_F else None
+    return limit
 
 
 def _params(x, w_x, w_g, bias, psi_w, psi_b, ct):
-    return (w_x.to(ct), w_g.reshape(w_g.shape[0], -1).to(ct), bias.reshape(-1).to(ct),
+    return (w_x.to(ct), w2d(w_g).to(ct), bias.reshape(-1).to(ct),
             psi_w.reshape(-1).to(ct), psi_b.reshape(()).to(ct))
+
+
+def _kernel_params(x, w_x, w_g, bias, psi_w):
+    """The kernels' weights: W_x (F, C*k*k) and W_g (F, C_g) contiguous in x's dtype; bias, psi fp32."""
+    fi = w_x.shape[0]
+    return (w_x.reshape(fi, -1).to(x.dtype).contiguous(), w2d(w_g).to(x.dtype).contiguous(),
+            bias.reshape(-1).to(torch.float32).contiguous(), psi_w.reshape(-1).to(torch.float32).contiguous())
 
 
 def _torch_z(xc, gc, wx, wg, bias, k, size):
@@ -149,16 +157,11 @@ def attention_gate_logits_op(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor
     ct = compute_dtype(x)
     logits = _alloc.empty((B, 1, Ht, Wt), device=x.device, dtype=ct)
     fi = w_x.shape[0]
-    if use_triton(x, g, w_x, w_g, bias, psi_w, psi_b) and _kernel_path(x, fi):
+    if kernel_eligible("attention_gate", x, g, w_x, w_g, bias, psi_w, psi_b, limit=_f_limit(fi)):
         from ..kernels.attention_gate import attention_gate_fwd
-        from ..kernels.grid_attention import precision_for
 
-        wx = w_x.reshape(fi, -1).to(x.dtype).contiguous()
-        wg = w_g.reshape(fi, -1).to(x.dtype).contiguous()
-        f32 = dict(dtype=torch.float32)
-        attention_gate_fwd(x, g, wx, wg, bias.reshape(-1).to(**f32).contiguous(),
-                           psi_w.reshape(-1).to(**f32).contiguous(), psi_b.reshape(1).to(**f32),
-                           stride, precision_for(x.dtype, x.device), logits)
+        wx, wg, b32, psi32 = _kernel_params(x, w_x, w_g, bias, psi_w)
+        attention_gate_fwd(x, g, wx, wg, b32, psi32, psi_b.reshape(1).to(torch.float32), stride, logits)
         return logits
     wx, wg, b, psi, pb = _params(x, w_x, w_g, bias, psi_w, psi_b, ct)
     for b0, b1 in _chunks(B, fi * Ht * Wt):
@@ -215,24 +218,19 @@ def attention_gate_logits_backward_op(dlogits: torch.Tensor, x: torch.Tensor, g:
     Ht, Wt = dl.shape[2:]
     dx = _alloc.empty_like(x)
     dg = _alloc.empty_like(g)
-    if use_triton(dlogits, x, g, w_x, w_g, bias, psi_w, psi_b) and _kernel_path(x, fi):
+    if kernel_eligible("attention_gate", x, dlogits, g, w_x, w_g, bias, psi_w, psi_b, limit=_f_limit(fi)):
         from ..kernels.attention_gate import attention_gate_bwd, attention_gate_bwd_weight
-        from ..kernels.grid_attention import precision_for
 
-        prec = precision_for(x.dtype, x.device)
-        wx = w_x.reshape(fi, -1).to(x.dtype).contiguous()
-        wg = w_g.reshape(fi, -1).to(x.dtype).contiguous()
-        b32 = bias.reshape(-1).to(torch.float32).contiguous()
-        psi32 = psi_w.reshape(-1).to(torch.float32).contiguous()
+        wx, wg, b32, psi32 = _kernel_params(x, w_x, w_g, bias, psi_w)
         dl = dl.contiguous()
         if x.shape[2] % stride or x.shape[3] % stride:
             dx.zero_()  # pixels outside every patch: no theta gradient
         interp = tuple(g.shape[2:]) != (Ht, Wt)
         dgi = torch.empty((B, g.shape[1], Ht, Wt), device=x.device, dtype=torch.float32) if interp else dg
-        attention_gate_bwd(x, g, wx, wg, b32, psi32, dl, stride, prec, dx, dgi)
+        attention_gate_bwd(x, g, wx, wg, b32, psi32, dl, stride, dx, dgi)
         if interp:
             dg.copy_(torch.ops.aten.upsample_bilinear2d_backward(dgi, [Ht, Wt], list(g.shape), False))
-        dw, dbias, dpsi = attention_gate_bwd_weight(x, g, wx, wg, b32, psi32, dl, stride, prec)
+        dw, dbias, dpsi = attention_gate_bwd_weight(x, g, wx, wg, b32, psi32, dl, stride)
         kx = wx.shape[1]
         dwx, dwg = dw[:, :kx], dw[:, kx:]
     else:
@@ -271,7 +269,7 @@ attention_gate_logits_op.register_autograd(_logits_backward, setup_context=_logi
 @autocast_off
 def gate_op(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     y = _alloc.empty_like(x)
-    if use_triton(x, m) and _kernel_path(x, 0):
+    if kernel_eligible("attention_gate", x, m):
         from ..kernels.attention_gate import gate_fwd
 
         return gate_fwd(x, m, y)
@@ -290,7 +288,7 @@ def gate_backward_op(dy: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> tupl
     dx = _alloc.empty_like(x)
     dm = _alloc.empty_like(m)
     B, _, H, W = x.shape
-    if use_triton(dy, x, m) and _kernel_path(x, 0):
+    if kernel_eligible("attention_gate", x, dy, m):
         from ..kernels.attention_gate import gate_bwd
 
         dm32 = torch.empty((B, H * W), device=x.device, dtype=torch.float32)

@@ -176,8 +176,10 @@ def test_nothing_f_int_sized_is_saved(torch_backend, fn, fails):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda a: a.__setitem__(2, a[2][:, :, :1, :1]), r"w_x must be a \(20, 6, 2, 2\)"),
-    (lambda a: a.__setitem__(3, a[3][:, :2]), "w_g must be a 1x1 convolution weight"),
+    (lambda a: a.__setitem__(2, a[2][:, :, :1, :1]), r"w_x must be a 2x2 convolution weight"),
+    (lambda a: a.__setitem__(2, a[2][:, :2]), "x must have 2 channels"),
+    (lambda a: a.__setitem__(3, a[3][:2]), r"w_g must be a 1x1 convolution weight \(20, C_g"),
+    (lambda a: a.__setitem__(3, a[3][:, :2]), "g must have 2 channels"),
     (lambda a: a.__setitem__(5, a[5][:3]), "psi_w must have 20 elements"),
     (lambda a: a.__setitem__(1, a[1][:1]), "same batch size"),
     (lambda a: a.__setitem__(1, a[1].half()), "all inputs must share one dtype"),
