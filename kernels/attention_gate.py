@@ -405,6 +405,16 @@ def gate_bwd(dy, x, m, dx, dm):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers can pick
 # ----------------------------------------------------------------------------------------------
+AOT_KS = (1, 2)  # theta strides with registered binaries (MONAI: 1; AGN: 2); others compile at first launch
+
+
+def config_name(kind: str, dtype: torch.dtype, prec: str, cfg: dict, ks: int, interp: bool) -> str:
+    """The registered name of a logits kernel ("fwd", "bwd", "bwd_weight") configuration."""
+    tag = DTYPES[dtype] + (f",{prec}" if dtype == torch.float32 else "")
+    return (f"attention_gate.{kind}[{tag},F={cfg['BLOCK_F']},KS={ks}{',interp' if interp else ''},"
+            f"P={cfg['BLOCK_P']},w={cfg['num_warps']}]")
+
+
 def aot_configs() -> list:
     """Logits kernels for every F bucket (16..MAX_F), KS in (1, 2), with and without resizing of g, each
     dtype and fp32 precision; the gating kernels per dtype."""
@@ -413,10 +423,9 @@ def aot_configs() -> list:
     configs = []
     for dtype, dt in DTYPES.items():
         for prec in dot_precisions(dtype):
-            tag = dt + (f",{prec}" if dtype == torch.float32 else "")
             for bucket in (16, 32, 64, 128, 256):
                 cfg = blocks(bucket, dtype)
-                for ks in (1, 2):
+                for ks in AOT_KS:
                     for interp in (False, True):
                         base = {"KS": ks, "INTERP": interp, "BLOCK_P": cfg["BLOCK_P"], "BLOCK_K": cfg["BLOCK_K"],
                                 "BLOCK_F": cfg["BLOCK_F"], "PRECISION": prec}
@@ -430,8 +439,7 @@ def aot_configs() -> list:
                                 ("bwd_weight", ag_bwd_weight_kernel,
                                  {**common, "dlogit_ptr": "fp32", "dw_ptr": "fp32", "dbias_ptr": "fp32",
                                   "dpsi_ptr": "fp32"}, {**base, "BLOCK_K2": BLOCK_K2})):
-                            name = (f"attention_gate.{kind}[{tag},F={cfg['BLOCK_F']},KS={ks}"
-                                    f"{',interp' if interp else ''},P={cfg['BLOCK_P']},w={cfg['num_warps']}]")
+                            name = config_name(kind, dtype, prec, cfg, ks, interp)
                             configs.append(KernelConfig(
                                 name=name, kernel=kernel, constexprs=cx, num_warps=cfg["num_warps"],
                                 signature=signature(kernel, ptrs=ptrs, scalars=scal, constexprs=cx)))

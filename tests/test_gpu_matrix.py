@@ -32,6 +32,7 @@ OP_FILES = {  # op -> its CPU-matrix test files
     "self_attention": ["tests/ops/test_self_attention.py", "tests/nn/test_self_attention_module.py"],
     "residual_gate": ["tests/ops/test_residual_gate.py"],
     "cbam": ["tests/ops/test_cbam.py"],
+    "attention_gate": ["tests/ops/test_attention_gate.py"],
 }
 # The op matrices must lose nothing on a GPU machine. Elsewhere in tests/ops and tests/nn, a test that feeds
 # CPU tensors to the forced Triton backend runs only in the interpreter: skipped on a GPU machine, and

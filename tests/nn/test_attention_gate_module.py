@@ -50,20 +50,20 @@ def _randomize(module, seed=0):
     return module
 
 
-def _step(module, inputs, ups, dtype):
-    leaves = [t.to(dtype).detach().requires_grad_() for t in inputs]
+def _step(module, inputs, ups, dtype, device="cpu"):
+    leaves = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in inputs]
     outs = module(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [u.to(o.dtype) for o, u in zip(outs, ups)])
-    res = {f"out[{i}]": o.detach().double() for i, o in enumerate(outs)}
-    res.update({f"d_input{i}": t.grad.double() for i, t in enumerate(leaves)})
-    res.update({f"d{n}": p.grad.double() for n, p in module.named_parameters()})
+    torch.autograd.backward(outs, [u.to(device=o.device, dtype=o.dtype) for o, u in zip(outs, ups)])
+    res = {f"out[{i}]": o.detach().double().cpu() for i, o in enumerate(outs)}
+    res.update({f"d_input{i}": t.grad.double().cpu() for i, t in enumerate(leaves)})
+    res.update({f"d{n}": p.grad.double().cpu() for n, p in module.named_parameters()})
     module.zero_grad()
-    res.update({n: b.double() for n, b in module.named_buffers()})
+    res.update({n: b.double().cpu() for n, b in module.named_buffers()})
     return res
 
 
-def _compare(ref, fused, make_inputs, dtype, steps=2, rtol=1e-7, atol=1e-9):
+def _compare(ref, fused, make_inputs, dtype, steps=2, rtol=1e-7, atol=1e-9, device="cpu"):
     """Train steps then one eval step: every named tensor equal to float64 rounding (``dtype`` float64) or to
     the given tolerances, scaled by the largest magnitude of the group for tensors whose exact value is 0."""
     for step in range(steps + 1):
@@ -72,7 +72,7 @@ def _compare(ref, fused, make_inputs, dtype, steps=2, rtol=1e-7, atol=1e-9):
             fused.eval()
         inputs, ups = make_inputs(step)
         want = _step(ref, inputs, ups, torch.float64)
-        got = _step(fused, inputs, ups, dtype)
+        got = _step(fused, inputs, ups, dtype, device)
         assert want.keys() == got.keys()
         scale = max(v.abs().max().item() for v in want.values() if v.numel())
         for name, w in want.items():
@@ -109,17 +109,18 @@ def test_monai_block_matches_monai(torch_backend):
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
-def test_monai_block_on_the_kernels(triton_backend):
+def test_monai_block_on_the_kernels(triton_backend, device):
     ref = _randomize(RefAttentionBlock(2, 4, 6, 5).double())
     fused = copy.deepcopy(ref)
     fused.__class__ = AttentionBlock
-    _compare(ref, fused.float(), _monai_inputs(), torch.float32, rtol=2e-5, atol=2e-5)
+    _compare(ref, fused.to(device=device, dtype=torch.float32), _monai_inputs(), torch.float32, rtol=2e-5, atol=2e-5,
+             device=device)
 
 
-def test_monai_block_channels_last_and_layout(triton_backend):
-    block = _randomize(AttentionBlock(2, 4, 6, 5))
-    g = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 5, 5, 4).to(memory_format=torch.channels_last)
+def test_monai_block_channels_last_and_layout(triton_backend, device):
+    block = _randomize(AttentionBlock(2, 4, 6, 5)).to(device)
+    g = torch.randn(2, 6, 5, 4, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 5, 4, device=device).to(memory_format=torch.channels_last)
     out = block(g, x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     ref = copy.deepcopy(block)
@@ -156,11 +157,11 @@ def test_agn_block_matches_reference_in_float64(torch_backend, mode, k):
 
 
 @pytest.mark.parametrize("mode", ["concatenation", "concatenation_softmax"])
-def test_agn_block_on_the_kernels(triton_backend, mode):
+def test_agn_block_on_the_kernels(triton_backend, mode, device):
     ref = _randomize(RefGridAttentionBlock2D(5, 6, 20, mode=mode).double())
     fused = GridAttentionBlock2D(5, 6, 20, mode=mode)
     fused.load_state_dict(ref.state_dict())
-    _compare(ref, fused, _agn_inputs(), torch.float32, steps=1, rtol=2e-5, atol=2e-5)
+    _compare(ref, fused.to(device), _agn_inputs(), torch.float32, steps=1, rtol=2e-5, atol=2e-5, device=device)
 
 
 def test_agn_bad_options():
@@ -182,3 +183,4 @@ def test_autocast_matches_eager_dtypes(torch_backend):
         out, want = fused(g, x), ref(g, x)
     assert out.dtype == want.dtype
     torch.testing.assert_close(out, want, rtol=5e-2, atol=5e-2)
+
