@@ -45,8 +45,8 @@ GATE_BLOCK_C = 16
 
 
 def blocks(F: int, dtype: torch.dtype) -> dict:
-    """Tile of the logits kernels for F inter channels (padded to a power of two >= 16)."""
-    bf = max(16, triton.next_power_of_2(F))
+    """Tile of the logits kernels for F inter channels (padded to a power of two >= 32)."""
+    bf = max(32, triton.next_power_of_2(F))
     bp = 32 if bf <= 64 else 16
     return {"BLOCK_P": bp, "BLOCK_F": bf, "BLOCK_K": BLOCK_K, "num_warps": 4 if bf <= 128 else 8}
 
@@ -74,7 +74,7 @@ def _tile(t, P, Wt, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _x_cols(k0, KX, sx_c, sx_h, sx_w, KS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _x_cols(k0, KX, sx_c, sx_h, sx_w, KS, BLOCK_K: tl.constexpr):
     """Reduction indices k0 + [0, BLOCK_K) of a KS x KS x C patch, in conv-weight order (c, dy, dx):
     their offsets inside a patch and mask."""
     kk = k0 + tl.arange(0, BLOCK_K)
@@ -116,7 +116,7 @@ def _g_tile(g_b, i, j, mask_p, kk, mask_k, h, w, scale_h, scale_w, sg_c, sg_h, s
 @triton.jit
 def _z_tile(x_b, g_b, wx_ptr, wg_ptr, b_ptr, i, j, mask_p, offs_f, mask_f, C, CG, h, w, scale_h, scale_w,
             sx_c, sx_h, sx_w, sg_c, sg_h, sg_w,
-            KS: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+            KS, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
             BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
     """z (P, BLOCK_F) fp32 with bias; padded rows and channels 0. W_x is (F, C*KS*KS), W_g (F, CG),
     both contiguous and in x's dtype."""
@@ -148,7 +148,7 @@ def _z_tile(x_b, g_b, wx_ptr, wg_ptr, b_ptr, i, j, mask_p, offs_f, mask_f, C, CG
 @triton.jit
 def _program_z(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, C, CG, F, Ht, Wt, h, w, scale_h, scale_w,
                sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
-               KS: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+               KS, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
     """This program's (sample, pixel tile) of the (tiles, B) grid: its pixels, z (P, BLOCK_F) and psi."""
     b64 = tl.program_id(1).to(tl.int64)
@@ -170,7 +170,7 @@ def _program_z(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, C, CG, F, Ht, Wt, h
 def ag_fwd_kernel(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, psib_ptr, logit_ptr,
                   C, CG, F, Ht, Wt, h, w, scale_h, scale_w,
                   sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
-                  KS: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                  KS, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
     b64, P, pix, mask_p, i, j, offs_f, mask_f, z, psi = _program_z(
         x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, C, CG, F, Ht, Wt, h, w, scale_h, scale_w,
@@ -184,7 +184,7 @@ def ag_bwd_kernel(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, dlogit_ptr, dx_p
                   C, CG, F, Ht, Wt, h, w, scale_h, scale_w,
                   sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
                   sdx_b, sdx_c, sdx_h, sdx_w, sdg_b, sdg_c, sdg_h, sdg_w,
-                  KS: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                  KS, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_F: tl.constexpr, PRECISION: tl.constexpr):
     """dx into x's patches (pixels outside every patch are the caller's), dg at theta's grid (P x CG)."""
     b64, P, pix, mask_p, i, j, offs_f, mask_f, z, psi = _program_z(
@@ -217,7 +217,7 @@ def ag_bwd_kernel(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, dlogit_ptr, dx_p
 def ag_bwd_weight_kernel(x_ptr, g_ptr, wx_ptr, wg_ptr, b_ptr, psi_ptr, dlogit_ptr, dw_ptr, dbias_ptr, dpsi_ptr,
                          C, CG, F, Ht, Wt, h, w, scale_h, scale_w, n_tiles, tiles_per_split,
                          sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
-                         KS: tl.constexpr, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                         KS, INTERP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_F: tl.constexpr, BLOCK_K2: tl.constexpr, PRECISION: tl.constexpr):
     """Program (kb, sp): columns [kb * BLOCK_K2, +BLOCK_K2) of dW = [dW_x | dW_g] (x's K-blocks first, then
     g's), summed over split sp's (sample, tile) pairs; K-block 0 also sums dbias and dpsi."""
@@ -405,44 +405,39 @@ def gate_bwd(dy, x, m, dx, dm):
 # ----------------------------------------------------------------------------------------------
 # every configuration the launchers can pick
 # ----------------------------------------------------------------------------------------------
-AOT_KS = (1, 2)  # theta strides with registered binaries (MONAI: 1; AGN: 2); others compile at first launch
-
-
-def config_name(kind: str, dtype: torch.dtype, prec: str, cfg: dict, ks: int, interp: bool) -> str:
+def config_name(kind: str, dtype: torch.dtype, prec: str, cfg: dict, interp: bool) -> str:
     """The registered name of a logits kernel ("fwd", "bwd", "bwd_weight") configuration."""
     tag = DTYPES[dtype] + (f",{prec}" if dtype == torch.float32 else "")
-    return (f"attention_gate.{kind}[{tag},F={cfg['BLOCK_F']},KS={ks}{',interp' if interp else ''},"
+    return (f"attention_gate.{kind}[{tag},F={cfg['BLOCK_F']}{',interp' if interp else ''},"
             f"P={cfg['BLOCK_P']},w={cfg['num_warps']}]")
 
 
 def aot_configs() -> list:
-    """Logits kernels for every F bucket (16..MAX_F), KS in (1, 2), with and without resizing of g, each
-    dtype and fp32 precision; the gating kernels per dtype."""
+    """Logits kernels for every F bucket (32..MAX_F), with and without resizing of g (theta's stride KS is a
+    runtime argument), each dtype and fp32 precision; the gating kernels per dtype."""
     from .aot.registry import KernelConfig, signature
 
     configs = []
+    scal = {"scale_h": "fp32", "scale_w": "fp32"}
     for dtype, dt in DTYPES.items():
         for prec in dot_precisions(dtype):
-            for bucket in (16, 32, 64, 128, 256):
+            for bucket in (32, 64, 128, 256):
                 cfg = blocks(bucket, dtype)
-                for ks in AOT_KS:
-                    for interp in (False, True):
-                        base = {"KS": ks, "INTERP": interp, "BLOCK_P": cfg["BLOCK_P"], "BLOCK_K": cfg["BLOCK_K"],
-                                "BLOCK_F": cfg["BLOCK_F"], "PRECISION": prec}
-                        common = {"x_ptr": dt, "g_ptr": dt, "wx_ptr": dt, "wg_ptr": dt, "b_ptr": "fp32",
-                                  "psi_ptr": "fp32"}
-                        scal = {"scale_h": "fp32", "scale_w": "fp32"}
-                        for kind, kernel, ptrs, cx in (
-                                ("fwd", ag_fwd_kernel, {**common, "psib_ptr": "fp32", "logit_ptr": "fp32"}, base),
-                                ("bwd", ag_bwd_kernel, {**common, "dlogit_ptr": "fp32", "dx_ptr": dt,
-                                                        "dg_ptr": "fp32" if interp else dt}, base),
-                                ("bwd_weight", ag_bwd_weight_kernel,
-                                 {**common, "dlogit_ptr": "fp32", "dw_ptr": "fp32", "dbias_ptr": "fp32",
-                                  "dpsi_ptr": "fp32"}, {**base, "BLOCK_K2": BLOCK_K2})):
-                            name = config_name(kind, dtype, prec, cfg, ks, interp)
-                            configs.append(KernelConfig(
-                                name=name, kernel=kernel, constexprs=cx, num_warps=cfg["num_warps"],
-                                signature=signature(kernel, ptrs=ptrs, scalars=scal, constexprs=cx)))
+                for interp in (False, True):
+                    base = {"INTERP": interp, "BLOCK_P": cfg["BLOCK_P"], "BLOCK_K": cfg["BLOCK_K"],
+                            "BLOCK_F": cfg["BLOCK_F"], "PRECISION": prec}
+                    common = {"x_ptr": dt, "g_ptr": dt, "wx_ptr": dt, "wg_ptr": dt, "b_ptr": "fp32", "psi_ptr": "fp32"}
+                    for kind, kernel, ptrs, cx in (
+                            ("fwd", ag_fwd_kernel, {**common, "psib_ptr": "fp32", "logit_ptr": "fp32"}, base),
+                            ("bwd", ag_bwd_kernel, {**common, "dlogit_ptr": "fp32", "dx_ptr": dt,
+                                                    "dg_ptr": "fp32" if interp else dt}, base),
+                            ("bwd_weight", ag_bwd_weight_kernel,
+                             {**common, "dlogit_ptr": "fp32", "dw_ptr": "fp32", "dbias_ptr": "fp32",
+                              "dpsi_ptr": "fp32"}, {**base, "BLOCK_K2": BLOCK_K2})):
+                        configs.append(KernelConfig(
+                            name=config_name(kind, dtype, prec, cfg, interp), kernel=kernel, constexprs=cx,
+                            num_warps=cfg["num_warps"], signature=signature(kernel, ptrs=ptrs, scalars=scal,
+                                                                           constexprs=cx)))
         cx = {"BLOCK_P": GATE_BLOCK_P, "BLOCK_C": GATE_BLOCK_C}
         for kind, kernel, ptrs in (("gate_fwd", gate_fwd_kernel, {"x_ptr": dt, "m_ptr": dt, "y_ptr": dt}),
                                    ("gate_bwd", gate_bwd_kernel, {"dy_ptr": dt, "x_ptr": dt, "m_ptr": dt,

@@ -283,8 +283,10 @@ def _gate_block(kind, train, device, dtype=torch.float32):
 
 
 GATE_CASES = ([("monai-train", t) for t in MONAI_TARGETS if "running" not in t]  # train mode reads no running stat
-              + [("monai-eval", t) for t in MONAI_TARGETS]
-              + [(f"{k}-train", t) for k in ("agn", "agn_softmax") for t in AGN_TARGETS])
+              + [("monai-eval", t) for t in ("g", "W_g.0.conv.weight", "W_x.1.weight", "psi.0.conv.weight",
+                                             "psi.1.bias", "W_x.1.running_var")]
+              + [("agn-train", t) for t in AGN_TARGETS]
+              + [("agn_softmax-train", t) for t in ("x", "phi.bias", "psi.weight", "psi.bias")])
 GATE_TRITON = [("monai-train", "x"), ("monai-eval", "g"), ("monai-eval", "W_g.0.conv.weight"),
                ("monai-eval", "psi.0.conv.weight"), ("agn-train", "x"), ("agn-train", "g"),
                ("agn-train", "theta.weight"), ("agn-train", "phi.bias"), ("agn_softmax-train", "psi.weight")]
