@@ -38,17 +38,19 @@ import triton.language as tl
 from ._launch import DTYPES, dot_precision, dot_precisions, on_device, splits
 
 MAX_F = 256  # inter channels held in registers; larger -> the PyTorch path
-BLOCK_K = 32
-BLOCK_K2 = 32
+BLOCK_K = 16
+BLOCK_K2 = 16
 GATE_BLOCK_P = 64
 GATE_BLOCK_C = 16
 
 
 def blocks(F: int, dtype: torch.dtype) -> dict:
-    """Tile of the logits kernels for F inter channels (padded to a power of two >= 32)."""
+    """Tile of the logits kernels for F inter channels (padded to a power of two >= 32). One software-pipeline
+    stage and 16 x 16 operand tiles: the whole F-wide z tile stays in registers, and deeper pipelines or wider
+    tiles spilled on sm_80/sm_90 (the AOT report: ``python -m attnfast.kernels.aot --filter attention_gate.``)."""
     bf = max(32, triton.next_power_of_2(F))
-    bp = 32 if bf <= 64 else 16
-    return {"BLOCK_P": bp, "BLOCK_F": bf, "BLOCK_K": BLOCK_K, "num_warps": 4 if bf <= 128 else 8}
+    warps = 4 if bf <= 64 and dtype != torch.float32 else 8  # fp32 on 4 warps: the weight kernel spilled (sm_90)
+    return {"BLOCK_P": 16, "BLOCK_F": bf, "BLOCK_K": BLOCK_K, "num_warps": warps, "num_stages": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +333,8 @@ def _common(x, g, wx, wg, ks):
     scalars = (C, g.shape[1], F, Ht, Wt, h, w, sh, sw)
     strides = (*x.stride(), *g.stride())
     cx = dict(KS=ks, INTERP=interp, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_F=cfg["BLOCK_F"],
-              PRECISION=dot_precision(x.dtype, x.device, like="conv"), num_warps=cfg["num_warps"])
+              PRECISION=dot_precision(x.dtype, x.device, like="conv"), num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
     return B, Ht * Wt, cfg, scalars, strides, cx
 
 
@@ -436,7 +439,8 @@ def aot_configs() -> list:
                               "dpsi_ptr": "fp32"}, {**base, "BLOCK_K2": BLOCK_K2})):
                         configs.append(KernelConfig(
                             name=config_name(kind, dtype, prec, cfg, interp), kernel=kernel, constexprs=cx,
-                            num_warps=cfg["num_warps"], signature=signature(kernel, ptrs=ptrs, scalars=scal,
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            signature=signature(kernel, ptrs=ptrs, scalars=scal,
                                                                            constexprs=cx)))
         cx = {"BLOCK_P": GATE_BLOCK_P, "BLOCK_C": GATE_BLOCK_C}
         for kind, kernel, ptrs in (("gate_fwd", gate_fwd_kernel, {"x_ptr": dt, "m_ptr": dt, "y_ptr": dt}),
