@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ._dispatch import autocast_dtype
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -50,22 +52,6 @@ def check_up_factor(l_shape, g_shape, up_factor: int) -> None:
             f"{lh / up_factor:g}x{lw / up_factor:g})")
     if l_shape[0] != g_shape[0]:
         raise ValueError(f"l and g must have the same batch size; got {l_shape[0]} and {g_shape[0]}")
-
-
-def autocast_dtype(device_type: str):
-    """The autocast dtype active for ``device_type``, or None when autocast is off there."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device type without autocast (meta, ...)
-        return None
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
 def check_module_inputs(inputs: dict, weight: torch.Tensor, weight_name: str) -> None:

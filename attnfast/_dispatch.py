@@ -94,6 +94,22 @@ def kernel_eligible(op: str, *tensors: torch.Tensor, limit: Optional[Callable[[]
     return False
 
 
+def autocast_dtype(device_type: str):
+    """The autocast dtype active for ``device_type``, or None when autocast is off there."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return None
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
 def autocast_off(fn):
     """Run a custom op's implementation with autocast disabled on its device.
 

@@ -75,14 +75,18 @@ def matmul_tf32_allowed() -> bool:
                                        lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
-DOT_KINDS = {"conv": conv_tf32_allowed, "matmul": matmul_tf32_allowed}
+# ``"ieee"``: kernels with IEEE fp32 builds only (self-attention: its fp32 tiles are FMA tiles, and TF32 tiles
+# that keep every warp on its own MMA rows are not designed yet), so IEEE whatever torch allows: never less
+# accurate than eager.
+DOT_KINDS = {"conv": conv_tf32_allowed, "matmul": matmul_tf32_allowed, "ieee": lambda: False}
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device | str | None = None, like: str = "matmul") -> str:
     """``input_precision`` of a kernel's ``tl.dot`` -- THE fp32 policy of every op: fp32 dots use TF32 exactly
     when the eager operation the kernel replaces would on ``device``: ``like="conv"`` (a 1x1 convolution:
     cuDNN's setting, ``conv_tf32_allowed``; PyTorch's default allows TF32) or ``like="matmul"`` (a ``bmm``:
-    the matmul setting, ``matmul_tf32_allowed``; PyTorch's default is IEEE). Off CUDA (the interpreter) and
+    the matmul setting, ``matmul_tf32_allowed``; PyTorch's default is IEEE); ``like="ieee"`` for kernels that
+    have IEEE fp32 builds only (``DOT_KINDS``). Off CUDA (the interpreter) and
     for 16-bit dtypes (the tensor cores take them as they are; the binaries are the same) it is ``"ieee"``.
     ``device=None``: CUDA if it is available. Read at every launch, as eager reads its flags."""
     if like not in DOT_KINDS:
@@ -93,9 +97,10 @@ def dot_precision(dtype: torch.dtype, device: torch.device | str | None = None, 
     return "tf32" if on_cuda and DOT_KINDS[like]() else "ieee"
 
 
-def dot_precisions(dtype: torch.dtype) -> tuple:
-    """Every ``dot_precision`` a launch can pick for ``dtype`` (what ``aot_configs`` must register)."""
-    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+def dot_precisions(dtype: torch.dtype, like: str = "conv") -> tuple:
+    """Every ``dot_precision`` a launch of kind ``like`` can pick for ``dtype`` (what ``aot_configs`` must
+    register)."""
+    return ("ieee", "tf32") if dtype == torch.float32 and like != "ieee" else ("ieee",)
 
 
 def w2d(wt: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ With ``x`` of shape (B, C, H, W), ``P = H*W``, the channel gate ``s_c`` (B, C) a
 
 Every pass reads the map once; ``x s_c`` is never written. All kernels share one grid
 (B, C-blocks, P-splits): a program owns ``BLOCK_C`` channels of one sample and a run of ``TILES``
-pixel tiles of ``BLOCK_P``. Reductions over pixels are written as per-split partials (B, S, C),
+pixel tiles of ``BLOCK_P``; each pass's split count comes from its kernel's occupancy (``plan``). Reductions over pixels are written as per-split partials (B, S, C),
 reductions over channels as per-channel-block partials (B, NCB, P); torch reduces the partials.
 Math is fp32 whatever the storage dtype. ``x``, ``g`` and the outputs are addressed through (batch,
 channel, pixel) strides, so NCHW, channels_last and stride-0 gradients run without copies (a map
@@ -25,12 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
+from ._launch import DTYPES, on_device, splits
 
 NUM_WARPS = 4
 TILE = 2048  # BLOCK_C * BLOCK_P
 BLOCK_CS = (16, 32)  # channel tiles: 16 for C <= 16, else 32
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
@@ -222,23 +221,21 @@ def blocks(C: int) -> tuple:
     return block_c, TILE // block_c
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, but enough to split the pixels of the tests' maps
+def plan(x: torch.Tensor, kernel=None, args=None) -> dict:
+    """Grid and tiles of one pass over ``x``: B x NCB channel blocks x S pixel splits of TILES tiles each.
 
-
-def plan(x: torch.Tensor) -> dict:
-    """Grid and tiles shared by every pass over ``x``: B x NCB channel blocks x S pixel splits."""
+    S comes from ``_launch.splits``: on CUDA from the real occupancy of ``kernel`` compiled for
+    ``args(placeholder plan)`` (S = TILES = 2: the kernels specialize these integers, so a launch whose S or
+    TILES is 1 or a multiple of 16 runs another binary of the same tiles, whose occupancy is taken to be the
+    same), on the interpreter (or without a kernel) a few splits."""
     B, C, H, W = x.shape
     P = H * W
     block_c, block_p = blocks(C)
     ncb = triton.cdiv(C, block_c)
-    n_tiles = triton.cdiv(P, block_p)
-    want = max(1, min(n_tiles, triton.cdiv(_target_programs(x.device), B * ncb)))
-    tiles = triton.cdiv(n_tiles, want)
-    return {"B": B, "C": C, "P": P, "NCB": ncb, "S": triton.cdiv(n_tiles, tiles), "TILES": tiles,
-            "BLOCK_C": block_c, "BLOCK_P": block_p}
+    pl = {"B": B, "C": C, "P": P, "NCB": ncb, "S": 2, "TILES": 2, "BLOCK_C": block_c, "BLOCK_P": block_p}
+    warm = args(pl) if args is not None and x.device.type == "cuda" else ()
+    pl["S"], pl["TILES"] = splits(kernel, warm, _consts(pl), triton.cdiv(P, block_p), B * ncb, x.device)
+    return pl
 
 
 def _grid(pl):
@@ -253,68 +250,82 @@ def _f32(*shape, device):
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+def _launch(kernel, x, args):
+    """Plan the pass (``plan``) and launch ``kernel`` with ``args(pl)`` under ``x``'s device; returns ``pl``."""
+    pl = plan(x, kernel, args)
+    with on_device(x):
+        kernel[_grid(pl)](*args(pl), **_consts(pl))
+    return pl
+
+
 def channel_pool(x: torch.Tensor):
     """(sum over pixels, max over pixels) of each channel, fp32 (B, C)."""
-    pl = plan(x)
-    B, C, S = pl["B"], pl["C"], pl["S"]
-    psum, pmax = _f32(B, S, C, device=x.device), _f32(B, S, C, device=x.device)
-    with on_device(x):
-        cbam_channel_pool_kernel[_grid(pl)](x, psum, pmax, C, pl["P"], pl["TILES"], S, *map_strides(x),
-                                            **_consts(pl))
-    return psum.sum(1), pmax.amax(1)
+    out = {}
+
+    def args(pl):
+        psum = out["psum"] = _f32(pl["B"], pl["S"], pl["C"], device=x.device)
+        pmax = out["pmax"] = _f32(pl["B"], pl["S"], pl["C"], device=x.device)
+        return (x, psum, pmax, pl["C"], pl["P"], pl["TILES"], pl["S"], *map_strides(x))
+
+    _launch(cbam_channel_pool_kernel, x, args)
+    return out["psum"].sum(1), out["pmax"].amax(1)
 
 
 def spatial_pool(x: torch.Tensor, s_c: torch.Tensor):
     """(sum over channels, max over channels) of ``x * s_c`` at each pixel, fp32 (B, P).
     ``s_c``: fp32 (B, C) contiguous."""
-    pl = plan(x)
-    B, NCB, P = pl["B"], pl["NCB"], pl["P"]
-    psum, pmax = _f32(B, NCB, P, device=x.device), _f32(B, NCB, P, device=x.device)
-    with on_device(x):
-        cbam_spatial_pool_kernel[_grid(pl)](x, s_c, psum, pmax, pl["C"], P, pl["TILES"], NCB, *map_strides(x),
-                                            **_consts(pl))
-    return psum.sum(1), pmax.amax(1)
+    out = {}
+
+    def args(pl):
+        psum = out["psum"] = _f32(pl["B"], pl["NCB"], pl["P"], device=x.device)
+        pmax = out["pmax"] = _f32(pl["B"], pl["NCB"], pl["P"], device=x.device)
+        return (x, s_c, psum, pmax, pl["C"], pl["P"], pl["TILES"], pl["NCB"], *map_strides(x))
+
+    _launch(cbam_spatial_pool_kernel, x, args)
+    return out["psum"].sum(1), out["pmax"].amax(1)
 
 
 def gate(x: torch.Tensor, s_c: torch.Tensor, s_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Write ``x * s_c * s_p`` into ``y`` (flattenable like ``x``); gates fp32 (B, C), (B, P) contiguous."""
-    pl = plan(x)
-    with on_device(x):
-        cbam_gate_kernel[_grid(pl)](x, s_c, s_p, y, pl["C"], pl["P"], pl["TILES"], *map_strides(x),
-                                    *map_strides(y), **_consts(pl))
+    _launch(cbam_gate_kernel, x, lambda pl: (x, s_c, s_p, y, pl["C"], pl["P"], pl["TILES"], *map_strides(x),
+                                             *map_strides(y)))
     return y
 
 
 def backward_spatial(g, x, s_c, s_p, pmax):
     """(sum_c g x s_c (B, P), tie count of max_c x s_c (B, P), sum_p g x s_p (B, C)), fp32."""
-    pl = plan(x)
-    B, C, P, S, NCB = pl["B"], pl["C"], pl["P"], pl["S"], pl["NCB"]
-    dsp, pcnt = _f32(B, NCB, P, device=x.device), _f32(B, NCB, P, device=x.device)
-    dsc = _f32(B, S, C, device=x.device)
-    with on_device(x):
-        cbam_bwd_spatial_kernel[_grid(pl)](g, x, s_c, s_p, pmax, dsp, pcnt, dsc, C, P, pl["TILES"], S, NCB,
-                                           *map_strides(g), *map_strides(x), **_consts(pl))
-    return dsp.sum(1), pcnt.sum(1), dsc.sum(1)
+    out = {}
+
+    def args(pl):
+        B, C, P, S, NCB = pl["B"], pl["C"], pl["P"], pl["S"], pl["NCB"]
+        dsp = out["dsp"] = _f32(B, NCB, P, device=x.device)
+        pcnt = out["pcnt"] = _f32(B, NCB, P, device=x.device)
+        dsc = out["dsc"] = _f32(B, S, C, device=x.device)
+        return (g, x, s_c, s_p, pmax, dsp, pcnt, dsc, C, P, pl["TILES"], S, NCB, *map_strides(g), *map_strides(x))
+
+    _launch(cbam_bwd_spatial_kernel, x, args)
+    return out["dsp"].sum(1), out["pcnt"].sum(1), out["dsc"].sum(1)
 
 
 def backward_channel(x, s_c, cmax, cm, cw, pmax):
     """(sum_p x (cm + cw [x s_c == pmax]) (B, C), tie count of max_p x (B, C)), fp32."""
-    pl = plan(x)
-    B, C, S = pl["B"], pl["C"], pl["S"]
-    dsc, ccnt = _f32(B, S, C, device=x.device), _f32(B, S, C, device=x.device)
-    with on_device(x):
-        cbam_bwd_channel_kernel[_grid(pl)](x, s_c, cmax, cm, cw, pmax, dsc, ccnt, C, pl["P"], pl["TILES"], S,
-                                           *map_strides(x), **_consts(pl))
-    return dsc.sum(1), ccnt.sum(1)
+    out = {}
+
+    def args(pl):
+        B, C, S = pl["B"], pl["C"], pl["S"]
+        dsc = out["dsc"] = _f32(B, S, C, device=x.device)
+        ccnt = out["ccnt"] = _f32(B, S, C, device=x.device)
+        return (x, s_c, cmax, cm, cw, pmax, dsc, ccnt, C, pl["P"], pl["TILES"], S, *map_strides(x))
+
+    _launch(cbam_bwd_channel_kernel, x, args)
+    return out["dsc"].sum(1), out["ccnt"].sum(1)
 
 
 def backward_input(g, x, s_c, s_p, cm, cw, pmax, ca, cu, cmax, dx):
     """Write the input gradient into ``dx`` (flattenable); every other operand fp32 contiguous."""
-    pl = plan(x)
-    with on_device(x):
-        cbam_bwd_input_kernel[_grid(pl)](g, x, s_c, s_p, cm, cw, pmax, ca, cu, cmax, dx, pl["C"], pl["P"],
-                                         pl["TILES"], *map_strides(g), *map_strides(x), *map_strides(dx),
-                                         **_consts(pl))
+    _launch(cbam_bwd_input_kernel, x, lambda pl: (g, x, s_c, s_p, cm, cw, pmax, ca, cu, cmax, dx, pl["C"], pl["P"],
+                                                  pl["TILES"], *map_strides(g), *map_strides(x),
+                                                  *map_strides(dx)))
     return dx
 
 

@@ -53,7 +53,7 @@ from ._launch import (  # noqa: F401 (re-exported: the split logic's names, as t
     splits, splits_for, w2d)
 
 _RESIDENT = RESIDENT  # the occupancy cache ``_splits`` uses (the shared one; tests swap in their own)
-_precisions = dot_precisions
+_precisions = functools.partial(dot_precisions, like="conv")
 MAX_ATTN_FEATURES = 512  # larger A -> PyTorch path (configs are compiled and checked up to 512)
 BLOCK_S = 64  # most splits of H*W per sample (the combine reads them as one vector)
 COMBINE_BLOCK_C = 64

@@ -271,9 +271,13 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, r_ptr, gamma_ptr, dq_ptr
              (dq * (gm * scale)).to(dq_ptr.dtype.element_ty), mask=mask)
 
 
+# The dots replace eager's fp32 ``bmm``, but the fp32 tiles below are FMA tiles: at them TF32 MMAs would have
+# warps repeat one another's rows, so the kernels have IEEE fp32 builds only (``_launch.DOT_KINDS``).
+DOT_KIND = "ieee"
+
+
 def _prec(t: torch.Tensor) -> str:
-    """The dots replace eager's fp32 ``bmm``: PyTorch's matmul TF32 setting decides (``dot_precision``)."""
-    return dot_precision(t.dtype, t.device, like="matmul")
+    return dot_precision(t.dtype, t.device, like=DOT_KIND)
 
 
 def blocks(d: int, dv: int) -> tuple:
@@ -297,7 +301,7 @@ class Tile(NamedTuple):
     BLOCK_C: int  # channel chunk of the dP = dO^T V contraction when DV spans several tiles (not ONE_DV)
 
 
-def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True, prec: str = "ieee") -> dict:
+def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True) -> dict:
     """kernel -> ``Tile`` for padded dims ``bd`` (q/k) and ``bdv`` (value tile); ``one_dv``: DV fits
     one value tile (else the backward contracts dP in ``BLOCK_C``-channel chunks, see ``blocks``).
 
@@ -322,16 +326,13 @@ def tiles(dtype: str, bd: int, bdv: int, one_dv: bool = True, prec: str = "ieee"
     fp32 is the accuracy path: IEEE dots (``input_precision="ieee"``, no tensor cores) on FMA
     units, whose blocked layouts give each output element to one thread (warpsPerCTA [8, 1], [4, 2]
     or [4, 1] over 16-32 rows: no warp repeats rows at these tiles, read from the TTGIR). Its
-    operands take far more registers, hence the small tiles. fp32 with TF32 dots (``prec="tf32"``: the
-    user allowed TF32 for fp32 matmuls, ``_launch.dot_precision``) keeps the IEEE tiles, but for the dQ
-    kernel at D = 16 with channel chunks, whose dP chunk is 16 channels (32 spilled 8 bytes on triton 3.8).
+    operands take far more registers, hence the small tiles.
     """
     bc = bdv if one_dv else 32
     if dtype == "fp32":
         if bdv <= 32:
             return dict(fwd=Tile(32, 32, 4, bdv), dq=Tile(32, 32, 4, bc), dkdv=Tile(32, 32, 4, bc))
-        dq_bc = 16 if prec == "tf32" and not one_dv and bd == 16 else bc
-        return dict(fwd=Tile(16, 32, 8, bdv), dq=Tile(16, 32, 8, dq_bc), dkdv=Tile(16, 32, 8, bc))
+        return dict(fwd=Tile(16, 32, 8, bdv), dq=Tile(16, 32, 8, bc), dkdv=Tile(16, 32, 8, bc))
     inner = 64 if bd == 16 or bdv == 32 else 32
     if one_dv:
         dkdv = Tile(32 if bdv == 32 else 16, 128, 8, bdv)
@@ -400,7 +401,7 @@ def _attention_fwd(q, k, v, x, gamma, scale: float, out, o, lse):
     store_o = o is not None
     bd, bdv, _ = blocks(D, DV)
     prec = _prec(q)
-    t = tiles(DTYPES[q.dtype], bd, bdv, prec=prec)["fwd"]
+    t = tiles(DTYPES[q.dtype], bd, bdv)["fwd"]
     grid = (triton.cdiv(NQ, t.BLOCK_M), B, triton.cdiv(DV, bdv))
     xs = _batch3(x) if residual else (0, 0, 0)
     with on_device(q):
@@ -437,7 +438,7 @@ def _attention_bwd(grad, q, k, v, o, lse, gamma, scale: float, dq, dk, dv, r):
     # dO = g_pre * dout (r itself without gamma)
     delta = r if gamma is None else torch.empty_like(r)
     prec = _prec(q)
-    t = tiles(DTYPES[q.dtype], bd, bdv, one_dv, prec)
+    t = tiles(DTYPES[q.dtype], bd, bdv, one_dv)
     common = dict(BLOCK_D=bd, BLOCK_DV=bdv, ONE_DV=one_dv, PREC=prec, num_stages=NUM_STAGES)
     with on_device(q):
         if NQ:
@@ -481,7 +482,7 @@ def aot_configs() -> list:
     for dtype, dt in DTYPES.items():
         add(f"self_attention.bwd_rowsum[{dt}]", _bwd_rowsum_kernel, {"g_ptr": dt, "o_ptr": "fp32", "r_ptr": "fp32"},
             {"BLOCK_M": ROWSUM_BLOCK_M, "BLOCK_DV": ROWSUM_BLOCK_C}, NUM_WARPS)
-        for prec in dot_precisions(dtype):
+        for prec in dot_precisions(dtype, DOT_KIND):
             dtag = dt if prec == "ieee" else f"{dt},{prec}"  # IEEE builds keep their names (budgets, evidence)
             for bdv in BLOCK_DVS:
                 for bd in (b for b in BLOCK_DS if b <= bdv):
@@ -489,9 +490,9 @@ def aot_configs() -> list:
                     ptrs = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "x_ptr", "out_ptr")}
                     ptrs.update(gamma_ptr="fp32", lse_ptr="fp32", o_ptr="fp32")
                     add_tile(f"self_attention.fwd[{dtag},D={bd},DV={bdv}]", _fwd_kernel, ptrs, ce,
-                             tiles(dt, bd, bdv, prec=prec)["fwd"])
+                             tiles(dt, bd, bdv)["fwd"])
                     for one_dv in ((False,) if bd == MAX_D else (True, False) if bdv == MAX_DV else (True,)):
-                        t = tiles(dt, bd, bdv, one_dv, prec=prec)
+                        t = tiles(dt, bd, bdv, one_dv)
                         tag = f"{dtag},D={bd},DV={bdv},one_dv={int(one_dv)}"
                         common = {p: dt for p in ("q_ptr", "k_ptr", "v_ptr", "g_ptr")}
                         common.update(lse_ptr="fp32", r_ptr="fp32", gamma_ptr="fp32")

@@ -28,7 +28,7 @@ from types import SimpleNamespace as _ns
 
 import torch.nn as nn
 
-from .cbam import _Fused as _FusedForward
+from .cbam import fused_forward
 
 TIE_NOTE = ("at exact ties of a channel's or a pixel's maximum (e.g. all-zero maps after a ReLU) the input "
             "gradient of the max pools is split evenly among the tied elements (as amax does); the original's "
@@ -73,7 +73,7 @@ class AuthorsCBAM(nn.Module):
                                  fc2=_ns(weight=fc2.weight[:, :, None, None], bias=fc2.bias)),
                      spatial=_ns(conv=_ns(conv=_ns(weight=conv.weight.flip(1) if self.max_first else conv.weight),
                                           bn=bn)))
-        return _FusedForward.forward(layout, x)
+        return fused_forward(layout, x)
 
 
 __all__ = ["AuthorsCBAM", "TIE_NOTE"]

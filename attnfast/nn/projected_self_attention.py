@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import autocast_dtype, check_tensor
+from .._checks import check_tensor
+from .._dispatch import autocast_dtype
 from ..ops.self_attention import self_attention
 
 

@@ -1,6 +1,6 @@
 """``SelfAttention2d``: SAGAN self-attention over ``attnfast::self_attention`` (no N x N matrix).
 
-Drop-in for ``attnfast.reference.SelfAttention`` (the forum seed's layer):
+Drop-in for ``attnfast.reference.SelfAttention`` (the forum seed's layer), and a subclass of it:
 
 - same constructor ``SelfAttention2d(in_dim, activation=None)`` and parameter names
   (``query_conv``, ``key_conv``, ``value_conv`` weight + bias, ``gamma``), so
@@ -36,17 +36,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_module_inputs, check_tensor
+from .._checks import check_tensor
 from ..ops.self_attention import self_attention
-from ..reference.self_attention import qk_dim
+from ..reference.self_attention import SelfAttention, qk_dim
 
 
-class SelfAttention2d(nn.Module):
-    """``out = gamma * attention(x) + x`` with SAGAN's 1x1 query/key/value convs; see the module doc."""
+class SelfAttention2d(SelfAttention):
+    """``out = gamma * attention(x) + x`` with SAGAN's 1x1 query/key/value convs; see the module doc.
+
+    The reference's constructor builds the seed's layers (its ``softmax`` child has no parameters and is
+    never called here); ``value_dim`` replaces the value conv and adds ``out_conv``. ``check_inputs(x)`` is
+    the reference's: ``x`` feeds the convolutions before the op sees q, k, v (which the op validates)."""
 
     def __init__(self, in_dim: int, activation=None, *, pool: bool = False, value_dim: int | None = None,
                  heads: int = 1, scale: float = 1.0, tuple_output: bool = True):
-        super().__init__()
         if not isinstance(in_dim, int) or in_dim < 1:
             raise ValueError(f"in_dim must be a positive int; got {in_dim!r}")
         value_dim = in_dim if value_dim is None else value_dim
@@ -56,29 +59,17 @@ class SelfAttention2d(nn.Module):
         if not isinstance(heads, int) or heads < 1 or d % heads or value_dim % heads:
             raise ValueError(f"heads must be a positive int dividing the query/key dim {d} and value_dim "
                              f"{value_dim}; got {heads!r}")
-        if not isinstance(tuple_output, bool):
-            raise ValueError(f"tuple_output must be a bool; got {tuple_output!r}")
-        self.chanel_in = in_dim
-        self.in_dim = in_dim
-        self.activation = activation
+        super().__init__(in_dim, activation, scale=scale, tuple_output=tuple_output)
         self.pool = bool(pool)
         self.value_dim = value_dim
         self.heads = heads
-        self.scale = float(scale)
-        self.tuple_output = tuple_output
-        self.query_conv = nn.Conv2d(in_dim, d, kernel_size=1)
-        self.key_conv = nn.Conv2d(in_dim, d, kernel_size=1)
-        self.value_conv = nn.Conv2d(in_dim, value_dim, kernel_size=1)
+        if value_dim != in_dim:
+            self.value_conv = nn.Conv2d(in_dim, value_dim, kernel_size=1)
         self.out_conv = nn.Conv2d(value_dim, in_dim, kernel_size=1) if value_dim != in_dim else None
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, qk_dim={self.query_conv.out_channels}, value_dim={self.value_dim}, "
                 f"pool={self.pool}, heads={self.heads}, scale={self.scale}")
-
-    def check_inputs(self, x: torch.Tensor) -> None:
-        check_tensor(x, "x", ndim=4, channels=self.in_dim)
-        check_module_inputs({"x": x}, self.query_conv.weight, "query_conv.weight")
 
     def _keys_values(self, x: torch.Tensor):
         k, v = self.key_conv(x), self.value_conv(x)

@@ -1,6 +1,8 @@
-"""torch.library custom ops of attnfast: autograd, a PyTorch path and Triton dispatch.
+"""torch.library custom ops of attnfast: autograd, a PyTorch path and Triton dispatch (one template for
+every op: docs/adding-an-op.md).
 
 - ``grid_attention(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize_attn) -> (a, pooled)``
+  (``return_logits=True``: ``(c, pooled)``, the logits differentiable)
 - ``self_attention(q, k, v, x=None, gamma=None, ...)``: exact SAGAN attention, O(N) memory
 - ``residual_gate(mask_logits, trunk)``: ``(1 + sigmoid(m)) * t``
 - ``attention_gate(x, g, ...)``, ``attention_gate_logits``, ``gate``: the Attention U-Net gate (MONAI, AGN)

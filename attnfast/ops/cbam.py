@@ -12,7 +12,7 @@ The full-map work is five passes (``attnfast.kernels.cbam``): per-channel sum/ma
 mean/max of ``x s_c`` (``x s_c`` is never written), and ``y`` in the forward; in the backward, one pass
 for the spatial gate's gradient, one for the channel gate's, one writing ``dx``. The MLP, the k x k
 conv and the BatchNorm act on (B, C) and (B, 2, H, W) maps and run in torch (fp32; fp64 for fp64).
-Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run the Triton kernels, CPU tensors a PyTorch
+Dispatch (``attnfast._dispatch.kernel_eligible``): CUDA tensors run the Triton kernels, CPU tensors a PyTorch
 path that saves the same tensors (its full-size temporaries live only inside each op call). float64
 always takes the PyTorch path.
 
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc
-from .._checks import check_same, check_tensor
-from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+from .._checks import check_module_inputs, check_same, check_tensor
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # ----------------------------------------------------------------------------------------------
 # validation
@@ -61,8 +61,12 @@ def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running
     for name, t in named.items():
         check_tensor(t, name)
     check_same(named, dtype=False)
-    check_same({"x": x, "channel.fc1.weight": fc1_w}, dtype=False)
+    # x and the weights share a device and, unless autocast is on (the 1x1 convs cast both), a dtype
+    check_module_inputs({"x": x}, fc1_w, "channel.fc1.weight")
     R = fc1_w.shape[0]
+    if fc1_w.dim() == 4 and tuple(fc1_w.shape[2:]) == (1, 1) and fc1_w.shape[1] != C:
+        raise ValueError(f"x must have {fc1_w.shape[1]} channels (channel.fc1's in_channels); got {C} "
+                         f"(shape {tuple(x.shape)})")
     if fc1_w.dim() != 4 or tuple(fc1_w.shape[1:]) != (C, 1, 1):
         raise ValueError(f"channel.fc1.weight must be a 1x1 conv weight ({R}, {C}, 1, 1) for x with {C} channels; "
                          f"got {tuple(fc1_w.shape)}")
@@ -193,18 +197,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if map_strides(t) is not None else t.contiguous()
 
 
-def _kernel_path(x: torch.Tensor, *others) -> bool:
-    if not use_triton(x, *others):
-        return False
-    from ..kernels.cbam import DTYPES
-
-    if x.dtype in DTYPES:
-        return True
-    if x.is_cuda:
-        warn_fallback("cbam", f"no Triton kernel for {x.dtype}")
-    return False
-
-
 def _bc(v):  # (B, C) -> (B, C, 1, 1)
     return v[:, :, None, None]
 
@@ -289,7 +281,7 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
     B, C, H, W = x.shape
     P = H * W
     ct = compute_dtype(x)
-    triton_path = _kernel_path(x, fc1_w, fc2_w, conv_w, bn_w, bn_b)
+    triton_path = kernel_eligible("cbam", x, fc1_w, fc2_w, conv_w, bn_w, bn_b)
 
     params = _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct)
 
@@ -344,7 +336,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
     P = H * W
     ct = s_c.dtype
     mlp_args = _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct)
-    triton_path = _kernel_path(x, g, fc1_w, fc2_w, conv_w, bn_w)
+    triton_path = kernel_eligible("cbam", x, g, fc1_w, fc2_w, conv_w, bn_w)
     pmax = smap[:, 1].contiguous()
     if triton_path:
         from ..kernels import cbam as K

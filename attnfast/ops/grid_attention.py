@@ -2,9 +2,11 @@
 
 ``grid_attention(l, g, w_l, w_g, phi_w, phi_b, up_factor, normalize_attn) -> (a, pooled)`` computes
 exactly ``attnfast.reference.GridAttention`` (softmax over H*W with sum pooling, or sigmoid with
-average pooling) without materialising any A x H x W intermediate.
+average pooling) without materialising any A x H x W intermediate. ``return_logits=True`` returns
+``(c, pooled)`` with the logits ``c = phi . relu(z) + bias`` (B, 1, H, W) in place of ``a``: a real output
+of the op, whose gradient enters the op's backward with the others (``dc_p += dc_logit_p``).
 
-Dispatch (``attnfast._dispatch.use_triton``): CUDA tensors run ``attnfast.kernels.grid_attention``;
+Dispatch (``attnfast._dispatch.kernel_eligible``): CUDA tensors run ``attnfast.kernels.grid_attention``;
 CPU tensors run a PyTorch path that has the same memory behaviour: nothing of size A x H x W is
 kept for backward, which recomputes ``z = W_l l + up(W_g g)`` from ``l`` (over batch chunks).
 float64 inputs and ``attn_features`` > 512 always take the PyTorch path.
@@ -13,7 +15,8 @@ fp32 precision: the fused kernels compute ``W_l l`` and its gradients (dl, dW_l)
 dots exactly when eager fp32 1x1 convolutions would use TF32 on that device, i.e. when cuDNN convs
 may (``torch.backends.cudnn.conv.fp32_precision``, inherited from ``torch.backends.cudnn`` and
 ``torch.backends``; the legacy ``torch.backends.cudnn.allow_tf32`` on older torch), read at every
-call by ``attnfast.kernels.grid_attention.precision_for``; IEEE fp32 otherwise. PyTorch's default
+call by ``attnfast.kernels.grid_attention.precision_for`` (``kernels._launch.dot_precision(like="conv")``,
+the policy of every op); IEEE fp32 otherwise. PyTorch's default
 allows TF32 for cuDNN convolutions; set ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` (or
 ``allow_tf32 = False``) for IEEE fp32 in both. The low-resolution ``W_g g`` projection and its
 gradients are fp32 matmuls, which follow PyTorch's matmul setting
@@ -22,13 +25,17 @@ accumulation are fp32 in every case; 16-bit inputs use the tensor cores as they 
 
 What is saved for backward: the inputs (already alive), the fp32 logits (B x H*W), the per-sample
 log-sum-exp (B) and the fp32 pooled output (B x C). The backward is its own custom op
-(``attnfast::grid_attention_backward``), so it dispatches the same way.
+(``attnfast::grid_attention_backward``), so it dispatches the same way. A gradient into the logits
+(``return_logits=True`` with ``c`` in the loss) is added to ``dc``: on the PyTorch path before its one pass;
+on the Triton path the kernels take the gradients of ``a`` and ``pooled`` and the logits' share of ``dl`` and
+``dG_p`` comes from the PyTorch path's chunked pass (``dW_l``, ``dphi`` and the bias from the summed ``dc``).
 
 Backward math (s = 1 for softmax, 1/(H*W) for sigmoid)::
 
     ghat_p = da_p + s * dpooled . l_p
     dc_p   = a_p (ghat_p - K)    with K = sum_q a_q ghat_q = sum_q a_q da_q + dpooled . pooled  (softmax)
     dc_p   = ghat_p a_p (1 - a_p)                                                              (sigmoid)
+    dc_p  += dc_logit_p                                                 (a gradient into the logits, if any)
     dz_p   = [not z_p <= 0] dc_p phi;  dl_p = s a_p dpooled + W_l^T dz_p;  dW_l = sum_p dz_p l_p^T
     dphi   = sum_p dc_p relu(z_p);  dbias = sum_p dc_p;  dGp = up^T(dz);  dW_g, dg from dGp (low-res)
 
@@ -41,9 +48,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Optional
+
 from .. import _alloc
 from .._checks import check_same, check_tensor, check_up_factor
-from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
+from ..kernels._launch import w2d
 
 # The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -52,7 +62,7 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------
-def check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor) -> None:
+def check_grid_attention_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor) -> None:
     """ValueError for anything the op cannot compute (what was expected is in the message)."""
     check_tensor(l, "l", ndim=4)
     check_tensor(g, "g", ndim=4)
@@ -88,28 +98,18 @@ def check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor) -> None:
 # ----------------------------------------------------------------------------------------------
 # shared small pieces (low resolution / per-sample, cheap in torch)
 # ----------------------------------------------------------------------------------------------
-def _w2d(wt: torch.Tensor) -> torch.Tensor:
-    return wt[:, :, 0, 0] if wt.dim() == 4 else wt
-
-
 def _project_g(g: torch.Tensor, w_g: torch.Tensor) -> torch.Tensor:
     """Gp = W_g g at g's resolution in the compute dtype (fp32; fp64 for fp64), (B, h, w, A) contiguous."""
     ct = compute_dtype(g)
-    return torch.einsum("bchw,ac->bhwa", g.to(ct), _w2d(w_g).to(ct)).contiguous()
+    return torch.einsum("bchw,ac->bhwa", g.to(ct), w2d(w_g).to(ct)).contiguous()
 
 
-def _kernel_path(l: torch.Tensor, w_l: torch.Tensor) -> bool:
+def _kernel_limit(w_l: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take this attn_features (None: they can)."""
     from ..kernels.grid_attention import MAX_ATTN_FEATURES
 
-    if l.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reason = f"no Triton kernel for {l.dtype}"
-    elif w_l.shape[0] > MAX_ATTN_FEATURES:
-        reason = f"attn_features={w_l.shape[0]} > {MAX_ATTN_FEATURES} has no Triton kernel"
-    else:
-        return True
-    if l.is_cuda:
-        warn_fallback("grid_attention", reason)
-    return False
+    A = w_l.shape[0]
+    return None if A <= MAX_ATTN_FEATURES else f"attn_features={A} > {MAX_ATTN_FEATURES} has no Triton kernel"
 
 
 def softmax_lse(logits: torch.Tensor) -> torch.Tensor:
@@ -155,8 +155,8 @@ def _torch_logits(l32, gp, wl32, phi32, bias32, up):
 def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, lse, pooled32):
     B, C, H, W = l.shape
     ct = logits.dtype
-    wl32 = _w2d(w_l).to(ct)
-    phi32 = _w2d(phi_w)[0].to(ct)
+    wl32 = w2d(w_l).to(ct)
+    phi32 = w2d(phi_w)[0].to(ct)
     bias32 = phi_b.to(ct).reshape(())
     for b0, b1 in _chunks(B, wl32.shape[0], H * W):
         _, c = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)
@@ -179,7 +179,9 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
 def grid_attention_op(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: torch.Tensor,
                       phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (a, pooled, logits (B, HW), lse (B,), pooled (B, C)); the last three in fp32 (fp64 for fp64)."""
+    """Returns (a, pooled, logits (B, HW), lse (B,), pooled (B, C)); the last three in fp32 (fp64 for fp64).
+    ``logits`` is differentiable (its gradient enters the backward op); lse and the fp32 pooled are saved
+    for the backward only."""
     B, C, H, W = l.shape
     f32 = dict(device=l.device, dtype=compute_dtype(l))
     a = _alloc.empty((B, 1, H, W), device=l.device, dtype=l.dtype)
@@ -188,7 +190,7 @@ def grid_attention_op(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: 
     lse = _alloc.empty((B,), **f32)
     pooled32 = _alloc.empty((B, C), **f32)
     gp = _project_g(g, w_g)
-    if use_triton(l, g, w_l, w_g, phi_w, phi_b) and _kernel_path(l, w_l):
+    if kernel_eligible("grid_attention", l, g, w_l, w_g, phi_w, phi_b, limit=lambda: _kernel_limit(w_l)):
         from ..kernels.grid_attention import grid_attention_fwd
 
         grid_attention_fwd(l, gp, w_l, phi_w, phi_b, up_factor, normalize, a, pooled, logits, lse, pooled32)
@@ -212,8 +214,8 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
     """dl (written), and (dW_l, dphi, dGp (B, h, w, A)) in the compute dtype, recomputing z over batch chunks."""
     B, C, H, W = l.shape
     ct = gp.dtype
-    wl32 = _w2d(w_l).to(ct)
-    phi32 = _w2d(phi_w)[0].to(ct)
+    wl32 = w2d(w_l).to(ct)
+    phi32 = w2d(phi_w)[0].to(ct)
     A = wl32.shape[0]
     scale = 1.0 if normalize else 1.0 / (H * W)
     dwl = torch.zeros((A, C), device=l.device, dtype=ct)
@@ -241,13 +243,15 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
 
 @torch.library.custom_op("attnfast::grid_attention_backward", mutates_args=())
 @autocast_off
-def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch.Tensor, g: torch.Tensor,
+def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, dlogits: Optional[torch.Tensor],
+                               l: torch.Tensor, g: torch.Tensor,
                                w_l: torch.Tensor, w_g: torch.Tensor, phi_w: torch.Tensor, phi_b: torch.Tensor,
                                logits: torch.Tensor, lse: torch.Tensor, pooled32: torch.Tensor,
                                up_factor: int, normalize: bool
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor]:
-    """Gradients (dl, dg, dW_l, dW_g, dphi.weight, dphi.bias) from upstream (da, dpooled)."""
+    """Gradients (dl, dg, dW_l, dW_g, dphi.weight, dphi.bias) from upstream (da, dpooled) and, unless None,
+    the gradient of the logits (B, H*W)."""
     B, C, H, W = l.shape
     gp = _project_g(g, w_g)
     ct = gp.dtype
@@ -259,22 +263,34 @@ def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch
     else:
         kvec = torch.zeros((B,), device=l.device, dtype=ct)
     dl = _alloc.empty_like(l)
-    if use_triton(da, dpooled, l, g, w_l, w_g, phi_w, phi_b) and _kernel_path(l, w_l):
+    dlog32 = None if dlogits is None else dlogits.to(ct).reshape(B, H * W)
+    tensors = (da, dpooled, l, g, w_l, w_g, phi_w, phi_b) + (() if dlogits is None else (dlogits,))
+    if kernel_eligible("grid_attention", *tensors, limit=lambda: _kernel_limit(w_l)):
         from ..kernels.grid_attention import grid_attention_bwd, grid_attention_bwd_weight
 
         dgp = torch.zeros_like(gp)
         dc = _alloc.empty((B, H * W), device=l.device, dtype=torch.float32)
         grid_attention_bwd(l, gp, w_l, phi_w, logits, lse, kvec, da, dpooled, up_factor, normalize,
                            dl, dgp, dc)
+        if dlog32 is not None:  # the logits' share of dl and dGp: the PyTorch path's pass over dc = dlogits
+            dl_c = torch.empty_like(l)
+            zero = dlog32.new_zeros(())
+            _, _, dgp_c = _torch_backward(l, gp, w_l, phi_w, dlog32, up_factor, normalize, zero.expand(B, H * W),
+                                          zero.expand(B, C), dl_c)
+            dl.add_(dl_c)
+            dgp += dgp_c
+            dc += dlog32
         dwl, dphi = grid_attention_bwd_weight(l, gp, w_l, phi_w, dc, up_factor)
     else:
         scale = 1.0 if normalize else 1.0 / (H * W)
         ghat = da32 + scale * torch.einsum("bc,bchw->bhw", dp32, l.to(ct)).flatten(1)
         dc = a32 * (ghat - kvec[:, None]) if normalize else ghat * a32 * (1 - a32)
+        if dlog32 is not None:
+            dc = dc + dlog32
         dwl, dphi, dgp = _torch_backward(l, gp, w_l, phi_w, dc, up_factor, normalize, a32, dpooled, dl)
     g32 = g.to(ct)
     dg = _alloc.empty_like(g)
-    dg.copy_(torch.einsum("bhwa,ac->bchw", dgp, _w2d(w_g).to(ct)))
+    dg.copy_(torch.einsum("bhwa,ac->bchw", dgp, w2d(w_g).to(ct)))
     dw_l = _alloc.empty_like(w_l)
     dw_l.copy_(dwl.view(w_l.shape))
     dw_g = _alloc.empty_like(w_g)
@@ -287,7 +303,7 @@ def grid_attention_backward_op(da: torch.Tensor, dpooled: torch.Tensor, l: torch
 
 
 @grid_attention_backward_op.register_fake
-def _(da, dpooled, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32, up_factor, normalize):
+def _(da, dpooled, dlogits, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32, up_factor, normalize):
     return (torch.empty_like(l), torch.empty_like(g), torch.empty_like(w_l), torch.empty_like(w_g),
             torch.empty_like(phi_w), torch.empty_like(phi_b))
 
@@ -298,17 +314,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32)
     ctx.up_factor = up_factor
     ctx.normalize = normalize
-    ctx.mark_non_differentiable(logits, lse, pooled32)
+    ctx.mark_non_differentiable(lse, pooled32)
+    # An output the loss does not use gets None, not materialized zeros: the logits' share of the backward
+    # (a PyTorch pass on the Triton path) runs only when the logits carry a gradient.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, da, dpooled, _dlogits, _dlse, _dpooled32):
+def _backward(ctx, da, dpooled, dlogits, _dlse, _dpooled32):
     l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32 = ctx.saved_tensors
     B, C, H, W = l.shape
     if da is None:  # absent upstream gradient: a stride-0 zero, no memory
         da = l.new_zeros(()).expand(B, 1, H, W)
     if dpooled is None:
         dpooled = l.new_zeros(()).expand(B, C)
-    grads = grid_attention_backward_op(da, dpooled, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32,
+    grads = grid_attention_backward_op(da, dpooled, dlogits, l, g, w_l, w_g, phi_w, phi_b, logits, lse, pooled32,
                                        ctx.up_factor, ctx.normalize)
     return (*grads, None, None)
 
@@ -317,12 +336,16 @@ grid_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grid_attention(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: torch.Tensor,
-                   phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize_attn: bool = True):
-    """Fused grid attention; returns ``(a, pooled)`` like ``attnfast.reference.GridAttention``.
+                   phi_w: torch.Tensor, phi_b: torch.Tensor, up_factor: int, normalize_attn: bool = True,
+                   *, return_logits: bool = False):
+    """Fused grid attention; returns ``(a, pooled)`` like ``attnfast.reference.GridAttention``, or with
+    ``return_logits=True`` ``(c, pooled)``: the logits (B, 1, H, W) in ``l``'s dtype, differentiable.
 
     ``w_l``, ``w_g``, ``phi_w``: 1x1 conv weights (A, C_l[,1,1]), (A, C_g[,1,1]), (1, A[,1,1]);
     ``phi_b``: (1,). Validates its inputs (ValueError). fp32 on CUDA uses TF32 dots exactly when eager
     fp32 1x1 convolutions would (cuDNN's setting; see the module docstring)."""
-    check_grid_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor)
-    a, pooled, _, _, _ = grid_attention_op(l, g, w_l, w_g, phi_w, phi_b, int(up_factor), bool(normalize_attn))
+    check_grid_attention_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor)
+    a, pooled, logits, _, _ = grid_attention_op(l, g, w_l, w_g, phi_w, phi_b, int(up_factor), bool(normalize_attn))
+    if return_logits:
+        return logits.to(l.dtype).view(a.shape), pooled
     return a, pooled

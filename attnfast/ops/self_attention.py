@@ -7,11 +7,13 @@
   the op returns the attention output ``o`` itself (for a value conv followed by an output conv).
 - ``scale`` multiplies the logits (SAGAN: 1, no 1/sqrt(d)).
 
-Paths (``attnfast._dispatch.use_triton``):
+Paths (``attnfast._dispatch.kernel_eligible``):
 
 - Triton (CUDA, or ``ATTNFAST_BACKEND=triton`` with the interpreter): flash-style kernels in
   ``attnfast.kernels.self_attention``; float64 inputs and query/key dims above
-  ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead.
+  ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead. fp32 dots are IEEE whatever
+  PyTorch's matmul TF32 setting (``kernels._launch.dot_precision(like="ieee")``: the kernels' fp32 tiles are
+  FMA tiles), never less accurate than eager's ``bmm``.
 - PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): blocks of ``cpu_blocks(...)`` (samples,
   query rows) whose score block stays cache-resident (``CPU_BLOCK_ELEMS``); per block one GEMM at
   the true query/key dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's
@@ -38,7 +40,7 @@ import torch
 
 from .. import _alloc
 from .._checks import check_tensor
-from .._dispatch import autocast_off, compute_dtype, use_triton, warn_fallback
+from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # Score-matrix elements per chunk of the batched PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB,
 # and the backward holds two such blocks.
@@ -75,23 +77,15 @@ def _cpu_path(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype != torch.float64
 
 
-def _triton_ok(q: torch.Tensor, *tensors) -> bool:
-    if not use_triton(q, *tensors):
-        return False
+def _kernel_limit(q: torch.Tensor):
+    """Why the Triton kernels cannot take ``q``'s query/key dim (None: they can)."""
     from ..kernels import self_attention as K
 
-    if q.dtype not in K.DTYPES:
-        reason = f"no Triton kernel for {q.dtype}"
-    elif not K.supported(q.shape[1]):
-        reason = f"query/key dim {q.shape[1]} per head > {K.MAX_D} has no Triton kernel"
-    else:
-        return True
-    if q.is_cuda:
-        warn_fallback("self_attention", reason)
-    return False
+    return None if K.supported(q.shape[1]) else f"query/key dim {q.shape[1]} per head > {K.MAX_D} has no Triton kernel"
 
 
-def _check(q, k, v, x, gamma) -> None:
+def check_self_attention_inputs(q, k, v, x, gamma) -> None:
+    """ValueError for anything the op cannot compute (what was expected is in the message)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=3)
     if (x is None) != (gamma is None):
@@ -302,7 +296,7 @@ def self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Opti
     saved for the backward; it is empty unless ``need_o``."""
     out, o, lse = _out_buffers(q, v, x, need_o)
     o_arg = o if need_o else None
-    if _triton_ok(q, k, v):
+    if kernel_eligible("self_attention", q, k, v, limit=lambda: _kernel_limit(q)):
         from ..kernels.self_attention import attention_fwd
 
         attention_fwd(q, k, v, x, gamma, scale, out, o_arg, lse)
@@ -330,7 +324,7 @@ def self_attention_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
     ``dgamma`` is empty when ``gamma`` is None."""
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     r = _alloc.empty(lse.shape, dtype=lse.dtype, device=q.device)
-    if _triton_ok(q, k, v):
+    if kernel_eligible("self_attention", q, k, v, limit=lambda: _kernel_limit(q)):
         from ..kernels.self_attention import attention_bwd
 
         attention_bwd(grad, q, k, v, o, lse, gamma, scale, dq, dk, dv, r)
@@ -379,7 +373,7 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: Optiona
                    gamma: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
     """``gamma * (v softmax(scale q^T k)^T) + x`` (or the attention output alone when x and gamma are
     None), shape (B, DV, NQ); validates its inputs. See the module docstring for shapes."""
-    _check(q, k, v, x, gamma)
+    check_self_attention_inputs(q, k, v, x, gamma)
     tensors = [t for t in (q, k, v, x, gamma) if t is not None]
     need_o = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, _, _ = self_attention_op(q, k, v, x, gamma, float(scale), need_o)

@@ -66,6 +66,21 @@ def test_batchnorm_bookkeeping(torch_backend, momentum):
         torch.testing.assert_close(getattr(fused.spatial.conv.bn, name), buf, msg=name)
 
 
+@pytest.mark.parametrize("cls", [CBAM, LightCBAM], ids=["cbam", "light"])
+def test_a_rejected_input_leaves_the_batchnorm_alone(torch_backend, cls):
+    """The op validates x; the module counts a batch (num_batches_tracked) and moves the running statistics
+    only once the op accepted it."""
+    m = cls(8).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for bad in (torch.randn(2, 4, 5, 5), torch.randn(2, 8, 5, 5, dtype=torch.float64), torch.randn(2, 8, 5)):
+        with pytest.raises(ValueError):
+            m(bad)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    m(torch.randn(2, 8, 5, 5))
+    assert m.spatial.conv.bn.num_batches_tracked.item() == before["spatial.conv.bn.num_batches_tracked"].item() + 1
+
+
 def test_without_running_stats(torch_backend):
     tm = timm_cbam.CbamModule(8)
     tm.spatial.conv.bn = nn.BatchNorm2d(1, track_running_stats=False)
