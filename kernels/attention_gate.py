@@ -423,7 +423,7 @@ def aot_configs() -> list:
     configs = []
     scal = {"scale_h": "fp32", "scale_w": "fp32"}
     for dtype, dt in DTYPES.items():
-        for prec in dot_precisions(dtype):
+        for prec in dot_precisions(dtype, like="conv"):
             for bucket in (32, 64, 128, 256):
                 cfg = blocks(bucket, dtype)
                 for interp in (False, True):

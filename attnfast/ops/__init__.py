@@ -14,4 +14,5 @@ from .grid_attention import grid_attention
 from .residual_gate import residual_gate
 from .self_attention import self_attention
 
-__all__ = ["attention_gate", "attention_gate_logits", "gate", "cbam", "grid_attention", "residual_gate", "self_attention"]
+__all__ = ["attention_gate", "attention_gate_logits", "gate", "cbam", "grid_attention", "residual_gate",
+           "self_attention"]

@@ -11,7 +11,7 @@ def test_attention_gate_choices_are_registered():
     names = {c.name for c in A.aot_configs()}
     missing = set()
     for dtype in DTYPES:
-        for prec in dot_precisions(dtype):
+        for prec in dot_precisions(dtype, like="conv"):
             for fi in range(1, A.MAX_F + 1):
                 cfg = A.blocks(fi, dtype)
                 for interp in (False, True):
