@@ -423,3 +423,47 @@ def step_largest_batch(step: TrainStep, start: int, cap: int, peak, deadline: fl
         return {"max_batch": max(good) if good else None, "first_failing": min(bad) if bad else None,
                 "exact": False, "capped": False, "probes": seen,
                 "error": str(e) if isinstance(e, OutOfTime) else f"{type(e).__name__}: {e}"[:1000]}
+
+
+# ----------------------------------------------------------------------------------------------
+# attention gates (Attention U-Net): MONAI AttentionBlock, Attention-Gated-Networks GridAttentionBlock2D
+# ----------------------------------------------------------------------------------------------
+ATTENTION_GATE_PROVIDERS = ("eager", "compile", "fused")
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_gate_modules(kind, c, cg, fi, dtype, device):
+    """``kind`` "monai": ``AttentionBlock(2, f_int=fi, f_g=cg, f_l=c)``, forward(g, x); "agn":
+    ``GridAttentionBlock2D(c, cg, fi)`` (2x2 theta), forward(x, g). Reference and fused, same weights, train mode."""
+    from attnfast.nn import attention_gate as fused_mod
+    from attnfast.reference import attention_gate as ref_mod
+
+    torch.manual_seed(0)
+    if kind == "monai":
+        ref, fused = ref_mod.AttentionBlock(2, fi, cg, c), fused_mod.AttentionBlock(2, fi, cg, c)
+    else:
+        ref, fused = ref_mod.GridAttentionBlock2D(c, cg, fi), fused_mod.GridAttentionBlock2D(c, cg, fi)
+    ref, fused = ref.to(device=device, dtype=dtype), fused.to(device=device, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def attention_gate(kind, c, cg, fi, dtype, device, names=ATTENTION_GATE_PROVIDERS) -> dict:
+    ref, fused = _attention_gate_modules(kind, c, cg, fi, dtype, device)
+    return _pick({"eager": ref, "compile": harness.compiled(ref), "fused": fused}, names)
+
+
+def attention_gate_inputs(kind, b, c, cg, hw, dtype, device, seed=0) -> list:
+    """MONAI: (g, x), both hw x hw; AGN: (x at hw, g at hw / 2: the coarser level)."""
+    if kind == "monai":
+        return [randn((b, cg, hw, hw), dtype, device, seed), randn((b, c, hw, hw), dtype, device, seed + 1)]
+    return [randn((b, c, hw, hw), dtype, device, seed), randn((b, cg, hw // 2, hw // 2), dtype, device, seed + 1)]
+
+
+def attention_gate_traffic(kind, b, c, cg, hw, elt) -> dict:
+    """Minimal HBM bytes per mode: the forward reads x and g once and writes the gated x (and AGN's map);
+    the backward reads them and the upstream gradient and writes dx and dg."""
+    x, g = b * c * hw * hw, b * cg * (hw * hw if kind == "monai" else (hw // 2) ** 2)
+    m = b * hw * hw if kind == "agn" else 0
+    fwd, bwd = elt * (2 * x + g + m), elt * (3 * x + 2 * g + m)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}

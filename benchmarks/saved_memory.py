@@ -5,7 +5,8 @@
 Counts, with ``torch.autograd.graph.saved_tensors_hooks`` (``harness.SavedBytes``), the bytes of every
 tensor the forward saves for backward (each storage once), at the real shapes of AttnVGG (pool-3 and
 pool-4 at 224 and 512 input), SAGAN self-attention, the RAN gate, Learn to Pay Attention's
-LinearAttentionBlock and timm's GlobalContext. The module's own weights are
+LinearAttentionBlock, timm's GlobalContext and the Attention U-Net gates (MONAI, Attention-Gated-Networks;
+training mode). The module's own weights are
 saved by both sides and are excluded; the input feature maps are reported both ways (counted, and not).
 
 What an attnfast op saves is decided by its ``register_autograd`` setup_context from the op's inputs
@@ -25,11 +26,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attnfast.config  # noqa: E402
 import harness  # noqa: E402
+from attnfast.nn import attention_gate as fused_gates  # noqa: E402
 from attnfast.nn.grid_attention import GridAttention  # noqa: E402
 from attnfast.nn.residual_attention import ResidualAttentionModule  # noqa: E402
 from attnfast.nn.self_attention import SelfAttention2d  # noqa: E402
 from attnfast.ops import residual_gate  # noqa: E402
 from attnfast.reference import GridAttention as RefGrid  # noqa: E402
+from attnfast.reference import attention_gate as ref_gates  # noqa: E402
 from attnfast.reference import ResidualAttentionModule as RefRAM  # noqa: E402
 from attnfast.reference import SelfAttention as RefSelf  # noqa: E402
 from attnfast.reference import residual_gate_reference  # noqa: E402
@@ -120,6 +123,25 @@ def attention_pool_cases():
                _saved(ref, (x,), weights), _saved(fused, (x,), weights))
 
 
+def attention_gate_cases():
+    """Attention U-Net gates in training mode: MONAI's AttentionBlock (g and x at one size) and AGN's
+    GridAttentionBlock2D (theta 2x2 stride 2, g at half size)."""
+    for kind, b, c, cg, fi, hw in [("monai", 4, 64, 64, 32, 256), ("monai", 4, 128, 128, 64, 128),
+                                   ("agn", 4, 64, 128, 64, 256)]:
+        if kind == "monai":
+            ref, fused = ref_gates.AttentionBlock(2, fi, cg, c), fused_gates.AttentionBlock(2, fi, cg, c)
+            inputs = (torch.randn(b, cg, hw, hw, requires_grad=True), torch.randn(b, c, hw, hw, requires_grad=True))
+            case = f"MONAI AttentionBlock: B={b}, g, x {c}x{hw}x{hw}, f_int={fi}"
+        else:
+            ref, fused = ref_gates.GridAttentionBlock2D(c, cg, fi), fused_gates.GridAttentionBlock2D(c, cg, fi)
+            inputs = (torch.randn(b, c, hw, hw, requires_grad=True),
+                      torch.randn(b, cg, hw // 2, hw // 2, requires_grad=True))
+            case = f"AGN GridAttentionBlock2D: B={b}, x {c}x{hw}x{hw}, g {cg}x{hw // 2}x{hw // 2}, F_int={fi}"
+        fused.load_state_dict(ref.state_dict())
+        weights = list(ref.parameters()) + list(fused.parameters())
+        yield "attention_gate", case, _saved(ref, inputs, weights), _saved(fused, inputs, weights)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -129,7 +151,7 @@ def main(argv=None) -> int:
         attnfast.config.set_backend("torch")
     torch.manual_seed(0)
     rows = []
-    for gen in (grid_cases, self_attention_cases, residual_cases, attention_pool_cases):
+    for gen in (grid_cases, self_attention_cases, residual_cases, attention_pool_cases, attention_gate_cases):
         for op, case, eager, fused in gen():
             rows.append({"op": op, "case": case, "eager_saved_bytes": eager[0], "attnfast_saved_bytes": fused[0],
                          "ratio": fused[0] / eager[0], "eager_beyond_inputs_bytes": eager[1],

@@ -33,6 +33,7 @@ OP_FILES = {  # op -> its CPU-matrix test files
     "residual_gate": ["tests/ops/test_residual_gate.py"],
     "cbam": ["tests/ops/test_cbam.py"],
     "attention_pool": ["tests/ops/test_attention_pool.py", "tests/nn/test_attention_pool_module.py"],
+    "attention_gate": ["tests/ops/test_attention_gate.py"],
 }
 # The op matrices must lose nothing on a GPU machine. Elsewhere in tests/ops and tests/nn, a test that feeds
 # CPU tensors to the forced Triton backend runs only in the interpreter: skipped on a GPU machine, and

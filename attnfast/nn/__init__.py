@@ -2,12 +2,13 @@
 
 One attention per file: ``grid_attention.GridAttention``, ``self_attention.SelfAttention2d``,
 ``residual_attention.ResidualAttentionModule``, ``cbam.CBAM`` / ``cbam.LightCBAM``,
-``attention_pool.LinearAttentionBlock`` / ``GlobalContextPool`` / ``GlobalContext``.
+``attention_pool.LinearAttentionBlock`` / ``GlobalContextPool`` / ``GlobalContext``,
+``attention_gate.AttentionBlock`` (MONAI) / ``attention_gate.GridAttentionBlock2D`` (Attention-Gated-Networks).
 """
 from .residual_attention import ResidualAttentionModule
 
 __all__ = ["ResidualAttentionModule", "GridAttention", "SelfAttention2d", "CBAM", "LightCBAM",
-           "LinearAttentionBlock", "GlobalContextPool", "GlobalContext"]
+           "LinearAttentionBlock", "GlobalContextPool", "GlobalContext", "AttentionBlock", "GridAttentionBlock2D"]
 
 
 def __getattr__(name):
@@ -23,4 +24,7 @@ def __getattr__(name):
     if name in ("LinearAttentionBlock", "GlobalContextPool", "GlobalContext"):
         from . import attention_pool
         return getattr(attention_pool, name)
+    if name in ("AttentionBlock", "GridAttentionBlock2D"):
+        from . import attention_gate
+        return getattr(attention_gate, name)
     raise AttributeError(f"module 'attnfast.nn' has no attribute {name!r}")

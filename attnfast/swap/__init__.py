@@ -29,8 +29,8 @@ cbam, light_cbam    attnfast CBAM/LightCBAM, timm CbamModule/LightCbamModule    
 cbam_authors        the CBAM authors' code (ChannelGate + SpatialGate)                       AuthorsCBAM
 ltpa_linear         LTPA LinearAttentionBlock                                                nn.LinearAttentionBlock
 timm_global_context timm GlobalContext (GCNet: conv_attn, mlp_scale/mlp_add, gate)           nn.GlobalContext
-agn_grid            Attention-Gated-Networks GridAttentionBlock2D                            none yet (reported)
-monai_attention     MONAI AttentionBlock                                                     none yet (reported)
+agn_grid            Attention-Gated-Networks GridAttentionBlock2D (concatenation[_softmax])  nn.GridAttentionBlock2D
+monai_attention     MONAI AttentionBlock (Attention U-Net gate)                              nn.AttentionBlock
 ran_port            ResidualAttentionNetwork-pytorch AttentionModule_stage*                  only its gate (reported)
 channel_gate        SE / ECA channel-only gates                                              out of scope (reported)
 =================== ======================================================================== ===========================

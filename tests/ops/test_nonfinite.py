@@ -12,6 +12,9 @@ Both paths: the PyTorch path and the Triton kernels (interpreted on a CPU, compi
 machine: the tests take the ``device`` fixture). fp32 throughout, plus fp16 cases, and results that overflow
 the 16-bit range (far from the boundary, so rounding cannot decide it). Shapes are tiny (the interpreter).
 
+Documented difference: attention gates resizing g (Attention-Gated-Networks) on the kernels with a non-finite
+phi weight (attnfast.ops.attention_gate); the PyTorch path follows eager there too.
+
 Not covered, by design: an fp16 *intermediate* that eager rounds to fp16 and overflows (a 1x1 conv output,
 the scores q^T k, grad * t inside the gate's backward) while attnfast keeps it in fp32: there eager has
 inf / NaN and attnfast the finite, correct value.
@@ -24,11 +27,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from attnfast.nn.attention_gate import AttentionBlock, GridAttentionBlock2D
 from attnfast.nn.cbam import CBAM, LightCBAM
 from attnfast.nn.grid_attention import GridAttention
 from attnfast.nn.self_attention import SelfAttention2d
 from attnfast.ops import residual_gate, self_attention
 from attnfast.reference import residual_gate_reference
+from attnfast.reference.attention_gate import AttentionBlock as RefAttentionBlock
+from attnfast.reference.attention_gate import GridAttentionBlock2D as RefGridAttentionBlock2D
 from attnfast.reference.cbam import CBAM as RefCBAM
 from attnfast.reference.cbam import LightCBAM as RefLightCBAM
 from attnfast.reference.grid_attention import GridAttention as RefGridAttention
@@ -245,6 +251,54 @@ def _gate(device, dtype=torch.float32):
 def test_residual_gate(request, backend, target, device):
     request.getfixturevalue(backend)
     check_nonfinite(*_gate(device), target)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention gates: MONAI AttentionBlock (BatchNorms folded; train and eval), AGN GridAttentionBlock2D
+# ----------------------------------------------------------------------------------------------
+MONAI_TARGETS = ["g", "x", "W_g.0.conv.weight", "W_x.0.conv.bias", "W_x.1.weight", "psi.0.conv.weight",
+                 "psi.1.bias", "W_x.1.running_var"]
+AGN_TARGETS = ["x", "g", "theta.weight", "phi.weight", "phi.bias", "psi.weight", "psi.bias"]
+
+
+def _gate_block(kind, train, device, dtype=torch.float32):
+    if kind == "monai":
+        ref, fused = RefAttentionBlock(2, 4, 6, 5), AttentionBlock(2, 4, 6, 5)
+        inputs = {"g": _randn(2, 6, 4, 5, device=device), "x": _randn(2, 5, 4, 5, device=device)}
+        upstream = [_randn(2, 5, 4, 5, device=device)]
+    else:
+        mode = "concatenation_softmax" if kind == "agn_softmax" else "concatenation"
+        ref, fused = RefGridAttentionBlock2D(5, 6, 6, mode=mode), GridAttentionBlock2D(5, 6, 6, mode=mode)
+        # g resized 2x to theta's grid: eager's CPU resize then weights its taps (some 0) like the kernels and
+        # CUDA's (for other ratios it interpolates as a + t (b - a), whose NaN/inf differ from the taps' sum)
+        inputs = {"x": _randn(2, 5, 8, 12, device=device), "g": _randn(2, 6, 2, 3, device=device)}
+        upstream = [_randn(2, 5, 8, 12, device=device), _randn(2, 1, 8, 12, device=device)]
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    eager, fused = _copy_pair(ref, fused, device, dtype)
+    eager.train(train)
+    fused.train(train)
+    return eager, fused, {k: v.to(dtype) for k, v in inputs.items()}, upstream
+
+
+GATE_CASES = ([("monai-train", t) for t in MONAI_TARGETS if "running" not in t]  # train mode reads no running stat
+              + [("monai-eval", t) for t in ("g", "W_g.0.conv.weight", "W_x.1.weight", "psi.0.conv.weight",
+                                             "psi.1.bias", "W_x.1.running_var")]
+              + [("agn-train", t) for t in AGN_TARGETS]
+              + [("agn_softmax-train", t) for t in ("x", "phi.bias", "psi.weight", "psi.bias")])
+GATE_TRITON = [("monai-train", "x"), ("monai-eval", "g"), ("monai-eval", "W_g.0.conv.weight"),
+               ("monai-eval", "psi.0.conv.weight"), ("agn-train", "x"), ("agn-train", "g"),
+               ("agn-train", "theta.weight"), ("agn-train", "phi.bias"), ("agn_softmax-train", "psi.weight")]
+# not on the kernels: a non-finite phi.weight (they resize g before projecting it; see attnfast.ops.attention_gate)
+
+
+@pytest.mark.parametrize("backend, variant, target", matrix(GATE_CASES, GATE_TRITON))
+def test_attention_gate(request, backend, variant, target, device):
+    request.getfixturevalue(backend)
+    kind, mode = variant.split("-")
+    whole = backend == "torch_backend" or target in ("x", "g")
+    check_nonfinite(*_gate_block(kind, mode == "train", device), target, wheres=("one", "all") if whole else ("one",))
 
 
 # ----------------------------------------------------------------------------------------------

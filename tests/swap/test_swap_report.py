@@ -78,7 +78,6 @@ def _zoo():
 
 
 EXPECTED = [  # (path, status, family)
-    ("agn", "no fused op", "agn_grid"),
     ("se", "out of scope", "channel_gate"),
     ("eca", "out of scope", "channel_gate"),
     ("ran.attention_module1", "partly fusable", "ran_port"),
@@ -92,8 +91,8 @@ def test_every_attention_like_layer_is_reported_once():
     model = _zoo()
     with pytest.warns(SwapWarning) as record:
         result = swap(model)
-    assert [(r.name, r.family) for r in result] == [("ltpa", "ltpa_linear"), ("gc", "timm_global_context"),
-                                                     ("net.sagan", "sagan")]
+    assert [(r.name, r.family) for r in result] == [("agn", "agn_grid"), ("ltpa", "ltpa_linear"),
+                                                     ("gc", "timm_global_context"), ("net.sagan", "sagan")]
     assert [(s.name, s.status, s.family) for s in result.skipped] == EXPECTED
     assert len(record) == 1
     message = str(record[0].message)
@@ -173,10 +172,11 @@ def test_timm_channel_gates_and_global_context_in_real_models():
     assert not result.skipped and len(result) == 10 and {r.family for r in result} == {"timm_global_context"}
 
 
-def test_monai_attention_block_is_recognised():
+def test_monai_attention_block_is_swapped():
     attentionunet = pytest.importorskip("monai.networks.nets.attentionunet")
     model = attentionunet.AttentionUnet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
-    with pytest.warns(SwapWarning, match="MONAI AttentionBlock"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SwapWarning)
         result = swap(model, dry_run=True)
-    assert [(s.status, s.family, s.type.rsplit(".", 1)[-1]) for s in result.skipped] == [
-        ("no fused op", "monai_attention", "AttentionBlock")]
+    assert [(r.family, r.new_type.rsplit(".", 1)[-1]) for r in result] == [("monai_attention", "AttentionBlock")]
+    assert result.skipped == []

@@ -30,7 +30,6 @@ FAMILIES = (
     CbamAuthors(),
     LtpaLinear(),
     TimmGlobalContext(),
-    # recognised, no fused op yet
     AgnGrid(),
     MonaiAttention(),
     # recognised, only partly fusable / out of scope
