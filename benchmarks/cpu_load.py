@@ -196,11 +196,25 @@ def main_job_child(provider: str, size: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- parent side
 
+# A spin loop that also ends by itself once its parent is gone (a SIGKILL or SIGTERM to this script skips
+# its ``finally``; the spinners, in their own sessions, would otherwise spin on as children of init).
+SPIN = ("import os\nparent = os.getppid()\nwhile True:\n    for _ in range(200000):\n        pass\n"
+        "    if os.getppid() != parent:\n        break\n")
+
+
 def start_busy(n: int) -> list:
-    """``n`` Python spin loops, each in its own process group (so only they are ever killed)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for _ in range(n)]
+    """``n`` Python spin loops, each in its own process group (so only they are ever killed); each ends
+    when this process dies. A failure part way stops the ones already started."""
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", SPIN], start_new_session=True,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+    except BaseException:
+        stop_busy(procs)
+        raise
+    return procs
 
 
 def stop_busy(procs: list) -> None:
@@ -219,14 +233,39 @@ def _env(threads: int) -> dict:
     return env
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its process group and every descendant (found before the kill, in any session)."""
+    try:
+        import psutil
+        kids = psutil.Process(pid).children(recursive=True)
+    except Exception:  # psutil missing or the process already gone
+        kids = []
+    for target in [pid] + [k.pid for k in kids]:
+        for kill in (lambda t: os.killpg(t, signal.SIGKILL), lambda t: os.kill(t, signal.SIGKILL)):
+            try:
+                kill(target)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+
+
 def measure(case: str, provider: str, size: dict, steps: int, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, provider, json.dumps(size), str(steps)]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
+    # the child runs in its own session; a timeout (or an exception here) kills it and every process below it,
+    # including the main-job case's training process, which ci/main_job.py starts in a session of its own
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(threads),
+                             start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads), timeout=timeout)
+        out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _kill_tree(child.pid)
+        child.communicate()
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "load_before": load0}
+    except BaseException:
+        _kill_tree(child.pid)
+        raise
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     res = {"load_before": load0, "load_after": os.getloadavg()[0], "process_s": time.perf_counter() - t0}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -264,9 +264,9 @@ def _(dc, dpooled, l, weight, bias, g, logits, stats, pooled32, softmax, mean):
 def _setup_context(ctx, inputs, output):
     l, weight, bias, g, softmax, mean = inputs
     _, pooled, logits, stats, pooled32 = output
-    # fp32 (fp64) inputs: the pooled output holds pooled32's values; saving it instead lets pooled32 go (the next
-    # layer usually keeps pooled anyway: timm's GlobalContext MLP saves it as its input)
-    ctx.save_for_backward(l, weight, bias, g, logits, stats, pooled if pooled.dtype == pooled32.dtype else pooled32)
+    # pooled32 (non-differentiable, B x C), never the user's pooled output: eager's sum/avg-pool save no output, so
+    # a caller may modify pooled in place (dropout(inplace=True), relu_) and backward must still work
+    ctx.save_for_backward(l, weight, bias, g, logits, stats, pooled32)
     ctx.args = (softmax, mean)
     ctx.mark_non_differentiable(logits, stats, pooled32)
 

@@ -347,5 +347,7 @@ def grid_attention(l: torch.Tensor, g: torch.Tensor, w_l: torch.Tensor, w_g: tor
     check_grid_attention_inputs(l, g, w_l, w_g, phi_w, phi_b, up_factor)
     a, pooled, logits, _, _ = grid_attention_op(l, g, w_l, w_g, phi_w, phi_b, int(up_factor), bool(normalize_attn))
     if return_logits:
-        return logits.to(l.dtype).view(a.shape), pooled
+        # a copy: the op saves its logits for backward, and eager's c (the phi conv's output) is saved by nothing,
+        # so a caller may scale c in place
+        return logits.to(l.dtype, copy=True).view(a.shape), pooled
     return a, pooled

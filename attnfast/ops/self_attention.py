@@ -76,7 +76,7 @@ def cpu_blocks(b: int, nq: int, nk: int, d: int, dv: int) -> tuple[int, int]:
     per_sample = max(nq * nk, (d + dv) * nk, 1)
     if per_sample <= budget:
         return max(1, min(b, budget // per_sample)), max(nq, 1)
-    return 1, chunk_rows(1, nq, nk, CPU_BLOCK_ELEMS)
+    return 1, max(1, min(nq, budget // max(1, nk)))
 
 
 def _cpu_path(q: torch.Tensor) -> bool:

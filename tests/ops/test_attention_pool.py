@@ -113,3 +113,14 @@ def test_bad_inputs():
     for args, kw, match in cases:
         with pytest.raises(ValueError, match=match):
             attention_pool(*args, **kw)
+
+
+def test_pooled_output_may_be_modified_in_place_before_backward():
+    """Eager's sum/avg-pool save no output: in-place dropout on pooled, then backward, works there and here."""
+    torch.manual_seed(0)
+    l = torch.randn(2, 8, 4, 4, requires_grad=True)
+    w = torch.randn(1, 8, 1, 1, requires_grad=True)
+    for normalize in ("softmax", "sigmoid"):
+        c, pooled = attention_pool(l, w, normalize=normalize)
+        pooled.mul_(0.5)
+        (c.sum() + pooled.sum()).backward()

@@ -179,3 +179,15 @@ def test_functional_validates():
     with pytest.raises(ValueError, match="positive integer"):
         grid_attention(l, g, *params, 0)
 
+
+
+def test_logits_may_be_modified_in_place_before_backward():
+    """Eager's c (the phi conv output) is saved by nothing: scaling it in place before backward works there and here."""
+    from attnfast.ops import grid_attention as grid_op
+    torch.manual_seed(0)
+    l = torch.randn(2, 4, 4, 4, requires_grad=True)
+    g = torch.randn(2, 6, 2, 2, requires_grad=True)
+    w_l, w_g, phi_w, phi_b = torch.randn(8, 4), torch.randn(8, 6), torch.randn(1, 8), torch.randn(1)
+    c, pooled = grid_op(l, g, w_l, w_g, phi_w, phi_b, 2, True, return_logits=True)
+    c.mul_(0.5)
+    (c.sum() + pooled.sum()).backward()

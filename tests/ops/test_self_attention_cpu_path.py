@@ -79,6 +79,10 @@ def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
     assert cpu_blocks(64, 64, 64, 16, 128) == (2 ** 19 // (144 * 64), 64)
     assert cpu_blocks(4096, 64, 64, 16, 128) == (CPU_BLOCK_ELEMS // (144 * 64), 64)
     assert cpu_blocks(3, 64, 64, 16, 128) == (3, 64)
+    # one sample split by rows keeps the small-problem budget too: B=1, N=4096 holds 2**21 scores per block
+    # (max(2**19, 4096*128, 4096**2/8)), not CPU_BLOCK_ELEMS, and B=1, N=1024 2**19, not the whole matrix
+    assert cpu_blocks(1, 4096, 4096, 16, 128) == (1, 2 ** 21 // 4096)
+    assert cpu_blocks(1, 1024, 1024, 16, 128) == (1, 2 ** 19 // 1024)
     # no queries: one (empty) row per block, never zero
     assert cpu_blocks(2, 0, 7, 4, 4) == (2, 1)
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 3000)
