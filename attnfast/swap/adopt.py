@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .family import NotSwappable
+from .report import NotSwappable
 
 ORIGINAL = "_attnfast_swapped_from"  # the original module, kept on the fused one for unswap
 BUILT = "_attnfast_built_children"  # children swap built (another library's class) and gave adopted tensors

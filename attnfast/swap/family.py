@@ -11,18 +11,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .report import REFUSED
+from .adopt import build_by_adoption
+from .report import REFUSED, NotSwappable
 
 FUSED = "fused"  # Family.status of a family swap replaces
-
-
-class NotSwappable(Exception):
-    """Raised by a family's ``spec``/``build`` or by the probe: the layer cannot be replaced (the reason).
-    ``status``: how the report files it (``Skipped.status``; default: the family's own)."""
-
-    def __init__(self, reason: str, status: str | None = None):
-        super().__init__(reason)
-        self.status = status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +60,6 @@ class Family:
     def build(self, m: nn.Module, spec: Spec, candidate: Candidate) -> nn.Module:
         """The fused module for ``candidate``, holding ``m``'s own children, Parameters and buffers. The default
         constructs ``fused(*spec.args, **candidate.kwargs)`` on the meta device and adopts ``m``'s tensors."""
-        from .adopt import build_by_adoption
 
         return build_by_adoption(m, self.fused, spec.args, candidate.kwargs)
 

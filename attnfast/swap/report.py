@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+
+class NotSwappable(Exception):
+    """Raised by a family's ``spec``/``build`` or by the probe: the layer cannot be replaced (the reason).
+    ``status``: how the report files it (``Skipped.status``; default: the family's own)."""
+
+    def __init__(self, reason: str, status: str | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
 # Skipped.status values: why a layer was left alone
 REFUSED = "refused"  # a family with a fused module, but this layer cannot be replaced (checks or probe)
 NO_OP = "no fused op"  # a recognised family whose fused op does not exist yet
