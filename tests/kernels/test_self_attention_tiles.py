@@ -151,5 +151,15 @@ def test_16bit_kernels_up_to_d32_spill_nothing(results_by_config):
     assert {r["cap"] for r in rows} == {80, 90}
     assert any(r.get("base") == "self_attention.bwd_dkdv[bf16,D=16,DV=128,one_dv=1]" for r in rows), \
         "the SAGAN C = 128 launch binaries are missing"
-    spilled = {(r["name"], r["cap"]): r["spill_bytes"] for r in rows if r["spill_bytes"]}
+    # The one exception is recorded, measured, in the budget table: under triton 3.9.0 (not a CI stack) the 16-bit
+    # dK/dV kernels at D <= 32 spill 8 B on sm_90 since their NaN-exact gamma scaling. Every other measured triton
+    # (CI's 3.6.0 and 3.8.0 among them) must spill nothing here, and an unmeasured one is held to the same.
+    import triton
+    from attnfast.kernels.aot.budgets import CAPS, MEASURED_TRITONS, SPILLS
+    version = triton.__version__
+    exempt = {v for v in MEASURED_TRITONS if any(SPILLS.get(n, {}).get(v, (0, 0)) != (0, 0) for n in names)}
+    assert exempt <= {"3.9.0"}, exempt
+    def allowed(name, cap):
+        return SPILLS.get(name.split("@")[0], {}).get(version, (0, 0))[CAPS.index(cap)] if version in exempt else 0
+    spilled = {(r["name"], r["cap"]): r["spill_bytes"] for r in rows if r["spill_bytes"] > allowed(r["name"], r["cap"])}
     assert not spilled, spilled
