@@ -88,9 +88,10 @@ class GlobalContext(nn.Module):
         self.conv_attn = nn.Conv2d(channels, 1, kernel_size=1, bias=True, **dd) if use_attn else None
         if rd_channels is None:
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
-        self.mlp_add = (ConvMlp(channels, rd_channels, act_layer=act_layer, norm_layer=LayerNorm2d, **dd)
+        # timm's ConvMlp takes device/dtype only from timm 1.0.2x on: built as timm builds them, then moved
+        self.mlp_add = (ConvMlp(channels, rd_channels, act_layer=act_layer, norm_layer=LayerNorm2d).to(**dd)
                         if fuse_add else None)
-        self.mlp_scale = (ConvMlp(channels, rd_channels, act_layer=act_layer, norm_layer=LayerNorm2d, **dd)
+        self.mlp_scale = (ConvMlp(channels, rd_channels, act_layer=act_layer, norm_layer=LayerNorm2d).to(**dd)
                           if fuse_scale else None)
         self.gate = create_act_layer(gate_layer)
         self.init_last_zero = init_last_zero
