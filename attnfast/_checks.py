@@ -28,6 +28,19 @@ def check_tensor(x, name: str, *, ndim: int | None = None, channels: int | None 
                          f"got {x.dtype}")
 
 
+def check_feature_map(x, name: str) -> tuple:
+    """``x`` a 4-D (B, C, H, W) tensor with at least one sample, channel and pixel, one sample addressable with
+    32-bit offsets (the kernels'); returns its shape."""
+    check_tensor(x, name, ndim=4)
+    B, C, H, W = x.shape
+    if B == 0 or C == 0 or H * W == 0:
+        raise ValueError(f"{name} must have at least one sample, channel and pixel; got shape {tuple(x.shape)}")
+    if C * H * W >= 2 ** 31:
+        raise ValueError(f"one sample of {name} must have fewer than 2**31 elements (32-bit offsets in the kernels); "
+                         f"got {tuple(x.shape[1:])}")
+    return B, C, H, W
+
+
 def check_same(tensors: dict, *, dtype: bool = True, device: bool = True) -> None:
     """All named tensors share a device (and a dtype)."""
     items = list(tensors.items())

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .. import _alloc
-from .._checks import check_same, check_tensor
+from .._checks import check_feature_map, check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # The PyTorch path converts this many elements of l (B_chunk x C x H x W) to the compute dtype at a time.
@@ -50,13 +50,7 @@ REDUCE = ("sum", "mean")
 # ----------------------------------------------------------------------------------------------
 def check_attention_pool_inputs(l, weight, bias=None, g=None, normalize="softmax", reduce="sum") -> None:
     """ValueError for anything the op cannot compute (what was expected is in the message)."""
-    check_tensor(l, "l", ndim=4)
-    B, C, H, W = l.shape
-    if B == 0 or C == 0 or H * W == 0:
-        raise ValueError(f"l must have at least one sample, channel and pixel; got shape {tuple(l.shape)}")
-    if C * H * W >= 2 ** 31:
-        raise ValueError(f"one sample of l must have fewer than 2**31 elements (32-bit offsets in the kernels); "
-                         f"got {tuple(l.shape[1:])}")
+    B, C, H, W = check_feature_map(l, "l")
     check_tensor(weight, "weight")
     shape = tuple(weight.shape)
     if not (len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1) or len(shape) == 2 and shape[0] == 1

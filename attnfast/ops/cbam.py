@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc
-from .._checks import check_module_inputs, check_same, check_tensor
+from .._checks import check_feature_map, check_module_inputs, check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # ----------------------------------------------------------------------------------------------
@@ -45,13 +45,7 @@ from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running_mean, running_var,
                       light: bool) -> None:
     """ValueError for anything the op cannot compute (what was expected is in the message)."""
-    check_tensor(x, "x", ndim=4)
-    B, C, H, W = x.shape
-    if B == 0 or C == 0 or H * W == 0:
-        raise ValueError(f"x must have at least one sample, channel and pixel; got shape {tuple(x.shape)}")
-    if C * H * W >= 2 ** 31:
-        raise ValueError(f"one sample of x must have fewer than 2**31 elements (32-bit offsets in the kernels); "
-                         f"got {tuple(x.shape[1:])}")
+    B, C, H, W = check_feature_map(x, "x")
     named = {"channel.fc1.weight": fc1_w, "channel.fc2.weight": fc2_w, "spatial.conv.conv.weight": conv_w,
              "spatial.conv.bn.weight": bn_w, "spatial.conv.bn.bias": bn_b}
     for name, t in (("channel.fc1.bias", fc1_b), ("channel.fc2.bias", fc2_b),
