@@ -6,14 +6,37 @@ two inputs is saved (``sigmoid(m)`` is recomputed). The output (and the gradient
 layout, so operands that share one dense layout (contiguous or channels_last activations) take the
 kernels' dense path (32-bit flat offsets); anything else (stride-0 gradients, views, mixed layouts)
 takes the strided one.
+
+The PyTorch path on CPU: when the operands share one dense layout, the work is split into chunks of
+``CPU_CHUNK_ELEMS`` elements that ``attnfast._cpu_pool`` workers take one at a time, and each chunk runs all of
+its ops while it is in the worker's cache (eager's three ops forward, five backward, one pass over memory
+instead of one per op, no op waiting for every thread on busy cores). Other layouts run the same ops on the
+whole tensors. Every element gets eager's arithmetic, op for op.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
+
+
+# Elements per task of the CPU path: the forward's three tensors (the backward's four) of 2**17 fp32 elements stay
+# in a core's L2 and its share of L3 between the chunk's ops. See benchmarks/cpu_load.py.
+CPU_CHUNK_ELEMS = 1 << 17
+
+
+def _flat_chunks(*tensors):
+    """1-D views of tensors that share one dense layout (same element at the same flat offset) and their chunk
+    starts, or None for any other layout."""
+    from ..kernels._strided import shared_dense_layout  # a plain layout helper: no Triton import
+
+    if tensors[0].numel() == 0 or not shared_dense_layout(*tensors):
+        return None
+    n = tensors[0].numel()
+    flat = [t.as_strided((n,), (1,), t.storage_offset()) for t in tensors]
+    return flat, range(0, n, CPU_CHUNK_ELEMS)
 
 
 def check_residual_gate_inputs(m: torch.Tensor, t: torch.Tensor) -> None:
@@ -38,7 +61,19 @@ def residual_gate_op(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
         return residual_gate_fwd(m, t, out)
     ct = compute_dtype(t)
-    return out.copy_((1 + torch.sigmoid(m.to(ct))) * t.to(ct))
+    if out.dtype == ct:  # eager's three ops, in place in out: no temporaries
+        chunks = _flat_chunks(m, t, out)
+        if chunks is None:
+            return torch.sigmoid(m, out=out).add_(1).mul_(t)
+        (mf, tf, of), starts = chunks
+
+        def task(i):
+            j = slice(i, i + CPU_CHUNK_ELEMS)
+            torch.sigmoid(mf[j], out=of[j]).add_(1).mul_(tf[j])
+
+        _cpu_pool.run_tasks(task, starts)
+        return out
+    return out.copy_(torch.sigmoid(m.to(ct)).add_(1).mul_(t))  # 16-bit: fp32 arithmetic, one rounding
 
 
 @residual_gate_op.register_fake
@@ -55,11 +90,26 @@ def residual_gate_backward_op(grad: torch.Tensor, m: torch.Tensor, t: torch.Tens
         from ..kernels.residual_gate import residual_gate_bwd
 
         return residual_gate_bwd(grad, m, t, dm, dt)
+    # Eager's backward of (1 + s) * t, op for op (dM = sigmoid_backward(g * t, s), dT = g * (1 + s)), in the
+    # output buffers: five ops, no temporaries, chunk by chunk in a worker's cache where the layout allows.
     ct = compute_dtype(t)
+    if dm.dtype == ct:
+        def ops(g, m, t, dm, dt):
+            s = torch.sigmoid(m, out=dt)
+            torch.ops.aten.sigmoid_backward.grad_input(torch.mul(g, t, out=dm), s, grad_input=dm)
+            dt.add_(1).mul_(g)
+
+        chunks = _flat_chunks(grad, m, t, dm, dt)
+        if chunks is None:
+            ops(grad, m, t, dm, dt)
+            return dm, dt
+        flat, starts = chunks
+        _cpu_pool.run_tasks(lambda i: ops(*(f[i:i + CPU_CHUNK_ELEMS] for f in flat)), starts)
+        return dm, dt
     s = torch.sigmoid(m.to(ct))
     g = grad.to(ct)
-    dm.copy_(g * t.to(ct) * s * (1 - s))
-    dt.copy_(g * (1 + s))
+    dm.copy_(torch.ops.aten.sigmoid_backward(g * t, s))
+    dt.copy_(s.add_(1).mul_(g))
     return dm, dt
 
 

@@ -14,12 +14,14 @@ Paths (``attnfast._dispatch.kernel_eligible``):
   ``kernels.self_attention.MAX_D`` (128) use the PyTorch path instead. fp32 dots are IEEE whatever
   PyTorch's matmul TF32 setting (``kernels._launch.dot_precision(like="ieee")``: the kernels' fp32 tiles are
   FMA tiles), never less accurate than eager's ``bmm``.
-- PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): blocks of ``cpu_blocks(...)`` (samples,
-  query rows) of ``CPU_BLOCK_ELEMS`` scores; per block one GEMM at the true query/key dim (no padding
-  to the value dim, as SDPA's flash kernel needs), PyTorch's fused softmax, the value GEMM; the
-  backward recomputes the block the same way and uses PyTorch's fused softmax backward. Few, large
-  ops (5 per block forward, 7 backward): each is a parallel region waiting for all threads, which
-  is what costs on busy cores. Memory O(block + N * C) forward and backward.
+- PyTorch, CPU (fp32, and fp16/bf16 computed in fp32): tasks of (sample, query rows) that
+  ``attnfast._cpu_pool.run_tasks`` hands to single-threaded workers, one task at a time (a worker on a busy
+  core does fewer tasks; no op waits for all threads). A task walks its rows in blocks of ``cpu_rows(...)``
+  rows x NK scores (``CPU_BLOCK_ELEMS``, in the worker's cache): per block one GEMM at the true query/key
+  dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's fused softmax, the value GEMM;
+  the backward recomputes the block the same way and uses PyTorch's fused softmax backward. dK and dV sum
+  over a sample's rows in a fixed order (deterministic whatever the scheduling): whole samples per task when
+  there are enough samples, else per-chunk partial sums (``cpu_split``). Memory O(workers x block + N * C).
 - PyTorch, batched (float64 on any device, and CUDA tensors the Triton kernels do not take): queries
   in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory O(chunk * NK + N * C).
 
@@ -39,22 +41,20 @@ from typing import Optional
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 # Score-matrix elements per chunk of the batched PyTorch path (B * rows * NK). 2**22 fp32 = 16 MiB,
 # and the backward holds two such blocks.
 CHUNK_ELEMS = 1 << 22
-# Score elements per block of the CPU path (samples * rows * NK). 2**23 fp32 = 32 MiB, two such
-# buffers (S, P). Each multi-threaded op is one parallel region that waits for all its threads; on busy
-# cores every region costs a scheduling delay, so the time follows the number of ops (blocks x 7
-# forward, x 8 backward), not their size. Measured at B=8, C=128, 64x64 on 2 shared cores, load 11-14
-# (fwd+bwd, CPU seconds / wall): 2 MiB blocks (2**19, before) 28 / 172 s, 2**21 8.8 / 52 s, 2**22
-# 5.5 / 34 s, 2**23 3.9 / 17 s, SDPA flash with padded q/k 3.1 / 18 s. 2**24 would double the buffers
-# past SDPA flash's peak memory. benchmarks/cpu_load.py measures it.
-CPU_BLOCK_ELEMS = 1 << 23
-# Test-only: an int here overrides both budgets (the tests monkeypatch it to force many blocks).
+# Score elements per block of a CPU task (rows x NK, fp32): the block's S and P (2 MiB each) stay in the worker's
+# L2 and its share of L3 between the block's ops. Measured at B=8, C=128, 64x64 (fwd+bwd, 2 cores, quiet / one
+# busy process): 2**17 (32 rows) 1.19 / -, 2**18 1.01 / 1.83, 2**19 1.01 / 1.78, 2**20 1.07 / - s; the
+# previous path (one parallel region per op, 2**23-element blocks) 1.16 / 3.06 s, SDPA flash with padded q/k
+# 1.52 / 2.44 s. benchmarks/cpu_load.py measures the op under load.
+CPU_BLOCK_ELEMS = 1 << 19
+# Test-only: an int here overrides both budgets (the tests monkeypatch it to force many blocks and tasks).
 BLOCK_ELEMS_OVERRIDE = None
 
 
@@ -67,16 +67,24 @@ def chunk_rows(b: int, nq: int, nk: int, elems: int = CHUNK_ELEMS) -> int:
     return max(1, min(nq, _budget(elems) // max(1, b * nk)))
 
 
-def cpu_blocks(b: int, nq: int, nk: int, d: int, dv: int) -> tuple[int, int]:
-    """``(samples, rows)`` per block of the CPU path: whole samples while a sample's scores and its
-    fp32 key/value copies fit the budget, else one sample and ``rows * NK`` within it. The budget is
-    ``CPU_BLOCK_ELEMS``, but no more than the larger of the output's elements and an eighth of all B*NQ*NK
-    scores (at least 2**19): small problems keep small buffers (memory O(block + N * C))."""
-    budget = _budget(min(CPU_BLOCK_ELEMS, max(1 << 19, b * nq * dv, b * nq * nk // 8)))
-    per_sample = max(nq * nk, (d + dv) * nk, 1)
-    if per_sample <= budget:
-        return max(1, min(b, budget // per_sample)), max(nq, 1)
-    return 1, max(1, min(nq, budget // max(1, nk)))
+def cpu_rows(nq: int, nk: int) -> int:
+    """Query rows per block of a CPU task: rows * NK <= ``CPU_BLOCK_ELEMS`` (at least 1 row)."""
+    return max(1, min(nq, _budget(CPU_BLOCK_ELEMS) // max(1, nk)))
+
+
+def cpu_split(b: int, nq: int, rows: int, workers: int, backward: bool) -> int:
+    """Query rows per CPU task (a multiple of ``rows``, or all NQ). Forward: about 8 tasks per worker, so a
+    worker on a busy core costs at most a small task. Backward: dK and dV sum over a sample's rows, so a task
+    takes a whole sample while there are 4 samples per worker, else a sample splits into at most 2 x workers
+    chunks, each with its own partial dK/dV summed afterwards in a fixed order."""
+    if nq == 0:
+        return 1
+    if backward:
+        split = 1 if b >= 4 * workers else max(1, min(-(-4 * workers // max(b, 1)), 2 * workers))
+        chunk = -(-nq // split)
+    else:
+        chunk = -(-b * nq // (8 * workers))
+    return min(nq, max(rows, -(-chunk // rows) * rows))
 
 
 def _cpu_path(q: torch.Tensor) -> bool:
@@ -203,43 +211,48 @@ def _softmax_into(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(s, -1, False, out=p)
 
 
+def _f32_keys_values(k, v, scale):
+    """k (scale folded in) and v in fp32: the inputs themselves when already fp32 and scale is 1."""
+    kf = k.to(torch.float32)
+    return (kf if scale == 1.0 else kf * scale), v.to(torch.float32)
+
+
 def _fwd_cpu(q, k, v, x, gamma, scale, out, o, lse):
-    # Five multi-threaded ops per block (two GEMMs, the softmax, the max and its gather): each is a
-    # parallel region that waits for every thread, so on busy cores the op count, not the FLOPs, sets the
-    # time. The residual epilogue runs once over the whole output.
+    # Per block (single-threaded, in a worker): S = Q^T K, P = softmax(S), lse from S's max and P there, the
+    # value GEMM into o (or out). The residual epilogue runs once over the whole output.
     f32 = torch.float32
     b, d, nq = q.shape
-    nk, dvd = k.shape[2], v.shape[1]
-    gb, rows = cpu_blocks(b, nq, nk, d, dvd)
-    s_buf = torch.empty(gb * rows * nk, dtype=f32)
-    p_buf = torch.empty_like(s_buf)
+    nk = k.shape[2]
+    rows = cpu_rows(nq, nk)
+    chunk = cpu_split(b, nq, rows, _cpu_pool.workers(), backward=False)
+    kf, vf = _f32_keys_values(k, v, scale)
     # the attention output lands in o (fp32, saved for the backward) or, without it, in out when out is fp32
     direct = o if o is not None else (out if out.dtype == f32 else None)
     g = gamma.to(f32).reshape(()) if gamma is not None else None
-    for b0 in range(0, b, gb):
-        b1 = min(b, b0 + gb)
-        kb = k[b0:b1].to(f32)
-        if scale != 1.0:
-            kb = kb * scale  # (n, D, NK): the logit scale folded into the keys
-        vb = v[b0:b1].to(f32)
-        for i0 in range(0, nq, rows):
-            i1 = min(nq, i0 + rows)
-            shape = (b1 - b0, i1 - i0, nk)
-            n = shape[0] * shape[1] * nk
-            s = torch.bmm(q[b0:b1, :, i0:i1].to(f32).transpose(1, 2), kb, out=s_buf[:n].view(shape))
-            p = _softmax_into(s, p_buf[:n].view(shape))
+
+    def task(t):
+        bi, r0, r1 = t
+        kb, vb = kf[bi], vf[bi]
+        s_buf = torch.empty(min(rows, r1 - r0) * nk, dtype=f32)
+        p_buf = torch.empty_like(s_buf)
+        for i0 in range(r0, r1, rows):
+            i1 = min(r1, i0 + rows)
+            n = (i1 - i0) * nk
+            s = torch.mm(q[bi, :, i0:i1].to(f32).t(), kb, out=s_buf[:n].view(i1 - i0, nk))
+            p = _softmax_into(s, p_buf[:n].view(i1 - i0, nk))
             # lse = max s + log(sum exp(s - max s)); p at the max is exp(0) / sum
             mx, at = s.max(-1, keepdim=True)
-            torch.sub(mx.squeeze(-1), p.gather(-1, at).squeeze(-1).log_(), out=lse[b0:b1, i0:i1])
+            torch.sub(mx.squeeze(-1), p.gather(-1, at).squeeze(-1).log_(), out=lse[bi, i0:i1])
             if direct is not None:
-                torch.bmm(vb, p.transpose(1, 2), out=direct[b0:b1, :, i0:i1])  # (n, DV, m)
+                torch.mm(vb, p.t(), out=direct[bi, :, i0:i1])  # (DV, m)
                 continue
-            oc = torch.bmm(vb, p.transpose(1, 2))
-            dst = out[b0:b1, :, i0:i1]
+            oc = torch.mm(vb, p.t())
             if x is None:
-                dst.copy_(oc)
+                out[bi, :, i0:i1].copy_(oc)
             else:
-                torch.addcmul(x[b0:b1, :, i0:i1], oc, g, out=dst)
+                torch.addcmul(x[bi, :, i0:i1], oc, g, out=out[bi, :, i0:i1])
+
+    _cpu_pool.run_tasks(task, [(bi, r0, min(nq, r0 + chunk)) for bi in range(b) for r0 in range(0, nq, chunk)])
     if direct is not None:
         if x is not None:  # fp32 arithmetic (x promotes), one rounding into out's dtype
             torch.addcmul(x, direct, g, out=out)
@@ -249,51 +262,59 @@ def _fwd_cpu(q, k, v, x, gamma, scale, out, o, lse):
 
 
 def _bwd_cpu(grad, q, k, v, o, gamma, scale, dq, dk, dv, r):
-    # Seven multi-threaded ops per block: S, P = softmax(S), dV += dO P, dP = dO^T V, dS = PyTorch's fused
+    # Per block (single-threaded, in a worker): S, P = softmax(S), dV += dO P, dP = dO^T V, dS = PyTorch's fused
     # softmax backward P * (dP - rowsum(dP * P)) (eager's own op, in place over dP), dQ, dK += Q dS.
     f32 = torch.float32
     b, d, nq = q.shape
     nk, dvd = k.shape[2], v.shape[1]
     if nq == 0:
         return dq, dk.zero_(), dv.zero_(), r
-    gb, rows = cpu_blocks(b, nq, nk, d, dvd)
+    rows = cpu_rows(nq, nk)
+    chunk = cpu_split(b, nq, rows, _cpu_pool.workers(), backward=True)
+    split = -(-nq // chunk)
     g_post, g_pre = _gamma_factors(gamma, f32, q.device)
     pre_one = bool(g_pre == 1)  # a CPU tensor: no device sync
     gf = grad.to(f32)
-    s_buf = torch.empty(gb * rows * nk, dtype=f32)  # S, then dP and dS of the same block
-    p_buf = torch.empty_like(s_buf)
-    dk_acc = torch.empty(gb, d, nk, dtype=f32)
-    dv_acc = torch.empty(gb, dvd, nk, dtype=f32)
-    for b0 in range(0, b, gb):
-        b1 = min(b, b0 + gb)
-        torch.sum(gf[b0:b1] * o[b0:b1], 1, out=r[b0:b1])  # rowsum(dout * o), for dgamma
-        d_o = gf[b0:b1] if pre_one else gf[b0:b1] * g_pre  # dO without g_post
-        kb = k[b0:b1].to(f32)
-        if scale != 1.0:
-            kb = kb * scale
-        vb = v[b0:b1].to(f32)
-        dka, dva = dk_acc[: b1 - b0], dv_acc[: b1 - b0]
-        for i0 in range(0, nq, rows):
-            i1 = min(nq, i0 + rows)
-            shape = (b1 - b0, i1 - i0, nk)
-            n = shape[0] * shape[1] * nk
-            qc = q[b0:b1, :, i0:i1].to(f32)  # (n, D, m)
-            dob = d_o[:, :, i0:i1]  # (n, DV, m)
-            s = torch.bmm(qc.transpose(1, 2), kb, out=s_buf[:n].view(shape))
-            p = _softmax_into(s, p_buf[:n].view(shape))
-            if i0 == 0:
-                torch.bmm(dob, p, out=dva)
+    kf, vf = _f32_keys_values(k, v, scale)
+    if split > 1:  # per-chunk partial sums, added in chunk order afterwards
+        dk_part = torch.empty(b, split, d, nk, dtype=f32)
+        dv_part = torch.empty(b, split, dvd, nk, dtype=f32)
+
+    def task(t):
+        bi, c = t
+        r0, r1 = c * chunk, min(nq, (c + 1) * chunk)
+        kb, vb = kf[bi], vf[bi]
+        torch.sum(gf[bi, :, r0:r1] * o[bi, :, r0:r1], 0, out=r[bi, r0:r1])  # rowsum(dout * o), for dgamma
+        dka = dk_part[bi, c] if split > 1 else torch.empty(d, nk, dtype=f32)
+        dva = dv_part[bi, c] if split > 1 else torch.empty(dvd, nk, dtype=f32)
+        s_buf = torch.empty(min(rows, r1 - r0) * nk, dtype=f32)  # S, then dP and dS of the same block
+        p_buf = torch.empty_like(s_buf)
+        for i0 in range(r0, r1, rows):
+            i1 = min(r1, i0 + rows)
+            n = (i1 - i0) * nk
+            qc = q[bi, :, i0:i1].to(f32)  # (D, m)
+            dob = gf[bi, :, i0:i1] if pre_one else gf[bi, :, i0:i1] * g_pre  # dO without g_post, (DV, m)
+            s = torch.mm(qc.t(), kb, out=s_buf[:n].view(i1 - i0, nk))
+            p = _softmax_into(s, p_buf[:n].view(i1 - i0, nk))
+            if i0 == r0:
+                torch.mm(dob, p, out=dva)
             else:
-                dva.baddbmm_(dob, p)
-            dp = torch.bmm(dob.transpose(1, 2), vb, out=s)  # over the consumed S
+                dva.addmm_(dob, p)
+            dp = torch.mm(dob.t(), vb, out=s)  # over the consumed S
             ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, f32, grad_input=dp)  # dS w/o g_post * scale
-            torch.mul(torch.bmm(kb, ds.transpose(1, 2)), g_post, out=dq[b0:b1, :, i0:i1])
-            if i0 == 0:
-                torch.bmm(qc, ds, out=dka)
+            torch.mul(torch.mm(kb, ds.t()), g_post, out=dq[bi, :, i0:i1])
+            if i0 == r0:
+                torch.mm(qc, ds, out=dka)
             else:
-                dka.baddbmm_(qc, ds)
-        torch.mul(dka, g_post * scale, out=dk[b0:b1])
-        torch.mul(dva, g_post, out=dv[b0:b1])
+                dka.addmm_(qc, ds)
+        if split == 1:
+            torch.mul(dka, g_post * scale, out=dk[bi])
+            torch.mul(dva, g_post, out=dv[bi])
+
+    _cpu_pool.run_tasks(task, [(bi, c) for bi in range(b) for c in range(split)])
+    if split > 1:
+        torch.mul(dk_part.sum(1), g_post * scale, out=dk)
+        torch.mul(dv_part.sum(1), g_post, out=dv)
     return dq, dk, dv, r
 
 

@@ -91,3 +91,31 @@ def test_fused_module_matches_reference_module(device):
     x = torch.randn(2, 16, 14, 14, device=device)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "stride0_grad"])
+def test_cpu_chunks_are_eagers_bits(torch_backend, monkeypatch, workers, layout):
+    """The CPU path in chunks (tiny ones here: many tasks, a ragged last one) on 1 or 3 workers gives eager's
+    bits, forward and backward, nonfinite values included: the same ops on every element."""
+    from attnfast import _cpu_pool
+
+    RG = __import__("sys").modules["attnfast.ops.residual_gate"]
+    monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 100)
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
+    gen = torch.Generator().manual_seed(0)
+    m0, t0 = torch.randn(2, 6, 5, 7, generator=gen) * 50, torch.randn(2, 6, 5, 7, generator=gen)
+    m0.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0])
+    t0.view(-1)[3:6] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    if layout == "channels_last":
+        m0, t0 = m0.to(memory_format=torch.channels_last), t0.to(memory_format=torch.channels_last)
+    g = torch.ones(()).expand(m0.shape) if layout == "stride0_grad" else torch.randn(m0.shape, generator=gen)
+    runs = []
+    for fn in (residual_gate, lambda m, t: (1 + torch.sigmoid(m)) * t):
+        m, t = m0.clone().requires_grad_(), t0.clone().requires_grad_()
+        out = fn(m, t)
+        out.backward(g)
+        runs.append((out.detach(), m.grad, t.grad))
+    for got, want in zip(*runs):
+        assert torch.equal(got.nan_to_num(7.0, 8.0, 9.0), want.nan_to_num(7.0, 8.0, 9.0))
+        assert torch.equal(got.isnan(), want.isnan())

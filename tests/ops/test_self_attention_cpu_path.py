@@ -1,8 +1,8 @@
 """The blocked CPU path of attnfast::self_attention (fp32, and fp16/bf16 computed in fp32).
 
-What it takes (dispatch), how it splits the work (``cpu_blocks``), and that it matches float64
-(three-way rule) on every block layout: several row blocks per sample with a ragged last one,
-several samples per block, one block. The cases cover pooled keys (NK != NQ), a non-unit scale,
+What it takes (dispatch), how it splits the work (``cpu_rows``, ``cpu_split``), and that it matches float64
+(three-way rule) on every layout, with one worker and with several (``attnfast._cpu_pool``): several row blocks
+per task with a ragged last one, samples split into chunks with partial dK/dV sums, one block. The cases cover pooled keys (NK != NQ), a non-unit scale,
 d_qk > d_v and d_v > 128, no residual, large logits, empty queries, and the lse it returns.
 """
 import os
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnfast.ops.self_attention import CPU_BLOCK_ELEMS, cpu_blocks, self_attention, self_attention_op
+from attnfast import _cpu_pool
+from attnfast.ops.self_attention import CPU_BLOCK_ELEMS, cpu_rows, cpu_split, self_attention, self_attention_op
 from attnfast.testing import assert_close_3way
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,35 +67,39 @@ def test_dispatch(monkeypatch, dtype, path):
     assert calls == want
 
 
-def test_cpu_blocks_split_rows_or_group_samples(monkeypatch):
+def test_cpu_rows_and_split(monkeypatch):
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
-    # SAGAN 64x64 (N=4096): one sample per block, 2048 rows = 2**23 scores (32 MiB fp32)
-    assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
-    # pooled keys: 4x more rows fit, here a whole sample; and rows of one sample at N=16384
-    assert cpu_blocks(8, 4096, 1024, 16, 128) == (1, 4096)
-    assert cpu_blocks(8, 16384, 4096, 16, 128) == (1, CPU_BLOCK_ELEMS // 4096)
-    # small maps: whole samples per block, limited by the scores and by the fp32 key/value copies
-    assert cpu_blocks(256, 256, 256, 16, 128) == (CPU_BLOCK_ELEMS // (256 * 256), 256)
-    # a small problem keeps small buffers: the output's size (64*64*128 = 2**19), not CPU_BLOCK_ELEMS
-    assert cpu_blocks(64, 64, 64, 16, 128) == (2 ** 19 // (144 * 64), 64)
-    assert cpu_blocks(4096, 64, 64, 16, 128) == (CPU_BLOCK_ELEMS // (144 * 64), 64)
-    assert cpu_blocks(3, 64, 64, 16, 128) == (3, 64)
-    # one sample split by rows keeps the small-problem budget too: B=1, N=4096 holds 2**21 scores per block
-    # (max(2**19, 4096*128, 4096**2/8)), not CPU_BLOCK_ELEMS, and B=1, N=1024 2**19, not the whole matrix
-    assert cpu_blocks(1, 4096, 4096, 16, 128) == (1, 2 ** 21 // 4096)
-    assert cpu_blocks(1, 1024, 1024, 16, 128) == (1, 2 ** 19 // 1024)
-    # no queries: one (empty) row per block, never zero
-    assert cpu_blocks(2, 0, 7, 4, 4) == (2, 1)
+    # SAGAN 64x64 (N=4096): 128 rows x 4096 keys = 2**19 scores (2 MiB fp32) per block; pooled keys: 4x the rows
+    assert cpu_rows(4096, 4096) == CPU_BLOCK_ELEMS // 4096 == 128
+    assert cpu_rows(4096, 1024) == 512
+    assert cpu_rows(64, 64) == 64  # never more rows than there are
+    assert cpu_rows(0, 7) == 1 and cpu_rows(5, 10 ** 7) == 1  # never zero
+    # forward: about 8 tasks per worker; a multiple of the block rows
+    assert cpu_split(8, 4096, 128, 2, backward=False) == 2048
+    assert cpu_split(1, 4096, 128, 2, backward=False) == 256
+    assert cpu_split(1, 100, 64, 16, backward=False) == 64
+    # backward: whole samples with 4 per worker, else at most 2 x workers chunks per sample
+    assert cpu_split(8, 4096, 128, 2, backward=True) == 4096
+    assert cpu_split(1, 4096, 128, 2, backward=True) == 1024
+    assert cpu_split(3, 4096, 128, 2, backward=True) == 1408  # 3 chunks, rounded up to whole blocks
+    assert cpu_split(2, 4096, 128, 1, backward=True) == 2048
+    assert cpu_split(2, 0, 1, 2, backward=True) == 1
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 3000)
-    assert cpu_blocks(2, 200, 200, 16, 16) == (1, 15)
-    assert cpu_blocks(5, 20, 20, 4, 4) == (5, 20)
+    assert cpu_rows(200, 200) == 15
+
+
+@pytest.fixture(params=[1, 3], ids=["1worker", "3workers"])
+def workers(request, monkeypatch):
+    """The CPU path with its tasks run inline (1) and on three pool threads (3: whatever CI's thread count)."""
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: request.param)
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------------
 # against float64
 # ----------------------------------------------------------------------------------------------
-# (budget, B, d_qk, d_v, NQ, NK): row blocks with a ragged last one; sample groups with a ragged
-# last group; one block; pooled keys; d_qk > d_v; d_v > 128.
+# (budget, B, d_qk, d_v, NQ, NK): row blocks with a ragged last one; samples split into chunks (B < 4 x
+# workers) and whole-sample tasks; one block; pooled keys; d_qk > d_v; d_v > 128.
 CASES = [
     ("1000", 2, 5, 24, 97, 41),
     ("1000", 5, 4, 12, 20, 23),
@@ -108,7 +113,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "o"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_matches_float64(monkeypatch, case, residual, dtype):
+def test_matches_float64(monkeypatch, workers, case, residual, dtype):
     budget, b, d, dv, nq, nk = case
     if budget is None:
         monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", None)
@@ -119,7 +124,7 @@ def test_matches_float64(monkeypatch, case, residual, dtype):
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "o"])
-def test_large_logits_many_blocks(monkeypatch, residual):
+def test_large_logits_many_blocks(monkeypatch, workers, residual):
     """|q^T k| ~ 1e3 (SAGAN's scale 1 with big projections), several row blocks: finite and as
     accurate as eager fp32."""
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 700)
@@ -165,14 +170,14 @@ class _CountOps(TorchDispatchMode):
 
 
 def test_few_ops_per_block(monkeypatch):
-    """Each multi-threaded op is a parallel region that waits for all its threads, which on busy cores
-    costs a scheduling delay per op (issue 18): per block the forward issues at most 7 ops (2 GEMMs,
-    softmax, max, gather, 2 on the (rows,) lse), the backward 8 (5 GEMMs, softmax, its fused backward,
-    the dQ scaling); the old path issued 8 and 15. At SAGAN 64x64, B=8 the default budget runs 16 blocks (the old one 256)."""
-    assert cpu_blocks(8, 4096, 4096, 16, 128) == (1, 2048)
+    """Per block the forward issues at most 7 ops (2 GEMMs, softmax, max, gather, 2 on the (rows,) lse), the
+    backward 8 (5 GEMMs, softmax, its fused backward, the dQ scaling), each on one thread in a worker. At SAGAN
+    64x64 (N=4096) a block is 128 rows. (Counted with one worker: the tasks run inline, where the dispatch
+    mode sees them.)"""
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: 1)
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 16 * 256)
     b, d, dv, n = 2, 4, 8, 256
-    blocks = b * (n // cpu_blocks(b, n, n, d, dv)[1])
+    blocks = b * (n // cpu_rows(n, n))
     assert blocks == 32
     tensors, grad = _inputs(b, d, dv, n, n, True)
     (q, k, v, x, gamma), grad = [t.float() for t in tensors], grad.float()
@@ -182,6 +187,30 @@ def test_few_ops_per_block(monkeypatch):
     with _CountOps() as bwd:
         SA._bwd_cpu(grad, q, k, v, o, gamma, 1.0, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                     torch.empty(b, n))
-    assert fwd.ops.count("aten.bmm") == 2 * blocks
-    assert len(fwd.ops) <= 7 * blocks + 16, fwd.ops
-    assert len(bwd.ops) <= 8 * blocks + 40, bwd.ops
+    tasks_fwd = b * -(-n // cpu_split(b, n, cpu_rows(n, n), 1, backward=False))
+    tasks_bwd = b * -(-n // cpu_split(b, n, cpu_rows(n, n), 1, backward=True))
+    assert fwd.ops.count("aten.mm") == 2 * blocks
+    assert len(fwd.ops) <= 7 * blocks + 2 * tasks_fwd + 16, fwd.ops  # + each task's two buffers
+    assert len(bwd.ops) <= 8 * blocks + 8 * tasks_bwd + 40, bwd.ops  # + buffers, rowsum, dK/dV scaling
+
+
+def test_tasks_run_on_workers_and_repeat_bitwise(monkeypatch):
+    """With 3 workers the blocks run on the pool's threads, single-threaded, and two runs give the same bits
+    (partial dK/dV sums are added in chunk order, whichever worker computed them)."""
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: 3)
+    monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 16 * 64)
+    seen = set()
+    orig = SA._softmax_into
+
+    def spy(s, p):
+        import threading
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        return orig(s, p)
+
+    monkeypatch.setattr(SA, "_softmax_into", spy)
+    tensors, grad = _inputs(1, 4, 8, 300, 200, True)
+    tensors = [t.float() for t in tensors]
+    runs = [_grads(lambda *t: self_attention(*t), tensors, grad.float()) for _ in range(2)]
+    assert seen and all(name.startswith("attnfast-cpu-") and nt == 1 for name, nt in seen), seen
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
