@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["run_tasks", "workers"]
+__all__ = ["run_tasks", "single_threaded", "workers"]
 
 _pool = None
 _pool_lock = threading.Lock()
@@ -129,3 +129,32 @@ def run_tasks(fn: Callable[[object], None], tasks: Iterable) -> None:
     done.wait()
     if state["error"] is not None:
         raise state["error"]
+
+
+def single_threaded(fn: Callable, *args):
+    """``fn(*args)`` on one worker, its ops single-threaded, and its result; in the calling thread when
+    ``run_tasks`` would run tasks there. For the small batch-wide work between two task phases (a conv or a
+    BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a parallel region too short to
+    pay for waking every thread, which on busy cores costs more than the op (CBAM at one busy process, 2 cores:
+    0.33 s a step with those parts in the calling thread, see benchmarks/results/cpu_load.md)."""
+    out = []
+    if workers() <= 1 or in_worker():
+        return fn(*args)
+    pool = _get_pool(workers())
+    done = threading.Event()
+    err = []
+
+    def job():
+        try:
+            with torch.no_grad():
+                out.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            err.append(e)
+        finally:
+            done.set()
+
+    pool.jobs.put(job)
+    done.wait()
+    if err:
+        raise err[0]
+    return out[0]

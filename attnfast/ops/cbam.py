@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_feature_map, check_module_inputs, check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
@@ -199,25 +199,66 @@ def _bp(v, H, W):  # (B, P) -> (B, 1, H, W)
     return v.view(v.shape[0], 1, H, W)
 
 
-# The PyTorch path works on whole tensors, as eager does (the same passes as the kernels, in torch ops;
-# its full-size temporaries live inside one op call and are never saved for backward).
-def _torch_forward_maps(x, ct, mlp):
-    """(sums, cmax, s_c, psum, pmax, x s_c): the two pooling passes; ``mlp(avg, cmax) -> s_c``."""
-    sums = x.sum((2, 3), dtype=ct)
-    cmax = x.amax((2, 3)).to(ct)
-    s_c = mlp(sums, cmax)
+# The PyTorch path runs the same passes as the kernels, in torch ops, per chunk of samples: on CPU each chunk is a
+# task for ``attnfast._cpu_pool``'s single-threaded workers, so a sample's passes run while it is in the worker's
+# cache and no op waits for every thread on busy cores. Between the chunk phases run the batch-wide small parts
+# (the MLP's weight gradients, the conv and BatchNorm on (B, 2, H, W) maps). Its full-size temporaries live inside
+# one op call and are never saved for backward.
+CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at least one). See benchmarks/cpu_load.py
+
+
+def _sample_chunks(x) -> list:
+    """(b0, b1) sample ranges: on CPU of at most ``CPU_CHUNK_ELEMENTS`` elements (one sample at least) and at
+    least 4 per worker while there are samples for them; elsewhere the whole batch."""
+    B = x.shape[0]
+    if x.device.type != "cpu":
+        return [(0, B)]
+    step = max(1, min(CPU_CHUNK_ELEMENTS // max(1, x[0].numel()), -(-B // (4 * _cpu_pool.workers()))))
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def _small(fn, device):
+    """``fn()``: on CPU single-threaded on a worker (``attnfast._cpu_pool.single_threaded``: the batch-wide parts
+    on small maps, whose ops are too short for a parallel region each)."""
+    return _cpu_pool.single_threaded(fn) if device.type == "cpu" else fn()
+
+
+def _run(fn, chunks, device) -> None:
+    if device.type == "cpu":
+        _cpu_pool.run_tasks(fn, chunks)
+    else:
+        for c in chunks:
+            fn(c)
+
+
+def _torch_forward_maps(x, ct, mlp, chunks):
+    """(sums, cmax, s_c, psum, pmax, x s_c): the two pooling passes per chunk; ``mlp(avg, cmax) -> s_c``."""
+    B, C, H, W = x.shape
+    P = H * W
+    sums, cmax, s_c = (torch.empty((B, C), dtype=ct, device=x.device) for _ in range(3))
+    psum, pmax = (torch.empty((B, P), dtype=ct, device=x.device) for _ in range(2))
     # in the compute dtype (type promotion); when that is x's dtype, x s_c is written where y goes and the
     # gate pass scales it in place (one full-size allocation per call, as eager's y)
-    xs = torch.mul(x, _bc(s_c), out=_alloc.empty_like(x)) if x.dtype == ct else x * _bc(s_c)
-    B, C = xs.shape[:2]
-    psum = torch.bmm(xs.new_ones(B, 1, C), xs.reshape(B, C, -1))  # a matmul sums over C faster than sum(1)
-    return sums, cmax, s_c, psum.view(B, -1), xs.amax(1).flatten(1), xs
+    xs = _alloc.empty_like(x) if x.dtype == ct else torch.empty_like(x, dtype=ct)
+
+    def chunk(c):
+        b0, b1 = c
+        xb, n = x[b0:b1], b1 - b0
+        sums[b0:b1] = xb.sum((2, 3), dtype=ct)
+        cmax[b0:b1] = xb.amax((2, 3))
+        s_c[b0:b1] = mlp(sums[b0:b1], cmax[b0:b1])
+        xsb = torch.mul(xb, _bc(s_c[b0:b1]), out=xs[b0:b1])
+        psum[b0:b1] = torch.bmm(xsb.new_ones(n, 1, C), xsb.reshape(n, C, -1)).view(n, -1)  # a matmul sums over
+        pmax[b0:b1] = xsb.amax(1).flatten(1)  # C faster than sum(1)
+
+    _run(chunk, chunks, x.device)
+    return sums, cmax, s_c, psum, pmax, xs
 
 
 # Tie masks are written as 1.0 / 0.0 in the compute dtype (``torch.eq`` into a float tensor, in place where
 # the operand is dead): a float mask multiplies, adds and sums with no bool -> float conversion pass.
 def _torch_backward_spatial(g, x, s_c, pmax):
-    """(sum_c g x s_c (B, P), tie count of max_c x s_c (B, P), state for ``_torch_backward_rest``)."""
+    """(sum_c g x s_c (B, P), tie count of max_c x s_c (B, P), state for ``_torch_backward_channel``), for a chunk."""
     B, C, H, W = x.shape
     P = H * W
     ct = s_c.dtype
@@ -226,30 +267,31 @@ def _torch_backward_spatial(g, x, s_c, pmax):
     gx = torch.mul(gc, xc)
     dsp = torch.bmm(s_c.view(B, 1, C), gx).view(B, P)
     tie_p = xs.eq_(pmax.view(B, 1, P))  # 1.0 where x s_c is its pixel's channel maximum
-    return dsp, tie_p.sum(1), (gc, xc, tie_p, gx)
+    return dsp, tie_p.sum(1), [gc, xc, tie_p, gx]
 
 
-def _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx):
-    """The channel-gate gradient, the MLP backward and dx; returns the MLP weight gradients.
-
-    dxs = g s_p + cm + tie_p cw is the gradient at x s_c; d s_c = sum_p dxs x and
-    dx = dxs s_c + d avg / P + tie_c d cmax / count (tie_c: x equals its channel's maximum)."""
+def _torch_backward_channel(state, s_p, cm, cw, cmax):
+    """For a chunk: the gradient at x s_c, dxs = g s_p + cm + tie_p cw (in tie_p's memory), and d s_c =
+    sum_p dxs x; leaves tie_c (x equals its channel's maximum) where g x was."""
     gc, xc, dxs, buf = state
-    B, C, H, W = x.shape
-    P = H * W
+    B, C, P = xc.shape
     torch.addcmul(cm.view(B, 1, P), dxs, cw.view(B, 1, P), out=dxs).addcmul_(gc, s_p.view(B, 1, P))
     torch.mul(dxs, xc, out=buf)  # g x is dead: its memory holds dxs x
     ds_c = buf.sum(2)
-    cmax = cstat[:, 1]
-    tie_c = torch.eq(xc, cmax.view(B, C, 1), out=buf)  # cmax is x's own maximum, exact in ct
-    davg, dcmax, *wgrads = _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light)
+    torch.eq(xc, cmax.view(B, C, 1), out=buf)  # cmax is x's own maximum, exact in ct
+    return ds_c
+
+
+def _torch_backward_input(state, s_c, davg, dcmax, dx):
+    """For a chunk: dx = dxs s_c + d avg / P + tie_c d cmax / count."""
+    _, _, dxs, tie_c = state
+    B, C, P = dxs.shape
     dx3 = dx.view(B, C, P)  # dx is laid out as x, whose pixels flatten to one stride
     out = dx3 if dx.dtype == dxs.dtype else dxs
     torch.addcmul((davg / P).view(B, C, 1), dxs, s_c.view(B, C, 1), out=out)
     out.addcmul_(tie_c, (dcmax / tie_c.sum(2)).view(B, C, 1))
     if out is not dx3:
         dx3.copy_(out)
-    return wgrads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,18 +331,26 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
         s_c = mlp(sums, cmax)
         psum, pmax = K.spatial_pool(x, s_c)
     else:
-        sums, cmax, s_c, psum, pmax, xs = _torch_forward_maps(x, ct, mlp)
-    smap = torch.stack([psum / C, pmax], 1)
-    z = _conv(_conv_input(smap, H, W, light), conv_w.to(ct))
-    zn, bnstat = _bn_forward(z, bn_w, bn_b, running_mean, running_var, batch_stats, eps)
-    s_p = torch.sigmoid(zn).view(B, P)
+        chunks = _sample_chunks(x)
+        sums, cmax, s_c, psum, pmax, xs = _torch_forward_maps(x, ct, mlp, chunks)
+    def spatial_gate():  # on (B, 2, H, W) maps
+        smap = torch.stack([psum / C, pmax], 1)
+        z = _conv(_conv_input(smap, H, W, light), conv_w.to(ct))
+        zn, bnstat = _bn_forward(z, bn_w, bn_b, running_mean, running_var, batch_stats, eps)
+        return smap, torch.sigmoid(zn).view(B, P), bnstat
+
+    smap, s_p, bnstat = spatial_gate() if triton_path else _small(spatial_gate, x.device)
     if triton_path:
         y = _alloc.empty_like(x)
         K.gate(x, s_c, s_p, y)
-    elif xs.dtype == x.dtype:  # _torch_forward_maps wrote x s_c in y's memory
-        y = xs.mul_(_bp(s_p, H, W))
-    else:
-        y = torch.mul(xs, _bp(s_p, H, W), out=_alloc.empty_like(x))
+    else:  # _torch_forward_maps wrote x s_c in y's memory when they share a dtype
+        y = xs if xs.dtype == x.dtype else _alloc.empty_like(x)
+
+        def gate(c):
+            b0, b1 = c
+            torch.mul(xs[b0:b1], _bp(s_p[b0:b1], H, W), out=y[b0:b1])
+
+        _run(gate, chunks, x.device)
     return y, s_c, torch.stack([sums / P, cmax], 1), s_p, smap, bnstat
 
 
@@ -337,19 +387,29 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
 
         dsp, pcnt, dsc_gate = K.backward_spatial(g, x, s_c, s_p, pmax)
     else:
-        dsp, pcnt, state = _torch_backward_spatial(g, x, s_c, pmax)
+        chunks = _sample_chunks(x)
+        states = [None] * len(chunks)
+        dsp, pcnt = (torch.empty((B, P), dtype=ct, device=x.device) for _ in range(2))
 
-    # spatial gate: sigmoid (eager's sigmoid_backward: grad (1 - y) y) -> BatchNorm -> conv, on (B, 1, H, W) maps
-    da = (dsp * (1 - s_p) * s_p).view(B, 1, H, W)
-    dinp, dconv_w, dbn_w, dbn_b = _spatial_backward(da, _conv_input(smap, H, W, light), conv_w, bn_w, bnstat,
-                                                    batch_stats, eps)
-    dinp = dinp.view(B, -1, P)
-    if light:
-        dmean_p = dmax_p = 0.5 * dinp[:, 0]
-    else:
-        dmean_p, dmax_p = dinp[:, 0], dinp[:, 1]
-    cm = (dmean_p / C).contiguous()
-    cw = (dmax_p / pcnt).contiguous()
+        def spatial(i):
+            b0, b1 = chunks[i]
+            dsp[b0:b1], pcnt[b0:b1], states[i] = _torch_backward_spatial(g[b0:b1], x[b0:b1], s_c[b0:b1],
+                                                                           pmax[b0:b1])
+
+        _run(spatial, range(len(chunks)), x.device)
+
+    def spatial_gate():  # sigmoid (eager's sigmoid_backward: grad (1 - y) y) -> BatchNorm -> conv, (B, 1, H, W) maps
+        da = (dsp * (1 - s_p) * s_p).view(B, 1, H, W)
+        dinp, dconv_w, dbn_w, dbn_b = _spatial_backward(da, _conv_input(smap, H, W, light), conv_w, bn_w, bnstat,
+                                                        batch_stats, eps)
+        dinp = dinp.view(B, -1, P)
+        if light:
+            dmean_p = dmax_p = 0.5 * dinp[:, 0]
+        else:
+            dmean_p, dmax_p = dinp[:, 0], dinp[:, 1]
+        return (dmean_p / C).contiguous(), (dmax_p / pcnt).contiguous(), dconv_w, dbn_w, dbn_b
+
+    cm, cw, dconv_w, dbn_w, dbn_b = spatial_gate() if triton_path else _small(spatial_gate, x.device)
 
     dx = _alloc.empty_like(x)
     if triton_path:
@@ -359,7 +419,21 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
         K.backward_input(g, x, s_c, s_p, cm, cw, pmax, (davg / P).contiguous(), (dcmax / ccnt).contiguous(),
                          cmax.contiguous(), dx)
     else:
-        wgrads = _torch_backward_rest(state, x, s_c, s_p, cm, cw, cstat, mlp_args, light, dx)
+        ds_c = torch.empty((B, C), dtype=ct, device=x.device)
+        cmax = cstat[:, 1]
+
+        def channel(i):
+            b0, b1 = chunks[i]
+            ds_c[b0:b1] = _torch_backward_channel(states[i], s_p[b0:b1], cm[b0:b1], cw[b0:b1], cmax[b0:b1])
+
+        _run(channel, range(len(chunks)), x.device)
+        davg, dcmax, *wgrads = _small(lambda: _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light), x.device)
+
+        def dinput(i):
+            b0, b1 = chunks[i]
+            _torch_backward_input(states[i], s_c[b0:b1], davg[b0:b1], dcmax[b0:b1], dx[b0:b1])
+
+        _run(dinput, range(len(chunks)), x.device)
     dw1, db1, dw2, db2 = wgrads
     outs = [dx]
     for grad_v, like in ((dw1, fc1_w), (db1, fc1_b), (dw2, fc2_w), (db2, fc2_b), (dconv_w, conv_w),

@@ -50,13 +50,17 @@ import torch.nn.functional as F
 
 from typing import Optional
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_same, check_tensor, check_up_factor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 from ..kernels._launch import w2d
 
 # The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
+# On CPU, a chunk is a task for ``attnfast._cpu_pool``'s single-threaded workers (a worker on a busy core takes
+# fewer; no op waits for every thread): at most this many z elements (one sample at least), and at most a
+# quarter of the samples per worker. See benchmarks/cpu_load.py.
+CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,10 +140,24 @@ def _upsample(t: torch.Tensor, up: int) -> torch.Tensor:
     return F.interpolate(t, scale_factor=up, mode="bilinear", align_corners=False) if up > 1 else t
 
 
-def _chunks(B: int, A: int, HW: int):
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, A * HW))
-    for b0 in range(0, B, step):
-        yield b0, min(B, b0 + step)
+def _chunks(B: int, A: int, HW: int, device: torch.device) -> list:
+    """(b0, b1) sample ranges of at most ``TORCH_CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``, and at least
+    4 tasks per worker while there are samples for them) elements of A x H x W each."""
+    if device.type == "cpu":
+        step = min(CPU_CHUNK_ELEMENTS // max(1, A * HW), -(-B // (4 * _cpu_pool.workers())))
+    else:
+        step = TORCH_CHUNK_ELEMENTS // max(1, A * HW)
+    step = max(1, step)
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+def _run(fn, chunks, device: torch.device) -> None:
+    """``fn(chunk)`` for every chunk: on CPU as ``attnfast._cpu_pool`` tasks, elsewhere in order."""
+    if device.type == "cpu":
+        _cpu_pool.run_tasks(fn, chunks)
+    else:
+        for c in chunks:
+            fn(c)
 
 
 def _torch_logits(l32, gp, wl32, phi32, bias32, up):
@@ -158,9 +176,11 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
     wl32 = w2d(w_l).to(ct)
     phi32 = w2d(phi_w)[0].to(ct)
     bias32 = phi_b.to(ct).reshape(())
-    for b0, b1 in _chunks(B, wl32.shape[0], H * W):
-        _, c = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)
-        logits[b0:b1] = c
+    def logits_of(chunk):
+        b0, b1 = chunk
+        logits[b0:b1] = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)[1]
+
+    _run(logits_of, _chunks(B, wl32.shape[0], H * W, l.device), l.device)
     if normalize:
         lse.copy_(softmax_lse(logits))
     else:
@@ -169,8 +189,11 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
     a.copy_(a32.view(B, 1, H, W))
     if not normalize:
         a32 = a32 / (H * W)
-    for b0, b1 in _chunks(B, C, H * W):
+    def pool(chunk):
+        b0, b1 = chunk
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a32[b0:b1].view(-1, H, W))
+
+    _run(pool, _chunks(B, C, H * W, l.device), l.device)
     pooled.copy_(pooled32)
 
 
@@ -218,18 +241,22 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
     phi32 = w2d(phi_w)[0].to(ct)
     A = wl32.shape[0]
     scale = 1.0 if normalize else 1.0 / (H * W)
-    dwl = torch.zeros((A, C), device=l.device, dtype=ct)
-    dphi = torch.zeros((A,), device=l.device, dtype=ct)
+    chunks = _chunks(B, A, H * W, l.device)
+    # per-chunk partial sums of dW_l and dphi, added in chunk order afterwards (whichever worker ran a chunk)
+    dwl_part = torch.empty((len(chunks), A, C), device=l.device, dtype=ct)
+    dphi_part = torch.empty((len(chunks), A), device=l.device, dtype=ct)
     dgp = torch.empty((B, A) + tuple(gp.shape[1:3]), device=l.device, dtype=ct)
     dp32 = dpooled.to(ct)
-    for b0, b1 in _chunks(B, A, H * W):
+
+    def grads_of(i):
+        b0, b1 = chunks[i]
         l32 = l[b0:b1].to(ct)
         z, _ = _torch_logits(l32, gp[b0:b1], wl32, phi32, 0.0, up)
         dcc = dc[b0:b1].view(-1, 1, H, W)
-        dphi += torch.einsum("bhw,bahw->a", dcc[:, 0], torch.relu(z))
+        dphi_part[i] = torch.einsum("bhw,bahw->a", dcc[:, 0], torch.relu(z))
         dz = relu_grad(z, dcc * phi32.view(1, -1, 1, 1))
         del z
-        dwl += torch.einsum("bahw,bchw->ac", dz, l32)
+        dwl_part[i] = torch.einsum("bahw,bchw->ac", dz, l32)
         dl32 = torch.einsum("bahw,ac->bchw", dz, wl32)
         dl32 += scale * a32[b0:b1].view(-1, 1, H, W) * dp32[b0:b1].view(-1, C, 1, 1)
         dl[b0:b1] = dl32
@@ -238,6 +265,9 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
                 dz, [H, W], list(dz.shape[:2]) + list(gp.shape[1:3]), False, float(up), float(up))
         else:
             dgp[b0:b1] = dz
+
+    _run(grads_of, range(len(chunks)), l.device)
+    dwl, dphi = dwl_part.sum(0), dphi_part.sum(0)
     return dwl, dphi, dgp.permute(0, 2, 3, 1)
 
 

@@ -191,3 +191,18 @@ def test_logits_may_be_modified_in_place_before_backward():
     c, pooled = grid_op(l, g, w_l, w_g, phi_w, phi_b, 2, True, return_logits=True)
     c.mul_(0.5)
     (c.sum() + pooled.sum()).backward()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("case", FIXED[:5], ids=_ids(FIXED[:5]))
+def test_cpu_tasks_match_reference_and_repeat(torch_backend, monkeypatch, workers, case):
+    """The CPU path's chunks as attnfast._cpu_pool tasks, one sample each (several per worker), inline or on 3
+    workers: as accurate as eager, and two runs give the same bits (partial dW_l / dphi sums in chunk order)."""
+    from attnfast import _cpu_pool
+
+    GA = __import__("sys").modules["attnfast.ops.grid_attention"]
+    monkeypatch.setattr(GA, "CPU_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
+    runs = [check_grid(*case, torch.float32) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
