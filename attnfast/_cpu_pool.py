@@ -4,24 +4,30 @@ busy cores.
 A multi-threaded PyTorch op is one OpenMP parallel region: each of its T threads gets a fixed 1/T of the work and
 the op ends when the slowest thread does. When other processes share the cores (DataLoader workers, another
 job), one of the threads shares its core, every region waits for it, and threads that fell asleep between
-regions wait to be scheduled again: a path made of many ops pays that once per op. Measured on 2 cores
-(``benchmarks/cpu_load.py``), the blocked self-attention path of 7 ops per block went from 1.4 s quiet to 4.3 s
-with one busy process, where SDPA's flash kernel (one region) went from 1.6 to 3.2 s.
+regions wait to be scheduled again: a path made of many ops pays that once per op
+(``benchmarks/results/cpu_load.md`` has the measurements, before and after this pool).
 
 ``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one
 thread (no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy
 core simply does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling
-thread waits. Workers run with grad mode off; PyTorch releases the GIL inside its ops, so the threads compute at
-the same time.
+thread waits. PyTorch releases the GIL inside its ops, so the threads compute at the same time.
 
-The pool is created on first use, one per process: ``workers()`` threads (the calling thread's
-``torch.get_num_threads()``, re-created when that changes). Each worker sets its own OpenMP/MKL thread count to
-1; ``torch.set_num_threads`` also sets the default for threads started later, so the creator restores that to
-its own count once every worker is ready. A forked child starts without the parent's threads and creates its own
-pool. With one thread, one task, or a call made from inside a task, the tasks run in the calling thread.
+What the workers inherit from the calling thread, per call: grad mode off, the caller's inference mode (tensors
+made under ``torch.inference_mode`` can only be written there) and its flush-denormal setting. Results do not
+depend on which worker runs a task; the callers' task splits depend on ``workers()`` and the batch size, so
+results can differ in the last bits between thread counts (never between runs).
+
+The pools are created on first use: one per thread count (the calling thread's ``torch.get_num_threads()``),
+never stopped while the process lives (so a thread with another count never cancels queued work). Each worker
+sets its own OpenMP/MKL thread count to 1; ``torch.set_num_threads`` also sets the default for threads started
+later, so the creator restores that once every worker is ready. A forked child starts without the parent's
+threads and creates its own pools. The tasks run in the calling thread instead with one thread, one task, a call
+made from inside a task, or a PyTorch whose parallel backend is not OpenMP (there ``set_num_threads`` is
+process-wide). A KeyboardInterrupt (or any exception) in the waiting caller cancels the tasks not yet started.
 """
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -31,123 +37,165 @@ import torch
 
 __all__ = ["run_tasks", "single_threaded", "workers"]
 
-_pool = None
-_pool_lock = threading.Lock()
+_pools: dict = {}
+_pools_lock = threading.Lock()
 _local = threading.local()
 
 
+@functools.lru_cache(maxsize=None)
+def _per_thread_counts() -> bool:
+    """Whether this PyTorch's intra-op thread count is per thread (its OpenMP backend)."""
+    try:
+        return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    except Exception:  # pragma: no cover - a build without the query
+        return False
+
+
 class _Pool:
-    """``n`` worker threads taking jobs from one queue (``None`` stops a worker)."""
+    """``n`` worker threads taking jobs from one queue."""
 
     def __init__(self, n: int):
         self.n, self.pid = n, os.getpid()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         own = torch.get_num_threads()
         ready = threading.Barrier(n + 1)
-        for i in range(n):
-            threading.Thread(target=self._work, args=(ready,), name=f"attnfast-cpu-{i}", daemon=True).start()
-        ready.wait()
-        torch.set_num_threads(own)  # the default for threads started later, which each worker set to 1
+        try:
+            for i in range(n):
+                threading.Thread(target=self._work, args=(ready,), name=f"attnfast-cpu-{i}", daemon=True).start()
+            ready.wait()
+        except BaseException:
+            ready.abort()  # the started workers leave
+            raise
+        finally:
+            torch.set_num_threads(own)  # the default for threads started later, which each worker set to 1
 
     def _work(self, ready: threading.Barrier) -> None:
         _local.worker = True
         torch.get_num_threads()  # PyTorch's per-thread setup first: it would reset the count set below
         torch.set_num_threads(1)
-        ready.wait()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            return
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            job()
-
-    def stop(self) -> None:
-        for _ in range(self.n):
-            self.jobs.put(None)
+            self.jobs.get()()
 
 
 def workers() -> int:
-    """How many tasks run at once: the calling thread's ``torch.get_num_threads()``."""
-    return max(1, torch.get_num_threads())
+    """How many tasks run at once: the calling thread's ``torch.get_num_threads()`` (1 where the thread count is
+    not per thread)."""
+    return max(1, torch.get_num_threads()) if _per_thread_counts() else 1
 
 
 def in_worker() -> bool:
-    """Whether the calling thread is one of the pool's workers."""
+    """Whether the calling thread is one of the pools' workers."""
     return getattr(_local, "worker", False)
 
 
 def _get_pool(n: int) -> _Pool:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool.n != n or _pool.pid != os.getpid():
-            if _pool is not None and _pool.pid == os.getpid():
-                _pool.stop()
-            _pool = _Pool(n)
-        return _pool
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None or pool.pid != os.getpid():
+            pool = _pools[n] = _Pool(n)
+        return pool
 
 
-def _forget_pool() -> None:  # in a forked child: the parent's threads do not exist there
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+def _forget_pools() -> None:  # in a forked child: the parent's threads do not exist there
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _flush_denormal() -> bool:
+    """Whether the calling thread flushes denormals (``torch.set_flush_denormal``): a denormal survives x * 1
+    only when it does not."""
+    return bool(torch.tensor(1e-39, dtype=torch.float32).mul(1.0).item() == 0.0)
+
+
+def _caller_modes():
+    return torch.is_inference_mode_enabled(), _flush_denormal()
+
+
+def _in_modes(modes, fn, *args):
+    """``fn(*args)`` with grad mode off and the caller's inference and flush-denormal settings."""
+    inference, flush = modes
+    if getattr(_local, "flush", False) != flush:
+        torch.set_flush_denormal(flush)
+        _local.flush = flush
+    with torch.inference_mode(inference), torch.no_grad():  # in this order: inference_mode(False) turns grad on
+        return fn(*args)
 
 
 def run_tasks(fn: Callable[[object], None], tasks: Iterable) -> None:
     """Calls ``fn(task)`` for every task, ``workers()`` at a time, in any order and on any worker; returns when
-    all are done. The first exception a task raises is raised here (tasks not yet started are skipped)."""
+    all are done. The first exception a task raises is raised here once the running tasks have finished (tasks
+    not yet started are skipped); an exception in the caller while it waits (Ctrl-C) cancels the tasks not yet
+    started and is re-raised at once."""
     tasks = list(tasks)
-    n = workers()
-    if n <= 1 or len(tasks) <= 1 or in_worker():
+    n = min(workers(), len(tasks))
+    if n <= 1 or in_worker():
         with torch.no_grad():
             for t in tasks:
                 fn(t)
         return
-    pool = _get_pool(n)
-    done = threading.Event()
+    pool = _get_pool(workers())
+    modes = _caller_modes()
     lock = threading.Lock()
-    state = {"left": len(tasks), "error": None}
+    done = threading.Event()
+    state = {"next": 0, "runners": n, "error": None, "cancelled": False}
 
-    def job(task):
+    def runner():  # one of n: takes this call's tasks one at a time until none is left
         try:
-            if state["error"] is None:
-                with torch.no_grad():
-                    fn(task)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            with lock:
-                if state["error"] is None:
-                    state["error"] = e
+            while True:
+                with lock:
+                    i = state["next"]
+                    if i >= len(tasks) or state["error"] is not None or state["cancelled"]:
+                        return
+                    state["next"] = i + 1
+                try:
+                    _in_modes(modes, fn, tasks[i])
+                except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                    with lock:
+                        if state["error"] is None:
+                            state["error"] = e
         finally:
             with lock:
-                state["left"] -= 1
-                if state["left"] == 0:
+                state["runners"] -= 1
+                if state["runners"] == 0:
                     done.set()
 
-    for t in tasks:
-        pool.jobs.put(lambda t=t: job(t))
-    done.wait()
+    for _ in range(n):
+        pool.jobs.put(runner)
+    try:
+        done.wait()
+    except BaseException:
+        with lock:
+            state["cancelled"] = True
+        raise
     if state["error"] is not None:
         raise state["error"]
 
 
 def single_threaded(fn: Callable, *args):
-    """``fn(*args)`` on one worker, its ops single-threaded, and its result; in the calling thread when
-    ``run_tasks`` would run tasks there. For the small batch-wide work between two task phases (a conv or a
-    BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a parallel region too short to
-    pay for waking every thread, which on busy cores costs more than the op (CBAM at one busy process, 2 cores:
-    0.33 s a step with those parts in the calling thread, see benchmarks/results/cpu_load.md)."""
-    out = []
+    """``fn(*args)`` on one worker, its ops single-threaded, and its result (grad mode off, as in a task); in the
+    calling thread when ``run_tasks`` would run tasks there. For the small batch-wide work between two task
+    phases (a conv or a BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a
+    parallel region too short to pay for waking every thread, which on busy cores costs more than the op."""
     if workers() <= 1 or in_worker():
-        return fn(*args)
+        with torch.no_grad():
+            return fn(*args)
+    out = []
     pool = _get_pool(workers())
+    modes = _caller_modes()
     done = threading.Event()
     err = []
 
     def job():
         try:
-            with torch.no_grad():
-                out.append(fn(*args))
+            out.append(_in_modes(modes, fn, *args))
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             err.append(e)
         finally:

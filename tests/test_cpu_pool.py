@@ -30,15 +30,22 @@ def test_every_task_once_on_single_threaded_workers(three):
     assert torch.get_num_threads() == before  # the caller's count is untouched
 
 
-def test_new_threads_keep_the_callers_default(three):
-    """Workers set their count to 1; a thread started afterwards still gets the process's count."""
-    _cpu_pool.run_tasks(lambda t: None, range(4))
-    want = torch.get_num_threads()
-    got = []
-    th = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
-    th.start()
-    th.join()
-    assert got == [want]
+def test_new_threads_keep_the_callers_default(monkeypatch):
+    """Workers set their count to 1; a thread started afterwards still gets the process's count (2 here, so a
+    missing restore shows whatever count the suite runs with)."""
+    own = torch.get_num_threads()
+    monkeypatch.setattr(_cpu_pool, "_pools", {})
+    torch.set_num_threads(2)
+    try:
+        _cpu_pool.run_tasks(lambda t: None, range(4))  # a fresh 2-worker pool
+        assert _cpu_pool._pools[2].n == 2
+        got = []
+        th = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+        th.start()
+        th.join()
+        assert got == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(own)
 
 
 def test_results_like_inline(three):
@@ -49,15 +56,21 @@ def test_results_like_inline(three):
 
 
 def test_first_error_is_raised_after_all_stop(three):
+    import time
+
     ran = []
 
     def fn(t):
+        time.sleep(0.002)
         ran.append(t)
         if t == 2:
             raise ValueError("task 2 failed")
 
     with pytest.raises(ValueError, match="task 2 failed"):
-        _cpu_pool.run_tasks(fn, range(20))
+        _cpu_pool.run_tasks(fn, range(40))
+    at_raise = len(ran)
+    time.sleep(0.05)
+    assert len(ran) == at_raise < 40  # the rest was skipped, and nothing ran after the raise
     _cpu_pool.run_tasks(lambda t: ran.append(("after", t)), range(3))  # the pool still works
     assert sum(1 for r in ran if isinstance(r, tuple)) == 3
 
@@ -73,20 +86,52 @@ def test_inline_with_one_worker_or_from_a_task(monkeypatch, three):
     assert names == [threading.current_thread().name] * 3
 
 
-def test_concurrent_callers(three):
+def test_concurrent_callers_with_different_thread_counts(monkeypatch):
+    """Callers whose thread counts differ use different pools; none cancels the other's queued work."""
+    counts = threading.local()
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: getattr(counts, "n", 3))
     results = {}
 
     def caller(c):
-        acc = []
-        _cpu_pool.run_tasks(lambda t: acc.append(t), range(30))
-        results[c] = sorted(acc)
+        counts.n = 2 + c % 3
+        for rep in range(20):
+            acc = []
+            _cpu_pool.run_tasks(lambda t: acc.append(t), range(30))
+            results[c, rep] = sorted(acc)
 
-    ths = [threading.Thread(target=caller, args=(c,)) for c in range(4)]
+    ths = [threading.Thread(target=caller, args=(c,), daemon=True) for c in range(4)]
     for th in ths:
         th.start()
     for th in ths:
         th.join(60)
-    assert results == {c: list(range(30)) for c in range(4)}
+    assert not any(th.is_alive() for th in ths), "a caller hung"
+    assert results == {(c, rep): list(range(30)) for c in range(4) for rep in range(20)}
+
+
+def test_workers_inherit_inference_mode_and_flush_denormal(three):
+    """Tensors made under inference_mode can only be written in inference mode; flush-denormal is per thread."""
+    with torch.inference_mode():
+        out = torch.empty(6, 4)
+        _cpu_pool.run_tasks(lambda i: out[i].copy_(torch.full((4,), float(i))), range(6))
+    assert torch.equal(out[:, 0], torch.arange(6.0))
+    flushed = []
+    torch.set_flush_denormal(True)
+    try:
+        _cpu_pool.run_tasks(lambda i: flushed.append(torch.tensor(1e-39).mul(1.0).item()), range(6))
+        assert _cpu_pool.single_threaded(lambda: torch.tensor(1e-39).mul(1.0).item()) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed == [0.0] * 6
+    _cpu_pool.run_tasks(lambda i: flushed.append(torch.tensor(1e-39).mul(1.0).item()), range(6))
+    assert all(f != 0.0 for f in flushed[6:])
+
+
+def test_single_threaded_on_a_worker(three):
+    name, nt, grad = _cpu_pool.single_threaded(
+        lambda: (threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
+    assert name.startswith("attnfast-cpu-") and nt == 1 and grad is False
+    with pytest.raises(KeyError):
+        _cpu_pool.single_threaded(lambda: {}["missing"])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="needs fork")

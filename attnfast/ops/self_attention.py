@@ -21,7 +21,9 @@ Paths (``attnfast._dispatch.kernel_eligible``):
   dim (no padding to the value dim, as SDPA's flash kernel needs), PyTorch's fused softmax, the value GEMM;
   the backward recomputes the block the same way and uses PyTorch's fused softmax backward. dK and dV sum
   over a sample's rows in a fixed order (deterministic whatever the scheduling): whole samples per task when
-  there are enough samples, else per-chunk partial sums (``cpu_split``). Memory O(workers x block + N * C).
+  there are enough samples, else per-chunk partial sums (``cpu_split``, at most 4 per sample). Results do not
+  depend on the scheduling; the splits depend on the thread count and B, so the last bits can differ between
+  thread counts. Memory O(workers x block + N * C).
 - PyTorch, batched (float64 on any device, and CUDA tensors the Triton kernels do not take): queries
   in chunks of ``chunk_rows(...)`` rows with an exact softmax; memory O(chunk * NK + N * C).
 
@@ -49,11 +51,12 @@ from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 # and the backward holds two such blocks.
 CHUNK_ELEMS = 1 << 22
 # Score elements per block of a CPU task (rows x NK, fp32): the block's S and P (2 MiB each) stay in the worker's
-# L2 and its share of L3 between the block's ops. Measured at B=8, C=128, 64x64 (fwd+bwd, 2 cores, quiet / one
-# busy process): 2**17 (32 rows) 1.19 / -, 2**18 1.01 / 1.83, 2**19 1.01 / 1.78, 2**20 1.07 / - s; the
-# previous path (one parallel region per op, 2**23-element blocks) 1.16 / 3.06 s, SDPA flash with padded q/k
-# 1.52 / 2.44 s. benchmarks/cpu_load.py measures the op under load.
+# core cache (L2 and its share of L3) between the block's ops. Chosen by timing 2**17 to 2**20 at B=8, C=128,
+# 64x64 on the 2-core development machine (2**18 and 2**19 fastest, quiet and with one busy process);
+# benchmarks/cpu_load.py measures the op against its alternatives under load.
 CPU_BLOCK_ELEMS = 1 << 19
+# At most this many chunks per sample in the CPU backward (each with its own partial dK/dV).
+MAX_SPLIT = 4
 # Test-only: an int here overrides both budgets (the tests monkeypatch it to force many blocks and tasks).
 BLOCK_ELEMS_OVERRIDE = None
 
@@ -76,11 +79,12 @@ def cpu_split(b: int, nq: int, rows: int, workers: int, backward: bool) -> int:
     """Query rows per CPU task (a multiple of ``rows``, or all NQ). Forward: about 8 tasks per worker, so a
     worker on a busy core costs at most a small task. Backward: dK and dV sum over a sample's rows, so a task
     takes a whole sample while there are 4 samples per worker, else a sample splits into at most 2 x workers
-    chunks, each with its own partial dK/dV summed afterwards in a fixed order."""
+    and at most ``MAX_SPLIT`` chunks, each with its own fp32 partial dK/dV summed afterwards in a fixed order
+    (so the partials hold at most 4x dK and dV in fp32, whatever the thread count)."""
     if nq == 0:
         return 1
     if backward:
-        split = 1 if b >= 4 * workers else max(1, min(-(-4 * workers // max(b, 1)), 2 * workers))
+        split = 1 if b >= 4 * workers else max(1, min(-(-4 * workers // max(b, 1)), 2 * workers, MAX_SPLIT))
         chunk = -(-nq // split)
     else:
         chunk = -(-b * nq // (8 * workers))

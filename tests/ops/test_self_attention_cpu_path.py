@@ -83,6 +83,8 @@ def test_cpu_rows_and_split(monkeypatch):
     assert cpu_split(1, 4096, 128, 2, backward=True) == 1024
     assert cpu_split(3, 4096, 128, 2, backward=True) == 1408  # 3 chunks, rounded up to whole blocks
     assert cpu_split(2, 4096, 128, 1, backward=True) == 2048
+    # many workers: still at most 4 chunks (4 fp32 partials of dK/dV) per sample
+    assert cpu_split(1, 4096, 128, 16, backward=True) == 1024
     assert cpu_split(2, 0, 1, 2, backward=True) == 1
     monkeypatch.setattr(SA, "BLOCK_ELEMS_OVERRIDE", 3000)
     assert cpu_rows(200, 200) == 15

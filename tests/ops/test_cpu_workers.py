@@ -1,0 +1,39 @@
+"""Every op whose CPU path runs attnfast._cpu_pool tasks, on 3 workers: under torch.inference_mode (the outputs
+are inference tensors, written by the workers) and with grad, the same numbers as inline (1 worker)."""
+import pytest
+import torch
+
+import attnfast
+from attnfast import _cpu_pool
+from attnfast.ops import residual_gate
+
+
+def _modules():
+    torch.manual_seed(0)
+    cbam = attnfast.CBAM(16).eval()
+    grid = attnfast.GridAttention(8, 12, 8, up_factor=2)
+    sa = attnfast.SelfAttention2d(16, tuple_output=False)
+    with torch.no_grad():
+        sa.gamma.fill_(0.5)
+    x16, l8, g12 = torch.randn(3, 16, 9, 9), torch.randn(3, 8, 12, 12), torch.randn(3, 12, 6, 6)
+    m, t = torch.randn(3, 4, 40, 40), torch.randn(3, 4, 40, 40)
+    return {
+        "cbam": lambda: cbam(x16),
+        "grid": lambda: grid(l8, g12)[1],
+        "self_attention": lambda: sa(x16),
+        "residual_gate": lambda: residual_gate(m, t),
+    }
+
+
+@pytest.mark.parametrize("op", ["cbam", "grid", "self_attention", "residual_gate"])
+def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op):
+    RG = __import__("sys").modules["attnfast.ops.residual_gate"]
+    monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 1000)  # several chunks for the gate too
+    fn = _modules()[op]
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: 1)
+    want = fn().detach()
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: 3)
+    with torch.inference_mode():
+        got = fn()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert fn().requires_grad or op == "residual_gate"
