@@ -208,8 +208,8 @@ CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at le
 
 
 def _sample_chunks(x) -> list:
-    """(b0, b1) sample ranges: on CPU of at most ``CPU_CHUNK_ELEMENTS`` elements (one sample at least) and at
-    least 4 per worker while there are samples for them; elsewhere the whole batch."""
+    """(b0, b1) sample ranges: on CPU of at most ``CPU_CHUNK_ELEMENTS`` elements (one sample at least) and about
+    4 per worker while there are samples for them; elsewhere the whole batch."""
     B = x.shape[0]
     if x.device.type != "cpu":
         return [(0, B)]

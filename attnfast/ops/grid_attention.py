@@ -58,9 +58,12 @@ from ..kernels._launch import w2d
 # The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
 # On CPU, a chunk is a task for ``attnfast._cpu_pool``'s single-threaded workers (a worker on a busy core takes
-# fewer; no op waits for every thread): at most this many z elements (one sample at least), and at most a
-# quarter of the samples per worker. See benchmarks/cpu_load.py.
+# fewer; no op waits for every thread) of at most this many z elements (one sample at least), with about 4
+# tasks per worker while there are samples for them; the chunks in flight at once hold at most
+# CPU_INFLIGHT_ELEMENTS z elements (or one chunk), as each holds a few z-sized temporaries. See
+# benchmarks/cpu_load.py.
 CPU_CHUNK_ELEMENTS = 1 << 20
+CPU_INFLIGHT_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +144,8 @@ def _upsample(t: torch.Tensor, up: int) -> torch.Tensor:
 
 
 def _chunks(B: int, A: int, HW: int, device: torch.device) -> list:
-    """(b0, b1) sample ranges of at most ``TORCH_CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``, and at least
-    4 tasks per worker while there are samples for them) elements of A x H x W each."""
+    """(b0, b1) sample ranges of at most ``TORCH_CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``, and about 4
+    tasks per worker while there are samples for them) elements of A x H x W each (one sample at least)."""
     if device.type == "cpu":
         step = min(CPU_CHUNK_ELEMENTS // max(1, A * HW), -(-B // (4 * _cpu_pool.workers())))
     else:
@@ -151,10 +154,16 @@ def _chunks(B: int, A: int, HW: int, device: torch.device) -> list:
     return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
 
 
-def _run(fn, chunks, device: torch.device) -> None:
-    """``fn(chunk)`` for every chunk: on CPU as ``attnfast._cpu_pool`` tasks, elsewhere in order."""
+def _span(chunks) -> int:
+    """Samples in the (largest) first chunk."""
+    return chunks[0][1] - chunks[0][0] if chunks else 0
+
+
+def _run(fn, chunks, device: torch.device, per_chunk: int = 1) -> None:
+    """``fn(chunk)`` for every chunk: on CPU as ``attnfast._cpu_pool`` tasks, at most
+    ``CPU_INFLIGHT_ELEMENTS // per_chunk`` (one at least) at once; elsewhere in order."""
     if device.type == "cpu":
-        _cpu_pool.run_tasks(fn, chunks)
+        _cpu_pool.run_tasks(fn, chunks, limit=max(1, CPU_INFLIGHT_ELEMENTS // max(1, per_chunk)))
     else:
         for c in chunks:
             fn(c)
@@ -180,7 +189,8 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
         b0, b1 = chunk
         logits[b0:b1] = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)[1]
 
-    _run(logits_of, _chunks(B, wl32.shape[0], H * W, l.device), l.device)
+    chunks = _chunks(B, wl32.shape[0], H * W, l.device)
+    _run(logits_of, chunks, l.device, _span(chunks) * wl32.shape[0] * H * W)
     if normalize:
         lse.copy_(softmax_lse(logits))
     else:
@@ -193,7 +203,8 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
         b0, b1 = chunk
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a32[b0:b1].view(-1, H, W))
 
-    _run(pool, _chunks(B, C, H * W, l.device), l.device)
+    chunks = _chunks(B, C, H * W, l.device)
+    _run(pool, chunks, l.device, _span(chunks) * C * H * W)
     pooled.copy_(pooled32)
 
 
@@ -266,7 +277,7 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
         else:
             dgp[b0:b1] = dz
 
-    _run(grads_of, range(len(chunks)), l.device)
+    _run(grads_of, range(len(chunks)), l.device, _span(chunks) * A * H * W)
     dwl, dphi = dwl_part.sum(0), dphi_part.sum(0)
     return dwl, dphi, dgp.permute(0, 2, 3, 1)
 

@@ -10,8 +10,11 @@ takes the strided one.
 The PyTorch path on CPU: when the operands share one dense layout, the work is split into chunks of
 ``CPU_CHUNK_ELEMS`` elements that ``attnfast._cpu_pool`` workers take one at a time, and each chunk runs all of
 its ops while it is in the worker's cache (eager's three ops forward, five backward, one pass over memory
-instead of one per op, no op waiting for every thread on busy cores). Other layouts run the same ops on the
-whole tensors. Every element gets eager's arithmetic, op for op.
+instead of one per op, no op waiting for every thread on busy cores). Chunks start at multiples of 64 elements,
+so ATen's vectorized loops see what they see in one single-threaded eager op: fp32/fp64 results are the bits of
+single-threaded eager (multi-threaded eager splits its loops by thread count, which can move a few bits). Other
+layouts, and other devices, run the same ops on the whole tensors, ``sigmoid(m)`` in m's own layout; 16-bit
+inputs compute in fp32 and round once.
 """
 from __future__ import annotations
 
@@ -22,21 +25,24 @@ from .._checks import check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
 
-# Elements per task of the CPU path: the forward's three tensors (the backward's four) of 2**17 fp32 elements stay
-# in a core's L2 and its share of L3 between the chunk's ops. See benchmarks/cpu_load.py.
+# Elements per task of the CPU path (rounded down to a multiple of 64): the forward's three tensors (the
+# backward's five) of 2**17 fp32 elements stay in a core's cache between the chunk's ops; 2**17 and 2**18 were the
+# fastest of 2**15 to 2**20 on the 2-core development machine (B=8, 256x56x56). See benchmarks/cpu_load.py.
 CPU_CHUNK_ELEMS = 1 << 17
 
 
 def _flat_chunks(*tensors):
-    """1-D views of tensors that share one dense layout (same element at the same flat offset) and their chunk
-    starts, or None for any other layout."""
+    """1-D views of CPU tensors that share one dense layout (same element at the same flat offset) and their chunk
+    starts (multiples of 64), or None for any other layout or device."""
     from ..kernels._strided import shared_dense_layout  # a plain layout helper: no Triton import
 
-    if tensors[0].numel() == 0 or not shared_dense_layout(*tensors):
+    first = tensors[0]
+    if first.device.type != "cpu" or first.numel() == 0 or not shared_dense_layout(*tensors):
         return None
-    n = tensors[0].numel()
+    n = first.numel()
     flat = [t.as_strided((n,), (1,), t.storage_offset()) for t in tensors]
-    return flat, range(0, n, CPU_CHUNK_ELEMS)
+    step = max(64, CPU_CHUNK_ELEMS // 64 * 64)
+    return flat, step, range(0, n, step)
 
 
 def check_residual_gate_inputs(m: torch.Tensor, t: torch.Tensor) -> None:
@@ -63,12 +69,12 @@ def residual_gate_op(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ct = compute_dtype(t)
     if out.dtype == ct:  # eager's three ops, in place in out: no temporaries
         chunks = _flat_chunks(m, t, out)
-        if chunks is None:
-            return torch.sigmoid(m, out=out).add_(1).mul_(t)
-        (mf, tf, of), starts = chunks
+        if chunks is None:  # sigmoid in m's own layout, as eager's
+            return torch.mul(torch.sigmoid(m).add_(1), t, out=out)
+        (mf, tf, of), step, starts = chunks
 
         def task(i):
-            j = slice(i, i + CPU_CHUNK_ELEMS)
+            j = slice(i, i + step)
             torch.sigmoid(mf[j], out=of[j]).add_(1).mul_(tf[j])
 
         _cpu_pool.run_tasks(task, starts)
@@ -91,7 +97,7 @@ def residual_gate_backward_op(grad: torch.Tensor, m: torch.Tensor, t: torch.Tens
 
         return residual_gate_bwd(grad, m, t, dm, dt)
     # Eager's backward of (1 + s) * t, op for op (dM = sigmoid_backward(g * t, s), dT = g * (1 + s)), in the
-    # output buffers: five ops, no temporaries, chunk by chunk in a worker's cache where the layout allows.
+    # output buffers: five ops, chunk by chunk in a worker's cache where the layout allows.
     ct = compute_dtype(t)
     if dm.dtype == ct:
         def ops(g, m, t, dm, dt):
@@ -100,11 +106,13 @@ def residual_gate_backward_op(grad: torch.Tensor, m: torch.Tensor, t: torch.Tens
             dt.add_(1).mul_(g)
 
         chunks = _flat_chunks(grad, m, t, dm, dt)
-        if chunks is None:
-            ops(grad, m, t, dm, dt)
+        if chunks is None:  # sigmoid in m's own layout, as eager's
+            s = torch.sigmoid(m)
+            torch.ops.aten.sigmoid_backward.grad_input(torch.mul(grad, t, out=dm), s, grad_input=dm)
+            torch.mul(s.add_(1), grad, out=dt)
             return dm, dt
-        flat, starts = chunks
-        _cpu_pool.run_tasks(lambda i: ops(*(f[i:i + CPU_CHUNK_ELEMS] for f in flat)), starts)
+        flat, step, starts = chunks
+        _cpu_pool.run_tasks(lambda i: ops(*(f[i:i + step] for f in flat)), starts)
         return dm, dt
     s = torch.sigmoid(m.to(ct))
     g = grad.to(ct)

@@ -192,10 +192,11 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("light", [False, True], ids=["cbam", "light"])
 @pytest.mark.parametrize("shape", [(3, 20, 9, 9), (4, 40, 5, 3)], ids=lambda s: "x".join(map(str, s)))
-def test_cpu_chunks_on_three_workers(torch_backend, monkeypatch, dtype, light, shape):
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cpu_chunks_on_three_workers(torch_backend, monkeypatch, dtype, light, shape, train):
     """The CPU path's per-sample chunks as attnfast._cpu_pool tasks on 3 workers (batch-wide MLP, conv and
-    BatchNorm between the phases): as accurate as eager, channels_last included."""
+    BatchNorm between the phases, single-threaded on a worker): as accurate as eager, channels_last included."""
     from attnfast import _cpu_pool
 
     monkeypatch.setattr(_cpu_pool, "workers", lambda: 3)
-    check_cbam(shape, dtype, light, True, "cpu", channels_last=shape[3] == 3)
+    check_cbam(shape, dtype, light, train, "cpu", channels_last=shape[3] == 3)

@@ -196,12 +196,15 @@ def test_logits_may_be_modified_in_place_before_backward():
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("case", FIXED[:5], ids=_ids(FIXED[:5]))
 def test_cpu_tasks_match_reference_and_repeat(torch_backend, monkeypatch, workers, case):
-    """The CPU path's chunks as attnfast._cpu_pool tasks, one sample each (several per worker), inline or on 3
-    workers: as accurate as eager, and two runs give the same bits (partial dW_l / dphi sums in chunk order)."""
+    """The CPU path's chunks as attnfast._cpu_pool tasks, one sample each, inline or on 3 workers (with
+    CPU_INFLIGHT_ELEMENTS small: at most 2 at once): as accurate as eager, and two runs give the same bits
+    (partial dW_l / dphi sums in chunk order)."""
     from attnfast import _cpu_pool
 
     GA = __import__("sys").modules["attnfast.ops.grid_attention"]
     monkeypatch.setattr(GA, "CPU_CHUNK_ELEMENTS", 1)
+    B, _, _, A, H, W = case[:6]
+    monkeypatch.setattr(GA, "CPU_INFLIGHT_ELEMENTS", 2 * max(A, case[1]) * H * W)
     monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
     runs = [check_grid(*case, torch.float32) for _ in range(2)]
     for a, b in zip(*runs):

@@ -94,27 +94,37 @@ def test_fused_module_matches_reference_module(device):
 
 
 @pytest.mark.parametrize("workers", [1, 3])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "stride0_grad"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "stride0_grad", "mixed"])
 def test_cpu_chunks_are_eagers_bits(torch_backend, monkeypatch, workers, layout):
-    """The CPU path in chunks (tiny ones here: many tasks, a ragged last one) on 1 or 3 workers gives eager's
-    bits, forward and backward, nonfinite values included: the same ops on every element."""
+    """The CPU path in chunks (small ones here: 100 elements asked, 64 used, many tasks, a ragged last one) on 1 or 3 workers
+    gives single-threaded eager's bits, forward and backward, nonfinite values included: the same ops on every
+    element, chunks aligned for ATen's vector loops. ``mixed``: m channels_last, t contiguous (no chunks; sigmoid
+    in m's layout as eager's)."""
     from attnfast import _cpu_pool
 
     RG = __import__("sys").modules["attnfast.ops.residual_gate"]
-    monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 100)
+    monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 100)  # rounded down to 64
     monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
     gen = torch.Generator().manual_seed(0)
-    m0, t0 = torch.randn(2, 6, 5, 7, generator=gen) * 50, torch.randn(2, 6, 5, 7, generator=gen)
+    m0, t0 = torch.randn(2, 6, 5, 7, generator=gen) * 4, torch.randn(2, 6, 5, 7, generator=gen)
     m0.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -200.0])
     t0.view(-1)[3:6] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    if layout in ("channels_last", "mixed"):
+        m0 = m0.to(memory_format=torch.channels_last)
     if layout == "channels_last":
-        m0, t0 = m0.to(memory_format=torch.channels_last), t0.to(memory_format=torch.channels_last)
+        t0 = t0.to(memory_format=torch.channels_last)
     g = torch.ones(()).expand(m0.shape) if layout == "stride0_grad" else torch.randn(m0.shape, generator=gen)
     runs = []
+    threads = torch.get_num_threads()
     for fn in (residual_gate, lambda m, t: (1 + torch.sigmoid(m)) * t):
         m, t = m0.clone().requires_grad_(), t0.clone().requires_grad_()
-        out = fn(m, t)
-        out.backward(g)
+        if len(runs):
+            torch.set_num_threads(1)  # eager, single-threaded
+        try:
+            out = fn(m, t)
+            out.backward(g)
+        finally:
+            torch.set_num_threads(threads)
         runs.append((out.detach(), m.grad, t.grad))
     for got, want in zip(*runs):
         assert torch.equal(got.nan_to_num(7.0, 8.0, 9.0), want.nan_to_num(7.0, 8.0, 9.0))
