@@ -35,8 +35,11 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["run_tasks", "single_threaded", "workers"]
+__all__ = ["batch_chunks", "run_chunks", "run_tasks", "single_threaded", "small", "workers"]
 
+# batch_chunks' target: this many chunks per worker while there are samples for them (a worker on a busy core then
+# costs at most a small chunk), fewer where a chunk would fall below cpu_elems.
+TASKS_PER_WORKER = 4
 _pools: dict = {}
 _pools_lock = threading.Lock()
 _local = threading.local()
@@ -83,8 +86,11 @@ class _Pool:
 
 def workers() -> int:
     """How many tasks run at once: the calling thread's ``torch.get_num_threads()`` (1 where the thread count is
-    not per thread)."""
-    return max(1, torch.get_num_threads()) if _per_thread_counts() else 1
+    not per thread, or where ``ATTNFAST_CPU_WORKERS=1``: tasks run in the calling thread, each op multi-threaded
+    as eager's)."""
+    if os.environ.get("ATTNFAST_CPU_WORKERS", "").strip() == "1" or not _per_thread_counts():
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def in_worker() -> bool:
@@ -206,3 +212,40 @@ def single_threaded(fn: Callable, *args):
     if err:
         raise err[0]
     return out[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the ops' batch chunks: one spelling for every op's PyTorch path
+# ----------------------------------------------------------------------------------------------
+def batch_chunks(batch: int, per_sample: int, device: torch.device, *, cpu_elems: int, elems: int) -> list:
+    """(b0, b1) sample ranges of an op's PyTorch path, each of at most ``elems`` elements of ``per_sample`` per
+    sample (one sample at least); on CPU, where each is a task, at most ``cpu_elems`` and about 4 per worker
+    while there are samples for them."""
+    if device.type == "cpu":
+        step = min(cpu_elems // max(1, per_sample), -(-batch // (TASKS_PER_WORKER * workers())))
+    else:
+        step = elems // max(1, per_sample)
+    step = max(1, step)
+    return [(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)]
+
+
+def run_chunks(fn: Callable[[int], None], chunks: list, device: torch.device, *, per_sample: int = 0,
+               inflight: int = 0) -> None:
+    """``fn(i)`` for every chunk index: on CPU as tasks, and with ``inflight`` at most ``inflight`` elements of
+    ``per_sample`` per sample in the chunks running at once (one chunk at least: each holds a few temporaries
+    of that size); elsewhere in order in the calling thread. Each chunk writes its own rows; sums over chunks
+    go through per-chunk partials added in chunk order afterwards (deterministic whatever the scheduling)."""
+    if device.type != "cpu":
+        for i in range(len(chunks)):
+            fn(i)
+        return
+    limit = 0
+    if inflight and chunks:
+        limit = max(1, inflight // max(1, per_sample * (chunks[0][1] - chunks[0][0])))
+    run_tasks(fn, range(len(chunks)), limit=limit)
+
+
+def small(fn: Callable, device: torch.device):
+    """``fn()`` for the small batch-wide work between two chunk phases: on CPU ``single_threaded``, elsewhere in
+    the calling thread."""
+    return single_threaded(fn) if device.type == "cpu" else fn()

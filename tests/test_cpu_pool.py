@@ -150,3 +150,12 @@ def test_forked_child_makes_its_own_pool(three):
     os.close(w)
     _, status = os.waitpid(pid, 0)
     assert os.read(r, 10) == b"ok" and status == 0
+
+
+def test_env_knob_runs_tasks_in_the_caller(monkeypatch):
+    monkeypatch.setenv("ATTNFAST_CPU_WORKERS", "1")
+    names = []
+    _cpu_pool.run_tasks(lambda t: names.append(threading.current_thread().name), range(5))
+    assert _cpu_pool.workers() == 1 and names == [threading.current_thread().name] * 5
+    monkeypatch.delenv("ATTNFAST_CPU_WORKERS")
+    assert _cpu_pool.workers() == max(1, torch.get_num_threads())

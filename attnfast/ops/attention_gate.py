@@ -38,12 +38,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 from ..kernels._launch import w2d
 
 TORCH_CHUNK_ELEMENTS = 1 << 22  # z elements (b x F x Ht x Wt) the PyTorch path holds at a time
+CPU_CHUNK_ELEMENTS = 1 << 20  # on CPU, per attnfast._cpu_pool task (one sample at least)
+CPU_INFLIGHT_ELEMENTS = 1 << 24  # on CPU, z elements of the tasks running at once (one task at least)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,10 +114,8 @@ def relu_grad(z, grad):
     return torch.where(z <= 0, 0.0, grad)
 
 
-def _chunks(B, per_sample):
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, per_sample))
-    for b0 in range(0, B, step):
-        yield b0, min(B, b0 + step)
+def _chunks(B: int, per_sample: int, device: torch.device) -> list:
+    return _cpu_pool.batch_chunks(B, per_sample, device, cpu_elems=CPU_CHUNK_ELEMENTS, elems=TORCH_CHUNK_ELEMENTS)
 
 
 def _f_limit(fi: int):
@@ -164,9 +164,14 @@ def attention_gate_logits_op(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor
         attention_gate_fwd(x, g, wx, wg, b32, psi32, psi_b.reshape(1).to(torch.float32), stride, logits)
         return logits
     wx, wg, b, psi, pb = _params(x, w_x, w_g, bias, psi_w, psi_b, ct)
-    for b0, b1 in _chunks(B, fi * Ht * Wt):
+    chunks = _chunks(B, fi * Ht * Wt, x.device)
+
+    def logits_of(i):
+        b0, b1 = chunks[i]
         z = _torch_z(x[b0:b1].to(ct), g[b0:b1].to(ct), wx, wg, b, stride, (Ht, Wt))
         logits[b0:b1] = torch.einsum("bfhw,f->bhw", torch.relu(z), psi).unsqueeze(1) + pb
+
+    _cpu_pool.run_chunks(logits_of, chunks, x.device, per_sample=fi * Ht * Wt, inflight=CPU_INFLIGHT_ELEMENTS)
     return logits
 
 
@@ -184,23 +189,30 @@ def _torch_backward(dl, x, g, w_x, w_g, bias, psi_w, psi_b, k, dx, dg):
     B, fi = x.shape[0], w_x.shape[0]
     Ht, Wt = dl.shape[2:]
     wx, wg, b, psi, _ = _params(x, w_x, w_g, bias, psi_w, psi_b, ct)
-    dwx, dwg = torch.zeros_like(wx), torch.zeros_like(wg)
-    dbias, dpsi = torch.zeros_like(b), torch.zeros_like(psi)
-    for b0, b1 in _chunks(B, fi * Ht * Wt):
+    chunks = _chunks(B, fi * Ht * Wt, x.device)
+    n = len(chunks)  # per-chunk partial weight gradients, added in chunk order afterwards
+    dwx_p, dwg_p = wx.new_empty((n, *wx.shape)), wg.new_empty((n, *wg.shape))
+    dbias_p, dpsi_p = b.new_empty((n, *b.shape)), psi.new_empty((n, *psi.shape))
+
+    def grads_of(i):
+        b0, b1 = chunks[i]
         xc, gc = x[b0:b1].to(ct), g[b0:b1].to(ct)
         z = _torch_z(xc, gc, wx, wg, b, k, (Ht, Wt))
         dlc = dl[b0:b1]
-        dpsi += torch.einsum("bhw,bfhw->f", dlc[:, 0], torch.relu(z))
+        dpsi_p[i] = torch.einsum("bhw,bfhw->f", dlc[:, 0], torch.relu(z))
         dz = relu_grad(z, dlc * psi.view(1, -1, 1, 1))
         del z
         dx[b0:b1] = torch.nn.grad.conv2d_input(xc.shape, wx, dz, stride=k)
-        dwx += torch.nn.grad.conv2d_weight(xc, wx.shape, dz, stride=k)
+        dwx_p[i] = torch.nn.grad.conv2d_weight(xc, wx.shape, dz, stride=k)
         if tuple(gc.shape[2:]) != (Ht, Wt):  # the resize's adjoint, at g's resolution
             dz = torch.ops.aten.upsample_bilinear2d_backward(dz, [Ht, Wt], [dz.shape[0], dz.shape[1], *gc.shape[2:]],
                                                              False)
-        dbias += dz.sum((0, 2, 3))
-        dwg += torch.einsum("bfhw,bchw->fc", dz, gc)
+        dbias_p[i] = dz.sum((0, 2, 3))
+        dwg_p[i] = torch.einsum("bfhw,bchw->fc", dz, gc)
         dg[b0:b1] = torch.einsum("bfhw,fc->bchw", dz, wg)
+
+    _cpu_pool.run_chunks(grads_of, chunks, x.device, per_sample=fi * Ht * Wt, inflight=CPU_INFLIGHT_ELEMENTS)
+    dwx, dwg, dbias, dpsi = dwx_p.sum(0), dwg_p.sum(0), dbias_p.sum(0), dpsi_p.sum(0)
     return dwx, dwg, dbias, dpsi
 
 
@@ -295,10 +307,15 @@ def gate_backward_op(dy: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> tupl
         gate_bwd(dy, x, m, dx, dm32)
         return dx, dm.copy_(dm32.view(m.shape))
     ct = compute_dtype(x)
-    for b0, b1 in _chunks(B, x[0].numel()):
+    chunks = _chunks(B, x[0].numel(), x.device)
+
+    def grads_of(i):
+        b0, b1 = chunks[i]
         dyc = dy[b0:b1].to(ct)
         dx[b0:b1] = dyc * m[b0:b1].to(ct)
         dm[b0:b1] = torch.einsum("bchw,bchw->bhw", dyc, x[b0:b1].to(ct)).unsqueeze(1)
+
+    _cpu_pool.run_chunks(grads_of, chunks, x.device)
     return dx, dm
 
 
@@ -331,12 +348,17 @@ class _ChannelMoments(torch.autograd.Function):
         B, C = v.shape[:2]
         n = v.numel() // max(C, 1)
         mean = v.sum((0, 2, 3), dtype=ct) / n
-        cov = torch.zeros((C, C), device=v.device, dtype=ct)
-        for b0, b1 in _chunks(B, v[0].numel()):
+        chunks = _chunks(B, v[0].numel(), v.device)
+        cov_p = torch.empty((len(chunks), C, C), device=v.device, dtype=ct)  # added in chunk order afterwards
+
+        def cov_of(i):
+            b0, b1 = chunks[i]
             vc = (v[b0:b1].to(ct) - mean.view(1, -1, 1, 1)).flatten(2)
-            cov += torch.einsum("bcn,bdn->cd", vc, vc)
+            cov_p[i] = torch.einsum("bcn,bdn->cd", vc, vc)
+
+        _cpu_pool.run_chunks(cov_of, chunks, v.device)
         ctx.save_for_backward(v, mean)
-        return mean, cov / n
+        return mean, cov_p.sum(0) / n
 
     @staticmethod
     def backward(ctx, dmean, dcov):
@@ -346,9 +368,14 @@ class _ChannelMoments(torch.autograd.Function):
         ct = mean.dtype
         sym = (dcov + dcov.T) / n
         dv = torch.empty_like(v)
-        for b0, b1 in _chunks(B, v[0].numel()):
+        chunks = _chunks(B, v[0].numel(), v.device)
+
+        def dv_of(i):
+            b0, b1 = chunks[i]
             vc = v[b0:b1].to(ct) - mean.view(1, -1, 1, 1)
             dv[b0:b1] = torch.einsum("cd,bdhw->bchw", sym, vc) + (dmean / n).view(1, -1, 1, 1)
+
+        _cpu_pool.run_chunks(dv_of, chunks, v.device)
         return dv
 
 

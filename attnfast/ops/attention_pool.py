@@ -35,12 +35,14 @@ from typing import Optional
 
 import torch
 
-from .. import _alloc
+from .. import _alloc, _cpu_pool
 from .._checks import check_feature_map, check_same, check_tensor
 from .._dispatch import autocast_off, compute_dtype, kernel_eligible
 
-# The PyTorch path converts this many elements of l (B_chunk x C x H x W) to the compute dtype at a time.
+# The PyTorch path converts this many elements of l (B_chunk x C x H x W) to the compute dtype at a time; on CPU
+# a chunk is an ``attnfast._cpu_pool`` task of at most CPU_CHUNK_ELEMENTS (one sample at least).
 TORCH_CHUNK_ELEMENTS = 1 << 22
+CPU_CHUNK_ELEMENTS = 1 << 20
 NORMALIZE = ("softmax", "sigmoid")
 REDUCE = ("sum", "mean")
 
@@ -102,10 +104,8 @@ def _present(*tensors):
     return [t for t in tensors if t is not None]
 
 
-def _chunks(B: int, per_sample: int):
-    step = max(1, TORCH_CHUNK_ELEMENTS // max(1, per_sample))
-    for b0 in range(0, B, step):
-        yield b0, min(B, b0 + step)
+def _chunks(B: int, per_sample: int, device: torch.device) -> list:
+    return _cpu_pool.batch_chunks(B, per_sample, device, cpu_elems=CPU_CHUNK_ELEMENTS, elems=TORCH_CHUNK_ELEMENTS)
 
 
 def _softmax_stats(logits: torch.Tensor) -> torch.Tensor:
@@ -129,18 +129,26 @@ def _scale(l, mean: bool) -> float:
 def _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, stats, pooled32):
     B, C, H, W = l.shape
     ct = w32.dtype
-    for b0, b1 in _chunks(B, C * H * W):
+    chunks = _chunks(B, C * H * W, l.device)
+
+    def logits_of(i):
+        b0, b1 = chunks[i]
         x = l[b0:b1].to(ct)
         if g is not None:
             x = x + _g_chunk(g, b0, b1).to(ct)
         logits[b0:b1] = torch.einsum("bchw,c->bhw", x, w32).flatten(1) + off[b0:b1, None]
+
+    _cpu_pool.run_chunks(logits_of, chunks, l.device)
     if softmax:
         stats.copy_(_softmax_stats(logits))
     else:
         stats.zero_()
     a = _attention(logits, stats, softmax) * _scale(l, mean)
-    for b0, b1 in _chunks(B, C * H * W):
+    def pool(i):
+        b0, b1 = chunks[i]
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a[b0:b1].view(-1, H, W))
+
+    _cpu_pool.run_chunks(pool, chunks, l.device)
     c_out.copy_(logits.view(B, 1, H, W))
     pooled.copy_(pooled32)
 
@@ -188,11 +196,14 @@ def _torch_backward(l, w32, g, a, kvec, dc_out, dpooled, softmax, mean, dl, dg):
     ct = w32.dtype
     s = _scale(l, mean)
     dp = dpooled.to(ct)
-    dw = torch.zeros((C,), device=l.device, dtype=ct)
+    chunks = _chunks(B, C * H * W, l.device)
+    dw_part = torch.empty((len(chunks), C), device=l.device, dtype=ct)  # added in chunk order afterwards
     dsum = torch.empty((B,), device=l.device, dtype=ct)
     pooled_g = g is not None and dg is None
     dgp = torch.empty((B, C), device=l.device, dtype=ct) if pooled_g else None
-    for b0, b1 in _chunks(B, C * H * W):
+
+    def grads_of(i):
+        b0, b1 = chunks[i]
         x = l[b0:b1].to(ct)
         ab = a[b0:b1].view(-1, 1, H, W)
         ghat = s * torch.einsum("bc,bchw->bhw", dp[b0:b1], x)[:, None]
@@ -207,7 +218,10 @@ def _torch_backward(l, w32, g, a, kvec, dc_out, dpooled, softmax, mean, dl, dg):
             dgp[b0:b1] = dx.sum((2, 3))
         if g is not None:
             x = x + _g_chunk(g, b0, b1).to(ct)
-        dw += torch.einsum("bhw,bchw->c", dcb[:, 0], x)
+        dw_part[i] = torch.einsum("bhw,bchw->c", dcb[:, 0], x)
+
+    _cpu_pool.run_chunks(grads_of, chunks, l.device)
+    dw = dw_part.sum(0)
     return dw, dsum, dgp
 
 

@@ -208,27 +208,9 @@ CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at le
 
 
 def _sample_chunks(x) -> list:
-    """(b0, b1) sample ranges: on CPU of at most ``CPU_CHUNK_ELEMENTS`` elements (one sample at least) and about
-    4 per worker while there are samples for them; elsewhere the whole batch."""
-    B = x.shape[0]
-    if x.device.type != "cpu":
-        return [(0, B)]
-    step = max(1, min(CPU_CHUNK_ELEMENTS // max(1, x[0].numel()), -(-B // (4 * _cpu_pool.workers()))))
-    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
-
-
-def _small(fn, device):
-    """``fn()``: on CPU single-threaded on a worker (``attnfast._cpu_pool.single_threaded``: the batch-wide parts
-    on small maps, whose ops are too short for a parallel region each)."""
-    return _cpu_pool.single_threaded(fn) if device.type == "cpu" else fn()
-
-
-def _run(fn, chunks, device) -> None:
-    if device.type == "cpu":
-        _cpu_pool.run_tasks(fn, chunks)
-    else:
-        for c in chunks:
-            fn(c)
+    """(b0, b1) sample ranges (``attnfast._cpu_pool.batch_chunks``); on CUDA the whole batch."""
+    return _cpu_pool.batch_chunks(x.shape[0], x[0].numel(), x.device, cpu_elems=CPU_CHUNK_ELEMENTS,
+                                  elems=max(1, x.numel()))
 
 
 def _torch_forward_maps(x, ct, mlp, chunks):
@@ -241,8 +223,8 @@ def _torch_forward_maps(x, ct, mlp, chunks):
     # gate pass scales it in place (one full-size allocation per call, as eager's y)
     xs = _alloc.empty_like(x) if x.dtype == ct else torch.empty_like(x, dtype=ct)
 
-    def chunk(c):
-        b0, b1 = c
+    def chunk(i):
+        b0, b1 = chunks[i]
         xb, n = x[b0:b1], b1 - b0
         sums[b0:b1] = xb.sum((2, 3), dtype=ct)
         cmax[b0:b1] = xb.amax((2, 3))
@@ -251,7 +233,7 @@ def _torch_forward_maps(x, ct, mlp, chunks):
         psum[b0:b1] = torch.bmm(xsb.new_ones(n, 1, C), xsb.reshape(n, C, -1)).view(n, -1)  # a matmul sums over
         pmax[b0:b1] = xsb.amax(1).flatten(1)  # C faster than sum(1)
 
-    _run(chunk, chunks, x.device)
+    _cpu_pool.run_chunks(chunk, chunks, x.device)
     return sums, cmax, s_c, psum, pmax, xs
 
 
@@ -339,18 +321,18 @@ def cbam_op(x: torch.Tensor, fc1_w: torch.Tensor, fc1_b: Optional[torch.Tensor],
         zn, bnstat = _bn_forward(z, bn_w, bn_b, running_mean, running_var, batch_stats, eps)
         return smap, torch.sigmoid(zn).view(B, P), bnstat
 
-    smap, s_p, bnstat = spatial_gate() if triton_path else _small(spatial_gate, x.device)
+    smap, s_p, bnstat = spatial_gate() if triton_path else _cpu_pool.small(spatial_gate, x.device)
     if triton_path:
         y = _alloc.empty_like(x)
         K.gate(x, s_c, s_p, y)
     else:  # _torch_forward_maps wrote x s_c in y's memory when they share a dtype
         y = xs if xs.dtype == x.dtype else _alloc.empty_like(x)
 
-        def gate(c):
-            b0, b1 = c
+        def gate(i):
+            b0, b1 = chunks[i]
             torch.mul(xs[b0:b1], _bp(s_p[b0:b1], H, W), out=y[b0:b1])
 
-        _run(gate, chunks, x.device)
+        _cpu_pool.run_chunks(gate, chunks, x.device)
     return y, s_c, torch.stack([sums / P, cmax], 1), s_p, smap, bnstat
 
 
@@ -396,7 +378,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
             dsp[b0:b1], pcnt[b0:b1], states[i] = _torch_backward_spatial(g[b0:b1], x[b0:b1], s_c[b0:b1],
                                                                            pmax[b0:b1])
 
-        _run(spatial, range(len(chunks)), x.device)
+        _cpu_pool.run_chunks(spatial, chunks, x.device)
 
     def spatial_gate():  # sigmoid (eager's sigmoid_backward: grad (1 - y) y) -> BatchNorm -> conv, (B, 1, H, W) maps
         da = (dsp * (1 - s_p) * s_p).view(B, 1, H, W)
@@ -409,7 +391,7 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
             dmean_p, dmax_p = dinp[:, 0], dinp[:, 1]
         return (dmean_p / C).contiguous(), (dmax_p / pcnt).contiguous(), dconv_w, dbn_w, dbn_b
 
-    cm, cw, dconv_w, dbn_w, dbn_b = spatial_gate() if triton_path else _small(spatial_gate, x.device)
+    cm, cw, dconv_w, dbn_w, dbn_b = spatial_gate() if triton_path else _cpu_pool.small(spatial_gate, x.device)
 
     dx = _alloc.empty_like(x)
     if triton_path:
@@ -426,14 +408,14 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
             b0, b1 = chunks[i]
             ds_c[b0:b1] = _torch_backward_channel(states[i], s_p[b0:b1], cm[b0:b1], cw[b0:b1], cmax[b0:b1])
 
-        _run(channel, range(len(chunks)), x.device)
-        davg, dcmax, *wgrads = _small(lambda: _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light), x.device)
+        _cpu_pool.run_chunks(channel, chunks, x.device)
+        davg, dcmax, *wgrads = _cpu_pool.small(lambda: _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light), x.device)
 
         def dinput(i):
             b0, b1 = chunks[i]
             _torch_backward_input(states[i], s_c[b0:b1], davg[b0:b1], dcmax[b0:b1], dx[b0:b1])
 
-        _run(dinput, range(len(chunks)), x.device)
+        _cpu_pool.run_chunks(dinput, chunks, x.device)
     dw1, db1, dw2, db2 = wgrads
     outs = [dx]
     for grad_v, like in ((dw1, fc1_w), (db1, fc1_b), (dw2, fc2_w), (db2, fc2_b), (dconv_w, conv_w),

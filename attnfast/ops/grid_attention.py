@@ -143,30 +143,8 @@ def _upsample(t: torch.Tensor, up: int) -> torch.Tensor:
     return F.interpolate(t, scale_factor=up, mode="bilinear", align_corners=False) if up > 1 else t
 
 
-def _chunks(B: int, A: int, HW: int, device: torch.device) -> list:
-    """(b0, b1) sample ranges of at most ``TORCH_CHUNK_ELEMENTS`` (CPU: ``CPU_CHUNK_ELEMENTS``, and about 4
-    tasks per worker while there are samples for them) elements of A x H x W each (one sample at least)."""
-    if device.type == "cpu":
-        step = min(CPU_CHUNK_ELEMENTS // max(1, A * HW), -(-B // (4 * _cpu_pool.workers())))
-    else:
-        step = TORCH_CHUNK_ELEMENTS // max(1, A * HW)
-    step = max(1, step)
-    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
-
-
-def _span(chunks) -> int:
-    """Samples in the (largest) first chunk."""
-    return chunks[0][1] - chunks[0][0] if chunks else 0
-
-
-def _run(fn, chunks, device: torch.device, per_chunk: int = 1) -> None:
-    """``fn(chunk)`` for every chunk: on CPU as ``attnfast._cpu_pool`` tasks, at most
-    ``CPU_INFLIGHT_ELEMENTS // per_chunk`` (one at least) at once; elsewhere in order."""
-    if device.type == "cpu":
-        _cpu_pool.run_tasks(fn, chunks, limit=max(1, CPU_INFLIGHT_ELEMENTS // max(1, per_chunk)))
-    else:
-        for c in chunks:
-            fn(c)
+def _chunks(B: int, per_sample: int, device: torch.device) -> list:
+    return _cpu_pool.batch_chunks(B, per_sample, device, cpu_elems=CPU_CHUNK_ELEMENTS, elems=TORCH_CHUNK_ELEMENTS)
 
 
 def _torch_logits(l32, gp, wl32, phi32, bias32, up):
@@ -185,12 +163,14 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
     wl32 = w2d(w_l).to(ct)
     phi32 = w2d(phi_w)[0].to(ct)
     bias32 = phi_b.to(ct).reshape(())
-    def logits_of(chunk):
-        b0, b1 = chunk
+    chunks = _chunks(B, wl32.shape[0] * H * W, l.device)
+
+    def logits_of(i):
+        b0, b1 = chunks[i]
         logits[b0:b1] = _torch_logits(l[b0:b1].to(ct), gp[b0:b1], wl32, phi32, bias32, up)[1]
 
-    chunks = _chunks(B, wl32.shape[0], H * W, l.device)
-    _run(logits_of, chunks, l.device, _span(chunks) * wl32.shape[0] * H * W)
+    _cpu_pool.run_chunks(logits_of, chunks, l.device, per_sample=wl32.shape[0] * H * W,
+                         inflight=CPU_INFLIGHT_ELEMENTS)
     if normalize:
         lse.copy_(softmax_lse(logits))
     else:
@@ -199,12 +179,13 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
     a.copy_(a32.view(B, 1, H, W))
     if not normalize:
         a32 = a32 / (H * W)
-    def pool(chunk):
-        b0, b1 = chunk
+    chunks = _chunks(B, C * H * W, l.device)
+
+    def pool(i):
+        b0, b1 = chunks[i]
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a32[b0:b1].view(-1, H, W))
 
-    chunks = _chunks(B, C, H * W, l.device)
-    _run(pool, chunks, l.device, _span(chunks) * C * H * W)
+    _cpu_pool.run_chunks(pool, chunks, l.device)
     pooled.copy_(pooled32)
 
 
@@ -252,7 +233,7 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
     phi32 = w2d(phi_w)[0].to(ct)
     A = wl32.shape[0]
     scale = 1.0 if normalize else 1.0 / (H * W)
-    chunks = _chunks(B, A, H * W, l.device)
+    chunks = _chunks(B, A * H * W, l.device)
     # per-chunk partial sums of dW_l and dphi, added in chunk order afterwards (whichever worker ran a chunk)
     dwl_part = torch.empty((len(chunks), A, C), device=l.device, dtype=ct)
     dphi_part = torch.empty((len(chunks), A), device=l.device, dtype=ct)
@@ -277,7 +258,7 @@ def _torch_backward(l, gp, w_l, phi_w, dc, up, normalize, a32, dpooled, dl):
         else:
             dgp[b0:b1] = dz
 
-    _run(grads_of, range(len(chunks)), l.device, _span(chunks) * A * H * W)
+    _cpu_pool.run_chunks(grads_of, chunks, l.device, per_sample=A * H * W, inflight=CPU_INFLIGHT_ELEMENTS)
     dwl, dphi = dwl_part.sum(0), dphi_part.sum(0)
     return dwl, dphi, dgp.permute(0, 2, 3, 1)
 

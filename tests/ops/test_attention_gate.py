@@ -86,14 +86,21 @@ def test_logits_channels_last(request, backend, case, device):
     assert_close_3way(out, ref, eager, name=f"{case} channels_last")
 
 
-def test_torch_path_chunks(torch_backend, monkeypatch):
-    """Batch chunks of the PyTorch path (forward and recomputing backward) give the one-chunk result."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_torch_path_chunks(torch_backend, monkeypatch, workers):
+    """Batch chunks of the PyTorch path (forward and recomputing backward), as attnfast._cpu_pool tasks inline or
+    on 3 workers, give the one-chunk result."""
+    from attnfast import _cpu_pool
+
     inputs, k, up = make("agn", "cpu")
-    inputs[0] = torch.cat([inputs[0]] * 2)
-    inputs[1] = torch.cat([inputs[1]] * 2)
-    up = torch.cat([up] * 2)
+    inputs[0] = torch.cat([inputs[0]] * 3)
+    inputs[1] = torch.cat([inputs[1]] * 3)
+    up = torch.cat([up] * 3)
+    monkeypatch.setattr(ag_ops, "CPU_CHUNK_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: 1)
     whole = run(attention_gate_logits, inputs, k, up, torch.float64)
-    monkeypatch.setattr(ag_ops, "TORCH_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(ag_ops, "CPU_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
     for a, b in zip(run(attention_gate_logits, inputs, k, up, torch.float64), whole):
         torch.testing.assert_close(a, b)
 

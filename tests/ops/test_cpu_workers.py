@@ -5,7 +5,7 @@ import torch
 
 import attnfast
 from attnfast import _cpu_pool
-from attnfast.ops import residual_gate
+from attnfast.ops import attention_gate_logits, attention_pool, residual_gate
 
 
 def _modules():
@@ -17,7 +17,13 @@ def _modules():
         sa.gamma.fill_(0.5)
     x16, l8, g12 = torch.randn(3, 16, 9, 9), torch.randn(3, 8, 12, 12), torch.randn(3, 12, 6, 6)
     m, t = torch.randn(3, 4, 40, 40), torch.randn(3, 4, 40, 40)
+    w, bias, gmap = torch.randn(1, 8, 1, 1), torch.randn(1), torch.randn(3, 8, 12, 12)
+    xg, gg = torch.randn(3, 6, 16, 16), torch.randn(3, 10, 8, 8)
+    gate_w = (torch.randn(4, 6, 2, 2), torch.randn(4, 10, 1, 1), torch.randn(4), torch.randn(1, 4, 1, 1),
+              torch.randn(1))
     return {
+        "attention_pool": lambda: attention_pool(l8, w, bias, gmap, normalize="sigmoid")[1],
+        "attention_gate": lambda: attention_gate_logits(xg, gg, *gate_w, stride=2),
         "cbam": lambda: cbam(x16),
         "grid": lambda: grid(l8, g12)[1],
         "self_attention": lambda: sa(x16),
@@ -25,7 +31,8 @@ def _modules():
     }
 
 
-@pytest.mark.parametrize("op", ["cbam", "grid", "self_attention", "residual_gate"])
+@pytest.mark.parametrize("op", ["cbam", "grid", "self_attention", "residual_gate", "attention_pool",
+                                "attention_gate"])
 def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op):
     RG = __import__("sys").modules["attnfast.ops.residual_gate"]
     monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 1000)  # several chunks for the gate too
@@ -36,4 +43,4 @@ def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op
     with torch.inference_mode():
         got = fn()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert fn().requires_grad or op == "residual_gate"
+    assert fn().requires_grad or op not in ("cbam", "grid", "self_attention")
