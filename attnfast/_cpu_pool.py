@@ -86,8 +86,8 @@ class _Pool:
 
 def workers() -> int:
     """How many tasks run at once: the calling thread's ``torch.get_num_threads()`` (1 where the thread count is
-    not per thread, or where ``ATTNFAST_CPU_WORKERS=1``: tasks run in the calling thread, each op multi-threaded
-    as eager's)."""
+    not per thread, or where ``ATTNFAST_CPU_WORKERS=1``, the one value that variable takes: tasks run in the
+    calling thread, each op multi-threaded as eager's)."""
     if os.environ.get("ATTNFAST_CPU_WORKERS", "").strip() == "1" or not _per_thread_counts():
         return 1
     return max(1, torch.get_num_threads())

@@ -158,4 +158,5 @@ def test_env_knob_runs_tasks_in_the_caller(monkeypatch):
     _cpu_pool.run_tasks(lambda t: names.append(threading.current_thread().name), range(5))
     assert _cpu_pool.workers() == 1 and names == [threading.current_thread().name] * 5
     monkeypatch.delenv("ATTNFAST_CPU_WORKERS")
-    assert _cpu_pool.workers() == max(1, torch.get_num_threads())
+    if _cpu_pool._per_thread_counts():  # an OpenMP build (the pip wheels)
+        assert _cpu_pool.workers() == max(1, torch.get_num_threads())

@@ -375,7 +375,11 @@ class _ChannelMoments(torch.autograd.Function):
             vc = v[b0:b1].to(ct) - mean.view(1, -1, 1, 1)
             dv[b0:b1] = torch.einsum("cd,bdhw->bchw", sym, vc) + (dmean / n).view(1, -1, 1, 1)
 
-        _cpu_pool.run_chunks(dv_of, chunks, v.device)
+        if torch.is_grad_enabled():  # double backward (create_graph=True): record the graph in this thread
+            for i in range(len(chunks)):
+                dv_of(i)
+        else:
+            _cpu_pool.run_chunks(dv_of, chunks, v.device)
         return dv
 
 

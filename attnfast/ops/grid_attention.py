@@ -185,7 +185,7 @@ def _torch_forward(l, gp, w_l, phi_w, phi_b, up, normalize, a, pooled, logits, l
         b0, b1 = chunks[i]
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a32[b0:b1].view(-1, H, W))
 
-    _cpu_pool.run_chunks(pool, chunks, l.device)
+    _cpu_pool.run_chunks(pool, chunks, l.device, per_sample=C * H * W, inflight=CPU_INFLIGHT_ELEMENTS)
     pooled.copy_(pooled32)
 
 

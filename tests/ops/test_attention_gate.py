@@ -97,9 +97,12 @@ def test_torch_path_chunks(torch_backend, monkeypatch, workers):
     inputs[1] = torch.cat([inputs[1]] * 3)
     up = torch.cat([up] * 3)
     monkeypatch.setattr(ag_ops, "CPU_CHUNK_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(_cpu_pool, "TASKS_PER_WORKER", 1)
     monkeypatch.setattr(_cpu_pool, "workers", lambda: 1)
+    assert ag_ops._chunks(3, 10, torch.device("cpu")) == [(0, 3)]
     whole = run(attention_gate_logits, inputs, k, up, torch.float64)
     monkeypatch.setattr(ag_ops, "CPU_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    assert ag_ops._chunks(3, 10, torch.device("cpu")) == [(0, 1), (1, 2), (2, 3)]
     monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
     for a, b in zip(run(attention_gate_logits, inputs, k, up, torch.float64), whole):
         torch.testing.assert_close(a, b)
@@ -205,3 +208,20 @@ def test_validation(change, match):
 def test_gate_validation():
     with pytest.raises(ValueError, match=r"map must be \(B, 1, H, W\)"):
         gate(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5))
+
+
+def test_channel_moments_twice_differentiable_on_cpu():
+    """channel_moments is differentiable, backward included (create_graph=True), as its eager formula."""
+    from attnfast.ops.attention_gate import channel_moments
+
+    v = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    mean, cov = channel_moments(v)
+    (dv,) = torch.autograd.grad((mean.square().sum() + cov.square().sum()), v, create_graph=True)
+    assert dv.requires_grad
+    vf = v.flatten(2).transpose(0, 1).reshape(4, -1)
+    m_ref = vf.mean(1)
+    c_ref = (vf - m_ref[:, None]) @ (vf - m_ref[:, None]).T / vf.shape[1]
+    (dv_ref,) = torch.autograd.grad((m_ref.square().sum() + c_ref.square().sum()), v, create_graph=True)
+    torch.testing.assert_close(dv, dv_ref)
+    torch.testing.assert_close(torch.autograd.grad(dv.square().sum(), v)[0],
+                               torch.autograd.grad(dv_ref.square().sum(), v)[0])

@@ -44,3 +44,36 @@ def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op
         got = fn()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert fn().requires_grad or op not in ("cbam", "grid", "self_attention")
+
+
+@pytest.mark.parametrize("op", ["attention_pool", "attention_gate"])
+def test_weight_gradients_on_three_workers_match_inline(torch_backend, monkeypatch, op):
+    """The backward's per-chunk partial weight gradients on 3 workers give the inline run's gradients."""
+    torch.manual_seed(1)
+    torch.set_default_dtype(torch.float64)  # float64: the chunk order is the only difference
+    try:
+        grads = _weight_grads(monkeypatch, op)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _weight_grads(monkeypatch, op):
+    if op == "attention_pool":
+        l, g = torch.randn(5, 8, 12, 12), torch.randn(5, 8, 12, 12)
+        params = [torch.randn(1, 8, 1, 1), torch.randn(1)]
+        fn = lambda w, b: attention_pool(l, w, b, g)[1]  # noqa: E731
+    else:
+        x, g = torch.randn(5, 6, 16, 16), torch.randn(5, 10, 8, 8)
+        params = [torch.randn(4, 6, 2, 2), torch.randn(4, 10, 1, 1), torch.randn(4), torch.randn(1, 4, 1, 1),
+                  torch.randn(1)]
+        fn = lambda *w: attention_gate_logits(x, g, *w, stride=2)  # noqa: E731
+    grads = []
+    for workers in (1, 3):
+        monkeypatch.setattr(_cpu_pool, "workers", lambda w=workers: w)
+        leaves = [p.clone().requires_grad_() for p in params]
+        fn(*leaves).square().sum().backward()
+        grads.append([p.grad for p in leaves])
+    return grads
