@@ -137,9 +137,10 @@ def _in_modes(modes, fn, *args):
 
 def run_tasks(fn: Callable[[object], None], tasks: Iterable, limit: int = 0) -> None:
     """Calls ``fn(task)`` for every task, ``workers()`` at a time (at most ``limit`` when given: a bound on what
-    the tasks in flight hold in memory), in any order and on any worker; returns when all are done. The first exception a task raises is raised here once the running tasks have finished (tasks
-    not yet started are skipped); an exception in the caller while it waits (Ctrl-C) cancels the tasks not yet
-    started and is re-raised at once."""
+    the tasks in flight hold in memory), in any order and on any worker; returns when all are done. The first
+    exception a task raises is raised here once the running tasks have finished (tasks not yet started are
+    skipped); an exception in the caller while it waits (Ctrl-C) cancels the tasks not yet started and is
+    re-raised at once."""
     tasks = list(tasks)
     n = min(workers(), len(tasks), limit or len(tasks))
     if n <= 1 or in_worker():

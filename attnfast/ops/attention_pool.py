@@ -144,6 +144,7 @@ def _torch_forward(l, w32, off, g, softmax, mean, c_out, pooled, logits, stats, 
     else:
         stats.zero_()
     a = _attention(logits, stats, softmax) * _scale(l, mean)
+
     def pool(i):
         b0, b1 = chunks[i]
         pooled32[b0:b1] = torch.einsum("bchw,bhw->bc", l[b0:b1].to(ct), a[b0:b1].view(-1, H, W))

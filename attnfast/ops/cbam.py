@@ -409,7 +409,8 @@ def cbam_backward_op(grad: torch.Tensor, x: torch.Tensor, fc1_w: torch.Tensor, f
             ds_c[b0:b1] = _torch_backward_channel(states[i], s_p[b0:b1], cm[b0:b1], cw[b0:b1], cmax[b0:b1])
 
         _cpu_pool.run_chunks(channel, chunks, x.device)
-        davg, dcmax, *wgrads = _cpu_pool.small(lambda: _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light), x.device)
+        davg, dcmax, *wgrads = _cpu_pool.small(
+            lambda: _mlp_backward(ds_c, s_c, cstat[:, 0], cmax, mlp_args, light), x.device)
 
         def dinput(i):
             b0, b1 = chunks[i]
