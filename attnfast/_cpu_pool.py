@@ -148,6 +148,11 @@ def run_tasks(fn: Callable[[object], None], tasks: Iterable, limit: int = 0) -> 
             for t in tasks:
                 fn(t)
         return
+    _on_pool(fn, tasks, n)
+
+
+def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
+    """``run_tasks``' pool part: ``n`` runners of the calling thread's pool take the tasks one at a time."""
     pool = _get_pool(workers())
     modes = _caller_modes()
     lock = threading.Lock()
@@ -195,23 +200,7 @@ def single_threaded(fn: Callable, *args):
         with torch.no_grad():
             return fn(*args)
     out = []
-    pool = _get_pool(workers())
-    modes = _caller_modes()
-    done = threading.Event()
-    err = []
-
-    def job():
-        try:
-            out.append(_in_modes(modes, fn, *args))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-            err.append(e)
-        finally:
-            done.set()
-
-    pool.jobs.put(job)
-    done.wait()
-    if err:
-        raise err[0]
+    _on_pool(lambda _: out.append(fn(*args)), [None], 1)
     return out[0]
 
 
