@@ -7,10 +7,18 @@ job), one of the threads shares its core, every region waits for it, and threads
 regions wait to be scheduled again: a path made of many ops pays that once per op
 (``benchmarks/results/cpu_load.md`` has the measurements, before and after this pool).
 
-``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one
-thread (no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy
-core simply does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling
-thread waits. PyTorch releases the GIL inside its ops, so the threads compute at the same time.
+``run_tasks(fn, tasks)`` instead has ``workers()`` runners take the tasks: the calling thread and ``workers() - 1``
+threads of a pool, each running its PyTorch ops on one thread (no parallel regions). A runner takes the next task
+when it finishes one, so a runner slowed by a busy core simply does fewer tasks, and a task can keep its working
+set in that core's cache between ops. The caller starts at once and waits only for the tasks a worker has
+started: small work finishes in the caller before a worker wakes and costs no handoff. PyTorch releases the GIL
+inside its ops, so the threads compute at the same time. While it runs tasks the caller's own thread count is 1
+(``torch.set_num_threads``, restored after; it is also the default for threads PyTorch starts meanwhile).
+
+A cost this cannot avoid (measured on the 2-core machine, torch 2.14.1): after every multi-threaded op, such as
+the convolution before an attention block, GNU OpenMP's idle team threads spin for about 5-9 ms before they
+sleep, holding a core the runners could use; a parallel region would reuse them. Short task phases right after
+such an op therefore run with about one core less than the machine has.
 
 What the workers inherit from the calling thread, per call: grad mode off, the caller's inference mode (tensors
 made under ``torch.inference_mode`` can only be written there) and its flush-denormal setting. Results do not
@@ -27,6 +35,7 @@ process-wide). A KeyboardInterrupt (or any exception) in the waiting caller canc
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -40,6 +49,10 @@ __all__ = ["batch_chunks", "run_chunks", "run_tasks", "single_threaded", "small"
 # batch_chunks' target: this many chunks per worker while there are samples for them (a worker on a busy core then
 # costs at most a small chunk), fewer where a chunk would fall below cpu_elems.
 TASKS_PER_WORKER = 4
+# ... and chunks of at least this many elements of per_sample: below it a task's ops cost less than handing it over
+# (grid attention at the main job's shapes, B=32 with 32x8x8 and 64x4x4 maps, fwd+bwd of both blocks: 12.1 ms as
+# 8 tasks of 8k elements, 4.7 ms as one task, eager 4.2 ms; 2026-12-03, 2 quiet cores)
+MIN_TASK_ELEMS = 1 << 16
 _pools: dict = {}
 _pools_lock = threading.Lock()
 _local = threading.local()
@@ -99,10 +112,11 @@ def in_worker() -> bool:
 
 
 def _get_pool(n: int) -> _Pool:
+    """The pool of callers with ``n`` threads: ``n - 1`` workers (the caller is the n-th runner)."""
     with _pools_lock:
         pool = _pools.get(n)
         if pool is None or pool.pid != os.getpid():
-            pool = _pools[n] = _Pool(n)
+            pool = _pools[n] = _Pool(n - 1)
         return pool
 
 
@@ -152,36 +166,44 @@ def run_tasks(fn: Callable[[object], None], tasks: Iterable, limit: int = 0) -> 
 
 
 def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
-    """``run_tasks``' pool part: ``n`` runners of the calling thread's pool take the tasks one at a time."""
+    """``run_tasks``' pool part: the calling thread and ``n - 1`` workers of its pool are the runners; each takes
+    the tasks one at a time. The caller starts at once and waits only for tasks a worker has started: a worker
+    that wakes after the last task was taken leaves without being waited for (small work then costs no
+    handoff)."""
     pool = _get_pool(workers())
     modes = _caller_modes()
     lock = threading.Lock()
     done = threading.Event()
-    state = {"next": 0, "runners": n, "error": None, "cancelled": False}
+    state = {"next": 0, "finished": 0, "stopped": False, "error": None, "cancelled": False}
 
-    def runner():  # one of n: takes this call's tasks one at a time until none is left
-        try:
-            while True:
-                with lock:
-                    i = state["next"]
-                    if i >= len(tasks) or state["error"] is not None or state["cancelled"]:
-                        return
-                    state["next"] = i + 1
-                try:
-                    _in_modes(modes, fn, tasks[i])
-                except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                    with lock:
-                        if state["error"] is None:
-                            state["error"] = e
-        finally:
+    def runner(run=_in_modes):  # takes this call's tasks one at a time until none is left
+        while True:
             with lock:
-                state["runners"] -= 1
-                if state["runners"] == 0:
-                    done.set()
+                i = state["next"]
+                if i >= len(tasks) or state["error"] is not None or state["cancelled"]:
+                    return
+                state["next"] = i + 1
+            try:
+                run(modes, fn, tasks[i])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                with lock:
+                    if state["error"] is None:
+                        state["error"] = e
+            finally:
+                with lock:
+                    state["finished"] += 1
+                    if state["stopped"] and state["finished"] == state["next"]:
+                        done.set()
 
-    for _ in range(n):
+    for _ in range(n - 1):
         pool.jobs.put(runner)
     try:
+        with _as_worker():
+            runner(lambda _modes, f, t: f(t))  # the caller's modes are its own
+        with lock:  # no task starts from here on: wait for the ones the workers are running
+            state["stopped"] = True
+            if state["finished"] == state["next"]:
+                done.set()
         done.wait()
     except BaseException:
         with lock:
@@ -191,17 +213,32 @@ def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
         raise state["error"]
 
 
+@contextlib.contextmanager
+def _as_worker():
+    """The calling thread as a runner: its ops single-threaded, grad mode off, calls from its tasks inline."""
+    own, was = torch.get_num_threads(), in_worker()
+    _local.worker = True
+    if own != 1:
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if own != 1:
+            torch.set_num_threads(own)
+        _local.worker = was
+
+
 def single_threaded(fn: Callable, *args):
-    """``fn(*args)`` on one worker, its ops single-threaded, and its result (grad mode off, as in a task); in the
-    calling thread when ``run_tasks`` would run tasks there. For the small batch-wide work between two task
-    phases (a conv or a BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a
-    parallel region too short to pay for waking every thread, which on busy cores costs more than the op."""
+    """``fn(*args)`` in the calling thread with its ops single-threaded, and its result (grad mode off, as in a
+    task). For the small batch-wide work between two task phases (a conv or a BatchNorm on (B, 2, H, W) maps):
+    multi-threaded, each of its ops would be a parallel region too short to pay for waking every thread, which on
+    busy cores costs more than the op; handed to a worker, the handoff would cost more than the work."""
     if workers() <= 1 or in_worker():
         with torch.no_grad():
             return fn(*args)
-    out = []
-    _on_pool(lambda _: out.append(fn(*args)), [None], 1)
-    return out[0]
+    with _as_worker():
+        return fn(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,10 +246,11 @@ def single_threaded(fn: Callable, *args):
 # ----------------------------------------------------------------------------------------------
 def batch_chunks(batch: int, per_sample: int, device: torch.device, *, cpu_elems: int, elems: int) -> list:
     """(b0, b1) sample ranges of an op's PyTorch path, each of at most ``elems`` elements of ``per_sample`` per
-    sample (one sample at least); on CPU, where each is a task, at most ``cpu_elems`` and about 4 per worker
-    while there are samples for them."""
+    sample (one sample at least); on CPU, where each is a task, at most ``cpu_elems``, at least ``MIN_TASK_ELEMS``
+    (where the batch has them) and about 4 per worker while there are samples for them."""
     if device.type == "cpu":
         step = min(cpu_elems // max(1, per_sample), -(-batch // (TASKS_PER_WORKER * workers())))
+        step = max(step, -(-MIN_TASK_ELEMS // max(1, per_sample)))
     else:
         step = elems // max(1, per_sample)
     step = max(1, step)

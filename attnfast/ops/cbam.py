@@ -101,11 +101,14 @@ def _fc(v, w, b):
 
 
 def _mlp_forward(avg, cmax, params, light: bool):
-    """Channel gate s_c (B, C) from the pooled statistics, as timm's (Light)ChannelAttn groups it."""
+    """Channel gate s_c (B, C) from the pooled statistics, as timm's (Light)ChannelAttn groups it; the two
+    branches' rows go through each layer in one matmul (its weights read once)."""
     w1, b1, w2, b2 = params
     if light:
         return torch.sigmoid(_fc(torch.relu(_fc(0.5 * avg + 0.5 * cmax, w1, b1)), w2, b2))
-    return torch.sigmoid(_fc(torch.relu(_fc(avg, w1, b1)), w2, b2) + _fc(torch.relu(_fc(cmax, w1, b1)), w2, b2))
+    B = avg.shape[0]
+    out = _fc(torch.relu(_fc(torch.cat([avg, cmax]), w1, b1)), w2, b2)
+    return torch.sigmoid(out[:B] + out[B:])
 
 
 def _relu_grad(pre, grad):
@@ -115,7 +118,8 @@ def _relu_grad(pre, grad):
 
 def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
     """(d avg, d cmax, d w1 (R, C), d b1, d w2 (C, R), d b2) from d s_c (compute dtype), node by node as eager's
-    autograd computes them (each branch's weight gradient on its own, then summed)."""
+    autograd computes them, with the two branches' rows stacked: one matmul per product, each weight read (and
+    each weight gradient written) once; a weight gradient sums both branches in one matmul."""
     w1, b1, w2, b2 = params
     do = ds_c * (1 - s_c) * s_c
     if light:
@@ -124,11 +128,14 @@ def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
         dpre = _relu_grad(pre, do @ w2)
         dv = dpre @ w1
         return 0.5 * dv, 0.5 * dv, dpre.T @ v, dpre.sum(0), do.T @ torch.relu(pre), do.sum(0)
-    pre_a, pre_m = _fc(avg, w1, b1), _fc(cmax, w1, b1)
-    dpre_a, dpre_m = _relu_grad(pre_a, do @ w2), _relu_grad(pre_m, do @ w2)
-    dw1 = dpre_a.T @ avg + dpre_m.T @ cmax
-    dw2 = do.T @ torch.relu(pre_a) + do.T @ torch.relu(pre_m)
-    return dpre_a @ w1, dpre_m @ w1, dw1, dpre_a.sum(0) + dpre_m.sum(0), dw2, do.sum(0) + do.sum(0)
+    B = avg.shape[0]
+    v = torch.cat([avg, cmax])
+    pre = _fc(v, w1, b1)
+    dh = do @ w2
+    dpre = _relu_grad(pre, torch.cat([dh, dh]))
+    dv = dpre @ w1
+    do2 = torch.cat([do, do])
+    return dv[:B], dv[B:], dpre.T @ v, dpre.sum(0), do2.T @ torch.relu(pre), do2.sum(0)
 
 
 def _conv_input(smap: torch.Tensor, H: int, W: int, light: bool) -> torch.Tensor:
@@ -214,26 +221,33 @@ def _sample_chunks(x) -> list:
 
 
 def _torch_forward_maps(x, ct, mlp, chunks):
-    """(sums, cmax, s_c, psum, pmax, x s_c): the two pooling passes per chunk; ``mlp(avg, cmax) -> s_c``."""
+    """(sums, cmax, s_c, psum, pmax, x s_c): the channel pooling pass per chunk, the MLP on the whole batch (its
+    weights read once, not once per chunk), then the spatial pooling pass per chunk; ``mlp(sums, cmax) -> s_c``."""
     B, C, H, W = x.shape
     P = H * W
-    sums, cmax, s_c = (torch.empty((B, C), dtype=ct, device=x.device) for _ in range(3))
+    sums, cmax = (torch.empty((B, C), dtype=ct, device=x.device) for _ in range(2))
     psum, pmax = (torch.empty((B, P), dtype=ct, device=x.device) for _ in range(2))
     # in the compute dtype (type promotion); when that is x's dtype, x s_c is written where y goes and the
     # gate pass scales it in place (one full-size allocation per call, as eager's y)
     xs = _alloc.empty_like(x) if x.dtype == ct else torch.empty_like(x, dtype=ct)
 
-    def chunk(i):
+    def channel_pool(i):
         b0, b1 = chunks[i]
-        xb, n = x[b0:b1], b1 - b0
+        xb = x[b0:b1]
         sums[b0:b1] = xb.sum((2, 3), dtype=ct)
         cmax[b0:b1] = xb.amax((2, 3))
-        s_c[b0:b1] = mlp(sums[b0:b1], cmax[b0:b1])
-        xsb = torch.mul(xb, _bc(s_c[b0:b1]), out=xs[b0:b1])
+
+    _cpu_pool.run_chunks(channel_pool, chunks, x.device)
+    s_c = _cpu_pool.small(lambda: mlp(sums, cmax), x.device)
+
+    def spatial_pool(i):
+        b0, b1 = chunks[i]
+        n = b1 - b0
+        xsb = torch.mul(x[b0:b1], _bc(s_c[b0:b1]), out=xs[b0:b1])
         psum[b0:b1] = torch.bmm(xsb.new_ones(n, 1, C), xsb.reshape(n, C, -1)).view(n, -1)  # a matmul sums over
         pmax[b0:b1] = xsb.amax(1).flatten(1)  # C faster than sum(1)
 
-    _cpu_pool.run_chunks(chunk, chunks, x.device)
+    _cpu_pool.run_chunks(spatial_pool, chunks, x.device)
     return sums, cmax, s_c, psum, pmax, xs
 
 

@@ -102,6 +102,7 @@ def test_torch_path_chunks(torch_backend, monkeypatch, workers):
     assert ag_ops._chunks(3, 10, torch.device("cpu")) == [(0, 3)]
     whole = run(attention_gate_logits, inputs, k, up, torch.float64)
     monkeypatch.setattr(ag_ops, "CPU_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)
     assert ag_ops._chunks(3, 10, torch.device("cpu")) == [(0, 1), (1, 2), (2, 3)]
     monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
     for a, b in zip(run(attention_gate_logits, inputs, k, up, torch.float64), whole):

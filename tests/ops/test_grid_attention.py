@@ -203,6 +203,7 @@ def test_cpu_tasks_match_reference_and_repeat(torch_backend, monkeypatch, worker
 
     GA = __import__("sys").modules["attnfast.ops.grid_attention"]
     monkeypatch.setattr(GA, "CPU_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)
     B, _, _, A, H, W = case[:6]
     monkeypatch.setattr(GA, "CPU_INFLIGHT_ELEMENTS", 2 * max(A, case[1]) * H * W)
     monkeypatch.setattr(_cpu_pool, "workers", lambda: workers)
