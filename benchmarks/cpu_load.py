@@ -20,12 +20,13 @@ scheduling delay per op when the cores are busy. This script measures that side 
   ``main_job``        ``attnfast train --attention fused`` vs ``reference`` (the README's main job; the
                       number of epochs is ``--main-job-epochs``), timed as one step.
 
-- Every measurement is a fresh process. Within a level, the providers of a case run one after the other,
-  in an order rotated every round (``--rounds``). A process warms up at a tiny shape, runs one untimed step at
-  the real shape, then ``--steps`` timed steps: wall time and process CPU time (all its threads: a thread
-  spinning at a barrier shows here). Peak RSS growth is the process's peak RSS (VmHWM, reset after the setup)
-  above its RSS with the inputs allocated; "saved" is what autograd keeps for backward (``harness.SavedBytes``)
-  where the case has one. The 1-minute load average is recorded before and after every measurement.
+- Every measurement is a fresh process. Within a level, the providers of a case run one after the other, in an
+  order rotated every round (``--rounds``) and load level. A process warms up at a tiny shape, runs one untimed
+  step at the real shape, then ``--steps`` timed steps: wall time and process CPU time (all its threads: a
+  thread spinning at a barrier shows here). Peak RSS growth is the process's peak RSS (VmHWM, reset after the
+  setup) above its RSS with the inputs allocated; "saved" is what autograd keeps for backward
+  (``harness.SavedBytes``) where the case has one. The 1-minute load average is recorded before and after every
+  measurement.
 
 "Ratio" is a provider's median step time over the best alternative's (the fastest other provider) at the
 same level: below 1 the fused path wins. Writes ``<out>.json`` and ``<out>.md``.
@@ -359,14 +360,15 @@ def run(args) -> dict:
     info["command"] = " ".join(["python", "benchmarks/cpu_load.py"] + list(args.argv))
     info["load_average_at_start"] = os.getloadavg()
     runs = []
-    for busy in busy_levels:
+    for level, busy in enumerate(busy_levels):
         procs = start_busy(busy)
         try:
             time.sleep(args.settle_s if busy else 0)
             for case in args.cases:
                 provs = list(PROVIDERS[case])
                 for rnd in range(args.rounds):
-                    for pr in provs[rnd % len(provs):] + provs[:rnd % len(provs)]:
+                    first = (rnd + level) % len(provs)  # rotated every round and level: no provider always first
+                    for pr in provs[first:] + provs[:first]:
                         r = measure(case, pr, sizes[case], args.steps, args.threads, args.timeout_s)
                         r.update(busy=busy, case=case, provider=pr, round=rnd)
                         runs.append(r)
