@@ -5,20 +5,25 @@ A multi-threaded PyTorch op is one OpenMP parallel region: each of its T threads
 the op ends when the slowest thread does. When other processes share the cores (DataLoader workers, another
 job), one of the threads shares its core, every region waits for it, and threads that fell asleep between
 regions wait to be scheduled again: a path made of many ops pays that once per op
-(``benchmarks/results/cpu_load.md`` has the measurements, before and after this pool).
+(``benchmarks/results/cpu_load.md`` has the measurements; the file as of commit 6f285b4 has them from before this
+pool).
 
-``run_tasks(fn, tasks)`` instead has ``workers()`` runners take the tasks: the calling thread and ``workers() - 1``
-threads of a pool, each running its PyTorch ops on one thread (no parallel regions). A runner takes the next task
-when it finishes one, so a runner slowed by a busy core simply does fewer tasks, and a task can keep its working
-set in that core's cache between ops. The caller starts at once and waits only for the tasks a worker has
-started: small work finishes in the caller before a worker wakes and costs no handoff. PyTorch releases the GIL
-inside its ops, so the threads compute at the same time. While it runs tasks the caller's own thread count is 1
-(``torch.set_num_threads``, restored after; it is also the default for threads PyTorch starts meanwhile).
+``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one
+thread (no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy
+core simply does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling
+thread waits until every task has finished, not for workers that woke too late to take one (and drops the
+call's references before it returns, so no worker frees the call's tensors afterwards). PyTorch releases the GIL
+inside its ops, so the threads compute at the same time. The calling thread does not run tasks itself: it would
+have to switch its own thread count to 1 and back around them (``torch.set_num_threads``), which also rebuilds
+PyTorch's global pthreadpool and resets the process's default for new threads on every call.
 
-A cost this cannot avoid (measured on the 2-core machine, torch 2.14.1): after every multi-threaded op, such as
-the convolution before an attention block, GNU OpenMP's idle team threads spin for about 5-9 ms before they
-sleep, holding a core the runners could use; a parallel region would reuse them. Short task phases right after
-such an op therefore run with about one core less than the machine has.
+A cost this does not avoid: after every multi-threaded op, such as the convolution before an attention block,
+GNU OpenMP's idle team threads busy-wait (``GOMP_SPINCOUNT``, 300000 spins by default) before they sleep, holding
+a core the workers could use, where a parallel region would reuse them. On the 2-core machine (torch 2.14.1,
+2026-12-03) that was 4-9 ms of process CPU time while the caller slept after a 4M-element copy (``time.process_time``
+around ``time.sleep``; none with ``GOMP_SPINCOUNT=0``). Short task phases right after such an op run with about one
+core less. ``OMP_WAIT_POLICY=PASSIVE`` in the environment before the process starts removes the spin, at the cost
+of slower wake-ups for PyTorch's own parallel regions.
 
 What the workers inherit from the calling thread, per call: grad mode off, the caller's inference mode (tensors
 made under ``torch.inference_mode`` can only be written there) and its flush-denormal setting. Results do not
@@ -29,13 +34,14 @@ The pools are created on first use: one per thread count (the calling thread's `
 never stopped while the process lives (so a thread with another count never cancels queued work). Each worker
 sets its own OpenMP/MKL thread count to 1; ``torch.set_num_threads`` also sets the default for threads started
 later, so the creator restores that once every worker is ready. A forked child starts without the parent's
-threads and creates its own pools. The tasks run in the calling thread instead with one thread, one task, a call
-made from inside a task, or a PyTorch whose parallel backend is not OpenMP (there ``set_num_threads`` is
-process-wide). A KeyboardInterrupt (or any exception) in the waiting caller cancels the tasks not yet started.
+threads and creates its own pools. All tasks run in the calling thread with its own (multi-threaded) count, as
+eager ops do, with one thread, one task (or ``limit`` 1), a call made from inside a task, ``ATTNFAST_CPU_WORKERS=1``
+or a PyTorch whose parallel backend is not OpenMP (there ``set_num_threads`` is process-wide). A KeyboardInterrupt
+(or any exception) in the waiting caller cancels the tasks not yet started and is raised at once; the running
+tasks finish on their own.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import queue
@@ -47,11 +53,11 @@ import torch
 __all__ = ["batch_chunks", "run_chunks", "run_tasks", "single_threaded", "small", "workers"]
 
 # batch_chunks' target: this many chunks per worker while there are samples for them (a worker on a busy core then
-# costs at most a small chunk), fewer where a chunk would fall below cpu_elems.
+# costs at most a small chunk); more where a chunk would exceed cpu_elems, fewer where it would fall below
+# MIN_TASK_ELEMS elements: below that a task's ops cost less than handing it over. Grid attention at the main job's
+# shapes (B=32, 32x8x8 and 64x4x4 maps; fwd+bwd of both blocks, median of 38 in-process steps, 2 quiet cores,
+# torch 2.14.1, 2026-12-03, not committed): 12.1 ms as 8 tasks of 8k elements, 4.7 ms as one, eager 4.2 ms.
 TASKS_PER_WORKER = 4
-# ... and chunks of at least this many elements of per_sample: below it a task's ops cost less than handing it over
-# (grid attention at the main job's shapes, B=32 with 32x8x8 and 64x4x4 maps, fwd+bwd of both blocks: 12.1 ms as
-# 8 tasks of 8k elements, 4.7 ms as one task, eager 4.2 ms; 2026-12-03, 2 quiet cores)
 MIN_TASK_ELEMS = 1 << 16
 _pools: dict = {}
 _pools_lock = threading.Lock()
@@ -112,11 +118,10 @@ def in_worker() -> bool:
 
 
 def _get_pool(n: int) -> _Pool:
-    """The pool of callers with ``n`` threads: ``n - 1`` workers (the caller is the n-th runner)."""
     with _pools_lock:
         pool = _pools.get(n)
         if pool is None or pool.pid != os.getpid():
-            pool = _pools[n] = _Pool(n - 1)
+            pool = _pools[n] = _Pool(n)
         return pool
 
 
@@ -166,79 +171,68 @@ def run_tasks(fn: Callable[[object], None], tasks: Iterable, limit: int = 0) -> 
 
 
 def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
-    """``run_tasks``' pool part: the calling thread and ``n - 1`` workers of its pool are the runners; each takes
-    the tasks one at a time. The caller starts at once and waits only for tasks a worker has started: a worker
-    that wakes after the last task was taken leaves without being waited for (small work then costs no
-    handoff)."""
+    """``run_tasks``' pool part: ``n`` runners on the calling thread's pool take the tasks one at a time; the
+    caller waits until the tasks that started have finished and no more will start. A runner drops its
+    references to ``fn`` and the task before it counts the task as finished, and the last one drops the call's, so
+    a worker that wakes late (it finds nothing to do) or returns after the caller has moved on frees none of the
+    call's tensors."""
     pool = _get_pool(workers())
     modes = _caller_modes()
     lock = threading.Lock()
     done = threading.Event()
-    state = {"next": 0, "finished": 0, "stopped": False, "error": None, "cancelled": False}
+    state = {"fn": fn, "tasks": tasks, "count": len(tasks), "next": 0, "finished": 0, "error": None,
+             "cancelled": False}
+    del fn, tasks
 
-    def runner(run=_in_modes):  # takes this call's tasks one at a time until none is left
+    def runner():  # one of n: takes this call's tasks one at a time until none is left
         while True:
             with lock:
                 i = state["next"]
-                if i >= len(tasks) or state["error"] is not None or state["cancelled"]:
+                if i >= state["count"] or state["error"] is not None or state["cancelled"]:
                     return
                 state["next"] = i + 1
+                f, task = state["fn"], state["tasks"][i]
             try:
-                run(modes, fn, tasks[i])
+                _in_modes(modes, f, task)
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
                 with lock:
                     if state["error"] is None:
                         state["error"] = e
             finally:
+                f = task = None  # noqa: F841 - not this thread's to free once the caller has moved on
                 with lock:
                     state["finished"] += 1
-                    if state["stopped"] and state["finished"] == state["next"]:
+                    last = state["finished"] == state["next"] and (
+                        state["next"] >= state["count"] or state["error"] is not None or state["cancelled"])
+                    if last:
+                        state["fn"] = state["tasks"] = None
                         done.set()
 
-    for _ in range(n - 1):
+    for _ in range(n):
         pool.jobs.put(runner)
     try:
-        with _as_worker():
-            runner(lambda _modes, f, t: f(t))  # the caller's modes are its own
-        with lock:  # no task starts from here on: wait for the ones the workers are running
-            state["stopped"] = True
-            if state["finished"] == state["next"]:
-                done.set()
         done.wait()
     except BaseException:
         with lock:
             state["cancelled"] = True
+            if state["finished"] == state["next"]:
+                state["fn"] = state["tasks"] = None
         raise
     if state["error"] is not None:
         raise state["error"]
 
 
-@contextlib.contextmanager
-def _as_worker():
-    """The calling thread as a runner: its ops single-threaded, grad mode off, calls from its tasks inline."""
-    own, was = torch.get_num_threads(), in_worker()
-    _local.worker = True
-    if own != 1:
-        torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if own != 1:
-            torch.set_num_threads(own)
-        _local.worker = was
-
-
 def single_threaded(fn: Callable, *args):
-    """``fn(*args)`` in the calling thread with its ops single-threaded, and its result (grad mode off, as in a
-    task). For the small batch-wide work between two task phases (a conv or a BatchNorm on (B, 2, H, W) maps):
-    multi-threaded, each of its ops would be a parallel region too short to pay for waking every thread, which on
-    busy cores costs more than the op; handed to a worker, the handoff would cost more than the work."""
+    """``fn(*args)`` on one worker, its ops single-threaded, and its result (grad mode off, as in a task); in the
+    calling thread when ``run_tasks`` would run tasks there. For the small batch-wide work between two task
+    phases (a conv or a BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a
+    parallel region too short to pay for waking every thread, which on busy cores costs more than the op."""
     if workers() <= 1 or in_worker():
         with torch.no_grad():
             return fn(*args)
-    with _as_worker():
-        return fn(*args)
+    out = []
+    _on_pool(lambda _: out.append(fn(*args)), [None], 1)
+    return out[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,11 +240,12 @@ def single_threaded(fn: Callable, *args):
 # ----------------------------------------------------------------------------------------------
 def batch_chunks(batch: int, per_sample: int, device: torch.device, *, cpu_elems: int, elems: int) -> list:
     """(b0, b1) sample ranges of an op's PyTorch path, each of at most ``elems`` elements of ``per_sample`` per
-    sample (one sample at least); on CPU, where each is a task, at most ``cpu_elems``, at least ``MIN_TASK_ELEMS``
-    (where the batch has them) and about 4 per worker while there are samples for them."""
+    sample (one sample at least); on CPU, where each is a task, about ``TASKS_PER_WORKER`` per worker, but with
+    at least ``MIN_TASK_ELEMS`` elements (whole samples: the last chunk or a small batch can hold fewer) and at most
+    ``cpu_elems``, which wins over ``MIN_TASK_ELEMS``."""
     if device.type == "cpu":
-        step = min(cpu_elems // max(1, per_sample), -(-batch // (TASKS_PER_WORKER * workers())))
-        step = max(step, -(-MIN_TASK_ELEMS // max(1, per_sample)))
+        ps = max(1, per_sample)
+        step = min(cpu_elems // ps, max(-(-batch // (TASKS_PER_WORKER * workers())), -(-MIN_TASK_ELEMS // ps)))
     else:
         step = elems // max(1, per_sample)
     step = max(1, step)

@@ -1,11 +1,11 @@
 """CPU measurements of CBAM (run by hand): writes benchmarks/results/cbam_cpu.{json,md}.
 
-1. Time: eager reference (``attnfast.reference.CBAM``) vs fused (``attnfast.CBAM``, the PyTorch path on
-   CPU) at the ResNet-50 stage shapes, fp32, BatchNorm in train mode, forward and forward+backward.
-   Each measurement is a fresh process (honest peak RSS), providers alternate (eager, fused, eager, ...)
-   ``--rounds`` times; every process warms up at a tiny size, runs one untimed step at the real shape and
-   times ``--repeats`` more (wall and process CPU time). The table gives the medians over all timed steps
-   and the sampled RSS growth during the first real-shape step (x and the upstream gradient excluded).
+1. Time: eager reference (``attnfast.reference.CBAM``) vs fused (``attnfast.CBAM``, the PyTorch path on CPU) at
+   the ResNet-50 stage shapes, fp32, BatchNorm in train mode, forward and forward+backward. Each measurement is
+   a fresh process (honest peak RSS), providers alternate ``--rounds`` times (eager first in even rounds, fused
+   first in odd ones); every process warms up at a tiny size, runs one untimed step at the real shape and times
+   ``--repeats`` more (wall and process CPU time). The table gives the medians over all timed steps and the
+   sampled RSS growth during the first real-shape step (x and the upstream gradient excluded).
 2. Saved for backward (``harness.SavedBytes``; backend-independent: the op's setup_context decides it):
    eager vs fused at the stage shapes with B=32 and 64, fp32 and bf16, with and without the input x.
 
@@ -136,8 +136,9 @@ def main(argv=None):
     for c, s in STAGES:
         for mode in ("fwd", "fwd+bwd"):
             runs = {"eager": [], "fused": []}
-            for _ in range(args.rounds):
-                for provider in ("eager", "fused"):
+            for rnd in range(args.rounds):
+                order = ("eager", "fused") if rnd % 2 == 0 else ("fused", "eager")  # neither always first
+                for provider in order:
                     runs[provider].append(run_child(provider, mode, args.batch, c, s, args.repeats, args.threads))
             row = {"shape": [args.batch, c, s, s], "mode": mode}
             for provider, rs in runs.items():
@@ -168,7 +169,8 @@ def main(argv=None):
     lines = [f"# CBAM on CPU ({info['device']})", "",
              f"torch {info['torch']}, triton {info['triton']}, timm {info.get('timm', '-')}, python {info['python']}, "
              f"{info['date_time_utc']} UTC. Load average at start / after timing: {info['load_average_at_start']} / "
-             f"{info['load_average_after_timing']}. {args.note}", "",
+             f"{info['load_average_after_timing']}. attnfast commit {info.get('commit', 'not recorded')}; threading "
+             f"environment: {info.get('threading_env') or 'none set'}. {args.note}", "",
              f"Command: `{info['command']}`", "",
              f"## Time, B={args.batch}, fp32, BatchNorm in train mode, "
              f"{args.threads or 'default'} torch thread(s) per process", "",

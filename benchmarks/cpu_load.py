@@ -26,12 +26,12 @@ scheduling delay per op when the cores are busy. This script measures that side 
   thread spinning at a barrier shows here). Peak RSS growth is the process's peak RSS (VmHWM, reset after the
   setup) above its RSS with the inputs allocated; "saved" is what autograd keeps for backward
   (``harness.SavedBytes``) where the case has one. The 1-minute load average is recorded before and after every
-  measurement.
+  measurement (it lags the real load by about a minute and counts the measured process too).
 
 "Ratio" is a provider's median step time over the best alternative's (the fastest other provider) at the
 same level: below 1 the fused path wins. Writes ``<out>.json`` and ``<out>.md``.
 
-    python benchmarks/cpu_load.py                       # full run (about 10-15 min on 2 cores)
+    python benchmarks/cpu_load.py                       # full run (about 25 min on 2 cores: 11 without main_job)
     python benchmarks/cpu_load.py --quick               # tiny shapes, 2 levels: a dry run (seconds)
 """
 from __future__ import annotations
@@ -186,13 +186,16 @@ def main_job_child(provider: str, size: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in main_job.TEST_ONLY_ENV}
         env["ATTNFAST_CACHE"] = os.path.join(work, "cache")
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        script = main_job.resolve(argv)
         with open(os.devnull, "w") as null:
-            code, wall, output = main_job.run(main_job.resolve(argv), work, env, 3600.0, echo=null)
+            code, wall, output = main_job.run(script, work, env, 3600.0, echo=null)
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if code != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` exited with {code}: {output.strip()[-300:]}")
+        if code != 0:
+            raise RuntimeError(f"`{' '.join(argv)}` exited with {code}: {output.strip()[-300:]}")
+        auc, n_val = main_job.check_run(work, output, 0.0)  # the run really trained and validated
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-    return {"wall_s": [wall], "cpu_s": [cpu], "peak_rss_growth_bytes": None, "saved_bytes": None, "argv": argv}
+    return {"wall_s": [wall], "cpu_s": [cpu], "peak_rss_growth_bytes": None, "saved_bytes": None, "argv": argv,
+            "script": script[0], "val_auc": auc, "val_count": n_val}
 
 
 # ----------------------------------------------------------------------------------------------- parent side
@@ -281,7 +284,9 @@ def summarize(runs: list) -> list:
     for busy, case in keys:
         mine = []
         for pr in PROVIDERS[case]:
-            ok = [r for r in runs if (r["busy"], r["case"], r["provider"]) == (busy, case, pr) and r["ok"]]
+            mine_runs = [r for r in runs if (r["busy"], r["case"], r["provider"]) == (busy, case, pr)]
+            ok = [r for r in mine_runs if r["ok"]]
+            failed = [r.get("error", "failed") for r in mine_runs if not r["ok"]]
             if not ok:
                 err = next((r["error"] for r in runs if (r["busy"], r["case"], r["provider"]) == (busy, case, pr)),
                            "not run")
@@ -295,7 +300,8 @@ def summarize(runs: list) -> list:
                          "median_s": statistics.median(walls), "min_s": min(walls),
                          "cpu_median_s": statistics.median(cpus), "load_min": min(loads), "load_max": max(loads),
                          "peak_rss_growth_bytes": max(peaks) if peaks else None,
-                         "saved_bytes": ok[0].get("saved_bytes"), "threads": ok[0].get("threads")})
+                         "saved_bytes": ok[0].get("saved_bytes"), "threads": ok[0].get("threads"),
+                         "runs": len(mine_runs), "failed_runs": failed})
         for row in mine:
             others = [o["median_s"] for o in mine if o["ok"] and o["provider"] != row["provider"]]
             if row["ok"] and others:
@@ -316,13 +322,16 @@ def markdown(res: dict) -> str:
              f"{info['cpu_count']} cores; threads per process: {res['threads'] or 'torch default'}; "
              f"steps {res['steps']} x rounds {res['rounds']} per provider and level. "
              f"1-minute load average at the start {info['load_average_at_start'][0]:.2f}, at the end "
-             f"{info['load_average_at_end'][0]:.2f}. {res['note']}", "",
+             f"{info['load_average_at_end'][0]:.2f}. attnfast commit {info.get('commit', 'not recorded')}; "
+             f"threading environment: {info.get('threading_env') or 'none set'}. {res['note']}", "",
              f"Command: `{info['command']}`", "",
              "Busy: competing spin-loop processes this run started. Load: the 1-minute load average before/after "
-             "the measurements of that row (it includes anything else running on the machine). Time: median "
+             "the measurements of that row (it includes anything else running on the machine, the measured "
+             "process too, and lags the real load by about a minute). Time: median "
              "wall seconds per forward+backward step (the main job: the whole run); CPU: process CPU seconds "
              "per step, all threads. Ratio: median time over the fastest other provider's at the same level "
-             "(< 1: this provider is the fastest). Peak: peak RSS growth during the timed steps (MiB); "
+             "(< 1: this provider is the fastest). Peak: peak RSS during the timed steps above the RSS after one "
+             "untimed step (MiB); "
              "saved: bytes autograd keeps for backward (MiB).", ""]
     for case in CASES:
         crow = [r for r in rows if r["case"] == case]
@@ -337,7 +346,10 @@ def markdown(res: dict) -> str:
                     lines.append(f"| {busy} | | {r['provider']} | failed: {r['error']} | | | | | |")
                     continue
                 ratio = f"{r['ratio_vs_best_other']:.2f}" if "ratio_vs_best_other" in r else "-"
-                lines.append(f"| {busy} | {r['load_min']:.1f}-{r['load_max']:.1f} | {r['provider']} | "
+                prov = r["provider"]
+                if r.get("failed_runs"):  # the medians are over the runs that finished: say how many did not
+                    prov += f" ({len(r['failed_runs'])} of {r['runs']} runs failed: {r['failed_runs'][0]})"
+                lines.append(f"| {busy} | {r['load_min']:.1f}-{r['load_max']:.1f} | {prov} | "
                              f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['cpu_median_s']:.2f} | {ratio} | "
                              f"{_mib(r['peak_rss_growth_bytes'])} | {_mib(r['saved_bytes'])} |")
         lines.append("")

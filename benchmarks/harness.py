@@ -73,7 +73,28 @@ def device_info() -> dict:
         info["triton"] = "not installed"
     if on_gpu():
         info["cuda"] = torch.version.cuda
+    info.update(provenance())
     return info
+
+
+def provenance() -> dict:
+    """The code and settings a result came from: the git commit of this checkout (``+dirty`` when tracked files
+    differ from it), and the environment variables that change CPU threading (``ATTNFAST_*``, ``OMP_*``,
+    ``GOMP_*``, ``KMP_*``, ``MKL_*``)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (no git)"
+    env = {k: v for k, v in sorted(os.environ.items())
+           if k.startswith(("ATTNFAST_", "OMP_", "GOMP_", "KMP_", "MKL_"))}
+    return {"commit": commit, "threading_env": env}
 
 
 def _rss() -> int:

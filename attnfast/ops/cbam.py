@@ -117,9 +117,10 @@ def _relu_grad(pre, grad):
 
 
 def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
-    """(d avg, d cmax, d w1 (R, C), d b1, d w2 (C, R), d b2) from d s_c (compute dtype), node by node as eager's
-    autograd computes them, with the two branches' rows stacked: one matmul per product, each weight read (and
-    each weight gradient written) once; a weight gradient sums both branches in one matmul."""
+    """(d avg, d cmax, d w1 (R, C), d b1, d w2 (C, R), d b2) from d s_c (compute dtype), with the two branches'
+    rows stacked: one matmul per product, each weight read (and each weight gradient written) once. A weight or
+    bias gradient sums both branches in one reduction where eager's autograd adds two, so its last bits can
+    differ from eager's; NaN and inf reach the same elements."""
     w1, b1, w2, b2 = params
     do = ds_c * (1 - s_c) * s_c
     if light:
@@ -134,8 +135,7 @@ def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
     dh = do @ w2
     dpre = _relu_grad(pre, torch.cat([dh, dh]))
     dv = dpre @ w1
-    do2 = torch.cat([do, do])
-    return dv[:B], dv[B:], dpre.T @ v, dpre.sum(0), do2.T @ torch.relu(pre), do2.sum(0)
+    return dv[:B], dv[B:], dpre.T @ v, dpre.sum(0), torch.cat([do, do]).T @ torch.relu(pre), 2 * do.sum(0)
 
 
 def _conv_input(smap: torch.Tensor, H: int, W: int, light: bool) -> torch.Tensor:
@@ -209,9 +209,10 @@ def _bp(v, H, W):  # (B, P) -> (B, 1, H, W)
 # The PyTorch path runs the same passes as the kernels, in torch ops, per chunk of samples: on CPU each chunk is a
 # task for ``attnfast._cpu_pool``'s single-threaded workers, so a sample's passes run while it is in the worker's
 # cache and no op waits for every thread on busy cores. Between the chunk phases run the batch-wide small parts
-# (the MLP's weight gradients, the conv and BatchNorm on (B, 2, H, W) maps). Its full-size temporaries live inside
-# one op call and are never saved for backward.
-CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at least one). See benchmarks/cpu_load.py
+# (the channel MLP forward and backward, the conv and BatchNorm on (B, 2, H, W) maps), single-threaded on one
+# worker (``_cpu_pool.small``). Its full-size temporaries live inside one op call and
+# are never saved for backward.
+CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at least one); not tuned by measurement
 
 
 def _sample_chunks(x) -> list:

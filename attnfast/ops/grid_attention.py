@@ -59,9 +59,9 @@ from ..kernels._launch import w2d
 TORCH_CHUNK_ELEMENTS = 1 << 22
 # On CPU, a chunk is a task for ``attnfast._cpu_pool``'s single-threaded workers (a worker on a busy core takes
 # fewer; no op waits for every thread) of at most this many z elements (one sample at least), with about 4
-# tasks per worker while there are samples for them; the chunks in flight at once hold at most
-# CPU_INFLIGHT_ELEMENTS z elements (or one chunk), as each holds a few z-sized temporaries. See
-# benchmarks/cpu_load.py.
+# tasks per worker while there are samples for them (``_cpu_pool.batch_chunks``); the chunks in flight at once
+# hold at most CPU_INFLIGHT_ELEMENTS z elements (or one chunk), as each holds a few z-sized temporaries. Timed
+# by benchmarks/cpu_load.py, not tuned there.
 CPU_CHUNK_ELEMENTS = 1 << 20
 CPU_INFLIGHT_ELEMENTS = 1 << 24
 

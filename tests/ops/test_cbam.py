@@ -194,9 +194,12 @@ def test_bad_inputs():
 @pytest.mark.parametrize("shape", [(3, 20, 9, 9), (4, 40, 5, 3)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_cpu_chunks_on_three_workers(torch_backend, monkeypatch, dtype, light, shape, train):
-    """The CPU path's per-sample chunks as attnfast._cpu_pool tasks on 3 workers (batch-wide MLP, conv and
-    BatchNorm between the phases, single-threaded on a worker): as accurate as eager, channels_last included."""
+    """The CPU path's per-sample chunks as attnfast._cpu_pool tasks on 3 workers (the batch-wide MLP, conv and
+    BatchNorm between the phases single-threaded on a worker): as accurate as eager, channels_last included."""
     from attnfast import _cpu_pool
 
+    CB = __import__("sys").modules["attnfast.ops.cbam"]
     monkeypatch.setattr(_cpu_pool, "workers", lambda: 3)
+    monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)  # these small samples: one per chunk
+    assert len(CB._sample_chunks(torch.empty(shape))) == shape[0]
     check_cbam(shape, dtype, light, train, "cpu", channels_last=shape[3] == 3)

@@ -1,5 +1,6 @@
 """Every op whose CPU path runs attnfast._cpu_pool tasks, on 3 workers: under torch.inference_mode (the outputs
-are inference tensors, written by the workers) and with grad, the same numbers as inline (1 worker)."""
+are inference tensors, written by the workers) and with grad, the same numbers as inline (1 worker). MIN_TASK_ELEMS is 0 here so that these small shapes split into several tasks, and a spy checks
+that the pool really ran some."""
 import pytest
 import torch
 
@@ -31,9 +32,24 @@ def _modules():
     }
 
 
+@pytest.fixture
+def pooled(monkeypatch):
+    """Small shapes in several tasks; yields the task counts of the calls that went to the pool."""
+    monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)
+    calls, orig = [], _cpu_pool._on_pool
+
+    def spy(fn, tasks, n):
+        calls.append(len(tasks))
+        return orig(fn, tasks, n)
+
+    monkeypatch.setattr(_cpu_pool, "_on_pool", spy)
+    yield calls
+    assert any(c > 1 for c in calls), f"no call reached the pool with several tasks: {calls}"
+
+
 @pytest.mark.parametrize("op", ["cbam", "grid", "self_attention", "residual_gate", "attention_pool",
                                 "attention_gate"])
-def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op):
+def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, pooled, op):
     RG = __import__("sys").modules["attnfast.ops.residual_gate"]
     monkeypatch.setattr(RG, "CPU_CHUNK_ELEMS", 1000)  # several chunks for the gate too
     fn = _modules()[op]
@@ -47,7 +63,7 @@ def test_inference_mode_and_grad_on_three_workers(torch_backend, monkeypatch, op
 
 
 @pytest.mark.parametrize("op", ["attention_pool", "attention_gate"])
-def test_weight_gradients_on_three_workers_match_inline(torch_backend, monkeypatch, op):
+def test_weight_gradients_on_three_workers_match_inline(torch_backend, monkeypatch, pooled, op):
     """The backward's per-chunk partial weight gradients on 3 workers give the inline run's gradients."""
     torch.manual_seed(1)
     torch.set_default_dtype(torch.float64)  # float64: the chunk order is the only difference
