@@ -11,8 +11,9 @@ pool).
 ``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one
 thread (no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy
 core simply does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling
-thread waits until every task has finished, not for workers that woke too late to take one (and drops the
-call's references before it returns, so no worker frees the call's tensors afterwards). PyTorch releases the GIL
+thread waits until the tasks that started have finished and no more will start, not for workers that woke too
+late to take one; the runners drop their references to the call's function and tasks before that, so no worker
+frees the call's tensors afterwards. PyTorch releases the GIL
 inside its ops, so the threads compute at the same time. The calling thread does not run tasks itself: it would
 have to switch its own thread count to 1 and back around them (``torch.set_num_threads``), which also rebuilds
 PyTorch's global pthreadpool and resets the process's default for new threads on every call.
@@ -34,9 +35,10 @@ The pools are created on first use: one per thread count (the calling thread's `
 never stopped while the process lives (so a thread with another count never cancels queued work). Each worker
 sets its own OpenMP/MKL thread count to 1; ``torch.set_num_threads`` also sets the default for threads started
 later, so the creator restores that once every worker is ready. A forked child starts without the parent's
-threads and creates its own pools. All tasks run in the calling thread with its own (multi-threaded) count, as
-eager ops do, with one thread, one task (or ``limit`` 1), a call made from inside a task, ``ATTNFAST_CPU_WORKERS=1``
-or a PyTorch whose parallel backend is not OpenMP (there ``set_num_threads`` is process-wide). A KeyboardInterrupt
+threads and creates its own pools. ``run_tasks`` runs all tasks in the calling thread instead, with the caller's
+own thread count, with one thread, one task (or ``limit`` 1), ``ATTNFAST_CPU_WORKERS=1`` or a PyTorch whose
+parallel backend is not OpenMP (there ``set_num_threads`` is process-wide), multi-threaded as eager ops are; and
+a call made from inside a task runs inline on that worker, single-threaded. A KeyboardInterrupt
 (or any exception) in the waiting caller cancels the tasks not yet started and is raised at once; the running
 tasks finish on their own.
 """
@@ -55,8 +57,10 @@ __all__ = ["batch_chunks", "run_chunks", "run_tasks", "single_threaded", "small"
 # batch_chunks' target: this many chunks per worker while there are samples for them (a worker on a busy core then
 # costs at most a small chunk); more where a chunk would exceed cpu_elems, fewer where it would fall below
 # MIN_TASK_ELEMS elements: below that a task's ops cost less than handing it over. Grid attention at the main job's
-# shapes (B=32, 32x8x8 and 64x4x4 maps; fwd+bwd of both blocks, median of 38 in-process steps, 2 quiet cores,
-# torch 2.14.1, 2026-12-03, not committed): 13.0 ms as 8 tasks of 8k elements, 4.9 ms as one, eager 4.2 ms.
+# shapes (B=32, 32x8x8 and 64x4x4 maps, 65536 and 32768 elements of z per batch; fwd+bwd of both blocks, median of
+# 38 in-process steps, 2 quiet cores, torch 2.14.1, 2026-12-03, not committed): 13.0 ms as 8 tasks per block
+# (8k and 4k elements each), 4.9 ms as one task per block, eager 4.2 ms. 2**16 is the first block's whole batch;
+# the value itself was not swept.
 TASKS_PER_WORKER = 4
 MIN_TASK_ELEMS = 1 << 16
 _pools: dict = {}
@@ -100,7 +104,12 @@ class _Pool:
         except threading.BrokenBarrierError:
             return
         while True:
-            self.jobs.get()()
+            job = self.jobs.get()
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - a runner reports its tasks' errors itself; the worker lives on
+                pass
+            job = None
 
 
 def workers() -> int:
@@ -208,9 +217,9 @@ def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
                         state["fn"] = state["tasks"] = None
                         done.set()
 
-    for _ in range(n):
-        pool.jobs.put(runner)
     try:
+        for _ in range(n):
+            pool.jobs.put(runner)
         done.wait()
     except BaseException:
         with lock:
@@ -218,14 +227,19 @@ def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
             if state["finished"] == state["next"]:
                 state["fn"] = state["tasks"] = None
         raise
-    if state["error"] is not None:
-        raise state["error"]
+    with lock:  # the error leaves the shared state: its traceback (the task's frames) must not cycle with it
+        err, state["error"], state["cancelled"] = state["error"], None, True
+    if err is not None:
+        try:
+            raise err
+        finally:
+            err = None
 
 
 def single_threaded(fn: Callable, *args):
     """``fn(*args)`` on one worker, its ops single-threaded, and its result (grad mode off, as in a task); in the
-    calling thread when ``run_tasks`` would run tasks there. For the small batch-wide work between two task
-    phases (a conv or a BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a
+    calling thread where ``workers()`` is 1 or when called from inside a task. For the small batch-wide work between
+    two task phases (a conv or a BatchNorm on (B, 2, H, W) maps): in the calling thread each of its ops would be a
     parallel region too short to pay for waking every thread, which on busy cores costs more than the op."""
     if workers() <= 1 or in_worker():
         with torch.no_grad():
@@ -238,14 +252,16 @@ def single_threaded(fn: Callable, *args):
 # ----------------------------------------------------------------------------------------------
 # the ops' batch chunks: one spelling for every op's PyTorch path
 # ----------------------------------------------------------------------------------------------
-def batch_chunks(batch: int, per_sample: int, device: torch.device, *, cpu_elems: int, elems: int) -> list:
+def batch_chunks(batch: int, per_sample: int, device: torch.device, *, cpu_elems: int, elems: int,
+                 min_elems: int = 0) -> list:
     """(b0, b1) sample ranges of an op's PyTorch path, each of at most ``elems`` elements of ``per_sample`` per
     sample (one sample at least); on CPU, where each is a task, about ``TASKS_PER_WORKER`` per worker, but with
-    at least ``MIN_TASK_ELEMS`` elements (whole samples: the last chunk or a small batch can hold fewer) and at most
-    ``cpu_elems``, which wins over ``MIN_TASK_ELEMS``."""
+    at least ``max(MIN_TASK_ELEMS, min_elems)`` elements (whole samples: the last chunk or a small batch can hold
+    fewer; an op passes ``min_elems`` where its own measurements favour bigger tasks) and at most ``cpu_elems``,
+    which wins over the floor."""
     if device.type == "cpu":
-        ps = max(1, per_sample)
-        step = min(cpu_elems // ps, max(-(-batch // (TASKS_PER_WORKER * workers())), -(-MIN_TASK_ELEMS // ps)))
+        ps, floor = max(1, per_sample), max(MIN_TASK_ELEMS, min_elems)
+        step = min(cpu_elems // ps, max(-(-batch // (TASKS_PER_WORKER * workers())), -(-floor // ps)))
     else:
         step = elems // max(1, per_sample)
     step = max(1, step)

@@ -23,8 +23,8 @@ scheduling delay per op when the cores are busy. This script measures that side 
 - Every measurement is a fresh process. Within a level, the providers of a case run one after the other, in an
   order rotated every round (``--rounds``) and load level. A process warms up at a tiny shape, runs one untimed
   step at the real shape, then ``--steps`` timed steps: wall time and process CPU time (all its threads: a
-  thread spinning at a barrier shows here). Peak RSS growth is the process's peak RSS (VmHWM, reset after the
-  setup) above its RSS with the inputs allocated; "saved" is what autograd keeps for backward
+  thread spinning at a barrier shows here). Peak RSS growth is the process's peak RSS during the timed steps
+  (VmHWM, reset after the untimed step) above its RSS after that step; "saved" is what autograd keeps for backward
   (``harness.SavedBytes``) where the case has one. The 1-minute load average is recorded before and after every
   measurement (it lags the real load by about a minute and counts the measured process too).
 
@@ -310,6 +310,12 @@ def summarize(runs: list) -> list:
     return rows
 
 
+def _cell(text) -> str:
+    """A message as one markdown table cell: one line, no column bars, at most 160 characters."""
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _mib(x):
     return "-" if x is None else f"{x / 2 ** 20:.0f}"
 
@@ -343,12 +349,12 @@ def markdown(res: dict) -> str:
         for busy in busy_levels:
             for r in (r for r in crow if r["busy"] == busy):
                 if not r["ok"]:
-                    lines.append(f"| {busy} | | {r['provider']} | failed: {r['error']} | | | | | |")
+                    lines.append(f"| {busy} | | {r['provider']} | failed: {_cell(r['error'])} | | | | | |")
                     continue
                 ratio = f"{r['ratio_vs_best_other']:.2f}" if "ratio_vs_best_other" in r else "-"
                 prov = r["provider"]
                 if r.get("failed_runs"):  # the medians are over the runs that finished: say how many did not
-                    prov += f" ({len(r['failed_runs'])} of {r['runs']} runs failed: {r['failed_runs'][0]})"
+                    prov += f" ({len(r['failed_runs'])} of {r['runs']} runs failed: {_cell(r['failed_runs'][0])})"
                 lines.append(f"| {busy} | {r['load_min']:.1f}-{r['load_max']:.1f} | {prov} | "
                              f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['cpu_median_s']:.2f} | {ratio} | "
                              f"{_mib(r['peak_rss_growth_bytes'])} | {_mib(r['saved_bytes'])} |")
@@ -367,6 +373,7 @@ def run(args) -> dict:
     if "main_job" in sizes and not args.quick:
         sizes["main_job"] = dict(sizes["main_job"], epochs=args.main_job_epochs)
     info = dict(harness.device_info())
+    info["threading_env"] = harness.provenance(_env(args.threads))["threading_env"]  # what the children get
     info["cpu_count"] = ncpu
     info["date_time_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     info["command"] = " ".join(["python", "benchmarks/cpu_load.py"] + list(args.argv))

@@ -77,24 +77,38 @@ def device_info() -> dict:
     return info
 
 
-def provenance() -> dict:
+def provenance(env: dict | None = None) -> dict:
     """The code and settings a result came from: the git commit of this checkout (``+dirty`` when tracked files
-    differ from it), and the environment variables that change CPU threading (``ATTNFAST_*``, ``OMP_*``,
-    ``GOMP_*``, ``KMP_*``, ``MKL_*``)."""
+    differ from it; "unknown" where this is not the attnfast checkout's own repository, or where the imported
+    attnfast is not this checkout's), and the environment variables that change CPU threading in ``env``
+    (default ``os.environ``; pass the measured processes' own): ``ATTNFAST_*``, ``OMP_*``, ``GOMP_*``, ``KMP_*``,
+    ``MKL_*``."""
     import subprocess
 
+    import attnfast
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    genv = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace",
+                              timeout=10, env=genv).stdout.strip()
+
+    commit = "unknown (not this checkout's git repository)"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
+        top = git("rev-parse", "--show-toplevel")
+        if top and os.path.realpath(top) == os.path.realpath(root):
+            commit = git("rev-parse", "--short", "HEAD") or "unknown"
+            commit += "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    except (OSError, ValueError, subprocess.SubprocessError):
         commit = "unknown (no git)"
-    env = {k: v for k, v in sorted(os.environ.items())
-           if k.startswith(("ATTNFAST_", "OMP_", "GOMP_", "KMP_", "MKL_"))}
-    return {"commit": commit, "threading_env": env}
+    here = os.path.realpath(os.path.dirname(attnfast.__file__))
+    if not here.startswith(os.path.realpath(root) + os.sep):
+        commit += f" (attnfast imported from {here}, not this checkout)"
+    env = os.environ if env is None else env
+    threading_env = {k: v for k, v in sorted(env.items())
+                     if k.startswith(("ATTNFAST_", "OMP_", "GOMP_", "KMP_", "MKL_"))}
+    return {"commit": commit, "threading_env": threading_env}
 
 
 def _rss() -> int:

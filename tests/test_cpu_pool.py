@@ -74,12 +74,18 @@ def test_no_worker_frees_the_calls_objects_after_it_returns(three):
     pool = _cpu_pool._get_pool(3)
     for _ in range(pool.n - 1):
         pool.jobs.put(gate.wait)  # two workers blocked: most calls leave runners queued behind them
-    try:
+    def calls():
         for _ in range(20):
             held = Held()
             _cpu_pool.run_tasks(lambda t, h=held: time.sleep(0.001), range(6))
             del held
-        assert freed == [threading.current_thread().name] * 20
+
+    try:
+        th = threading.Thread(target=calls, name="caller", daemon=True)
+        th.start()
+        th.join(60)
+        assert not th.is_alive(), "a call hung"
+        assert freed == ["caller"] * 20
     finally:
         gate.set()
 
@@ -228,5 +234,8 @@ def test_batch_chunks_sizes(monkeypatch):
     assert _cpu_pool.batch_chunks(32, 2048, cpu, cpu_elems=1 << 20, elems=1 << 22) == [(0, 32)]
     # big samples: cpu_elems bounds a chunk, one sample at least
     assert _cpu_pool.batch_chunks(4, 1 << 21, cpu, cpu_elems=1 << 20, elems=1 << 22) == [(b, b + 1) for b in range(4)]
+    # an op's own floor: 8 samples of 2**17 with min_elems 2**20 -> one chunk; cpu_elems still wins
+    assert _cpu_pool.batch_chunks(8, 1 << 17, cpu, cpu_elems=1 << 21, elems=1, min_elems=1 << 20) == [(0, 8)]
+    assert _cpu_pool.batch_chunks(8, 1 << 17, cpu, cpu_elems=1 << 19, elems=1, min_elems=1 << 20) == [(0, 4), (4, 8)]
     # elsewhere: elems only
     assert _cpu_pool.batch_chunks(8, 1 << 20, meta, cpu_elems=1, elems=1 << 22) == [(0, 4), (4, 8)]

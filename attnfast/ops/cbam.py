@@ -85,8 +85,9 @@ def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running
 # ----------------------------------------------------------------------------------------------
 # small pieces in torch: the channel MLP, the spatial conv + BatchNorm (compute dtype)
 # ----------------------------------------------------------------------------------------------
-# They follow the eager modules' own grouping and call eager's own functions (and their backward functions),
-# so that NaN and inf come out exactly as in eager: each branch's fc2 on its own (a relu output of 0 times an
+# The forward follows the eager modules' own grouping and calls eager's own functions (the backward functions
+# too), so that NaN and inf come out as in eager (the MLP's weight gradients: see ``_mlp_backward``): each
+# branch's fc2 on its own rows (a relu output of 0 times an
 # infinite fc2 weight is NaN in that branch), relu's gradient passing where its input is NaN (eager's
 # threshold_backward), sigmoid_backward's grad (1 - y) y, and BatchNorm's statistics, affine form and backward
 # from the kernels F.batch_norm picks on this device (``_batch_norm_impl_index``: native, cuDNN, ...).
@@ -120,7 +121,8 @@ def _mlp_backward(ds_c, s_c, avg, cmax, params, light: bool):
     """(d avg, d cmax, d w1 (R, C), d b1, d w2 (C, R), d b2) from d s_c (compute dtype), with the two branches'
     rows stacked: one matmul per product, each weight read (and each weight gradient written) once. A weight or
     bias gradient sums both branches in one reduction where eager's autograd adds two, so its last bits can
-    differ from eager's; NaN and inf reach the same elements."""
+    differ from eager's, and where the two branches' partial sums overflow with opposite signs eager gets NaN
+    (inf - inf) where this can get inf; otherwise NaN and inf reach the same elements."""
     w1, b1, w2, b2 = params
     do = ds_c * (1 - s_c) * s_c
     if light:
@@ -210,15 +212,21 @@ def _bp(v, H, W):  # (B, P) -> (B, 1, H, W)
 # task for ``attnfast._cpu_pool``'s single-threaded workers, so a sample's passes run while it is in the worker's
 # cache and no op waits for every thread on busy cores. Between the chunk phases run the batch-wide small parts
 # (the channel MLP forward and backward, the conv and BatchNorm on (B, 2, H, W) maps), single-threaded on one
-# worker (``_cpu_pool.small``). Its full-size temporaries live inside one op call and
-# are never saved for backward.
-CPU_CHUNK_ELEMENTS = 1 << 19  # elements of x per CPU task (whole samples, at least one); not tuned by measurement
+# worker (``_cpu_pool.small``). Its full-size temporaries live inside one op call and are never saved for backward.
+# Elements of x per CPU task (whole samples, at least one): at most CPU_CHUNK_ELEMENTS, and at least
+# CPU_MIN_CHUNK_ELEMENTS where the batch has them (``_cpu_pool.batch_chunks``), so the small ResNet stages make few
+# tasks (8x2048x7x7: one, run in the calling thread) and the large ones about 4 per worker. In-process A/B of
+# fwd+bwd at B=8 (median of 14 steps, 2 cores, torch 2.14.1, 2026-12-03, not committed), quiet / 1 busy process,
+# 2048x7x7, 1024x14x14, 512x28x28, 256x56x56: floor 2**16 13.6/15.4, 14.8/16.6, 22.0/24.1, 41.9/61.6 ms; floor
+# 2**20 11.5/13.5, 13.8/15.6, 20.4/22.9, 44.4/50.0 ms; eager 15.2/25.5, 20.5/37.3, 34.2/64.4, 107/296 ms.
+CPU_CHUNK_ELEMENTS = 1 << 21
+CPU_MIN_CHUNK_ELEMENTS = 1 << 20
 
 
 def _sample_chunks(x) -> list:
     """(b0, b1) sample ranges (``attnfast._cpu_pool.batch_chunks``); on CUDA the whole batch."""
     return _cpu_pool.batch_chunks(x.shape[0], x[0].numel(), x.device, cpu_elems=CPU_CHUNK_ELEMENTS,
-                                  elems=max(1, x.numel()))
+                                  elems=max(1, x.numel()), min_elems=CPU_MIN_CHUNK_ELEMENTS)
 
 
 def _torch_forward_maps(x, ct, mlp, chunks):

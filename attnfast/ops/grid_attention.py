@@ -57,11 +57,12 @@ from ..kernels._launch import w2d
 
 # The PyTorch path processes this many z elements (B_chunk x A x H x W) at a time.
 TORCH_CHUNK_ELEMENTS = 1 << 22
-# On CPU, a chunk is a task for ``attnfast._cpu_pool``'s single-threaded workers (a worker on a busy core takes
-# fewer; no op waits for every thread) of at most this many z elements (one sample at least), with about 4
-# tasks per worker while there are samples for them (``_cpu_pool.batch_chunks``); the chunks in flight at once
-# hold at most CPU_INFLIGHT_ELEMENTS z elements (or one chunk), as each holds a few z-sized temporaries. Timed
-# by benchmarks/cpu_load.py, not tuned there.
+# On CPU, a chunk is a task for ``attnfast._cpu_pool``'s single-threaded workers (a worker on a busy core takes fewer;
+# no op waits for every thread) of at most this many z elements (one sample at least), with about 4 tasks per worker
+# while there are samples for them and a task keeps ``_cpu_pool.MIN_TASK_ELEMS`` (so the main job's small maps are one
+# chunk, run in the calling thread; ``_cpu_pool.batch_chunks``); the chunks in flight at once hold at most
+# CPU_INFLIGHT_ELEMENTS z elements (or one chunk), as each holds a few z-sized temporaries. Timed by
+# benchmarks/cpu_load.py, not tuned there.
 CPU_CHUNK_ELEMENTS = 1 << 20
 CPU_INFLIGHT_ELEMENTS = 1 << 24
 

@@ -201,5 +201,6 @@ def test_cpu_chunks_on_three_workers(torch_backend, monkeypatch, dtype, light, s
     CB = __import__("sys").modules["attnfast.ops.cbam"]
     monkeypatch.setattr(_cpu_pool, "workers", lambda: 3)
     monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)  # these small samples: one per chunk
+    monkeypatch.setattr(CB, "CPU_MIN_CHUNK_ELEMENTS", 0)
     assert len(CB._sample_chunks(torch.empty(shape))) == shape[0]
     check_cbam(shape, dtype, light, train, "cpu", channels_last=shape[3] == 3)

@@ -1,6 +1,7 @@
 """Every op whose CPU path runs attnfast._cpu_pool tasks, on 3 workers: under torch.inference_mode (the outputs
-are inference tensors, written by the workers) and with grad, the same numbers as inline (1 worker). MIN_TASK_ELEMS is 0 here so that these small shapes split into several tasks, and a spy checks
-that the pool really ran some."""
+are inference tensors, written by the workers) and with grad, the same numbers as inline (1 worker).
+MIN_TASK_ELEMS (and CBAM's own floor) is 0 here so that these small shapes split into several tasks, and a spy
+checks that the pool really ran some."""
 import pytest
 import torch
 
@@ -36,6 +37,7 @@ def _modules():
 def pooled(monkeypatch):
     """Small shapes in several tasks; yields the task counts of the calls that went to the pool."""
     monkeypatch.setattr(_cpu_pool, "MIN_TASK_ELEMS", 0)
+    monkeypatch.setattr(__import__("sys").modules["attnfast.ops.cbam"], "CPU_MIN_CHUNK_ELEMENTS", 0)
     calls, orig = [], _cpu_pool._on_pool
 
     def spy(fn, tasks, n):
