@@ -79,7 +79,7 @@ def device_info() -> dict:
 
 def provenance(env: dict | None = None) -> dict:
     """The code and settings a result came from: the git commit of this checkout (``+dirty`` when tracked files
-    differ from it; "unknown" where this is not the attnfast checkout's own repository, or where the imported
+    outside ``benchmarks/results`` differ from it; "unknown" where this is not the attnfast checkout's own repository, or where the imported
     attnfast is not this checkout's), and the environment variables that change CPU threading in ``env``
     (default ``os.environ``; pass the measured processes' own): ``ATTNFAST_*``, ``OMP_*``, ``GOMP_*``, ``KMP_*``,
     ``MKL_*``."""
@@ -99,7 +99,9 @@ def provenance(env: dict | None = None) -> dict:
         top = git("rev-parse", "--show-toplevel")
         if top and os.path.realpath(top) == os.path.realpath(root):
             commit = git("rev-parse", "--short", "HEAD") or "unknown"
-            commit += "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+            # result files a run before this one rewrote do not count: they are outputs, not the measured code
+            commit += "+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                      ":(exclude)benchmarks/results") else ""
     except (OSError, ValueError, subprocess.SubprocessError):
         commit = "unknown (no git)"
     here = os.path.realpath(os.path.dirname(attnfast.__file__))
