@@ -48,6 +48,7 @@ import functools
 import os
 import queue
 import threading
+import traceback
 from typing import Callable, Iterable
 
 import torch
@@ -107,8 +108,8 @@ class _Pool:
             job = self.jobs.get()
             try:
                 job()
-            except BaseException:  # noqa: BLE001 - a runner reports its tasks' errors itself; the worker lives on
-                pass
+            except BaseException:  # noqa: BLE001 - a runner reports its tasks' errors itself: this is a bug there
+                traceback.print_exc()  # shown, as an uncaught thread exception would be; the worker lives on
             job = None
 
 
@@ -225,7 +226,7 @@ def _on_pool(fn: Callable[[object], None], tasks: list, n: int) -> None:
         with lock:
             state["cancelled"] = True
             if state["finished"] == state["next"]:
-                state["fn"] = state["tasks"] = None
+                state["fn"] = state["tasks"] = state["error"] = None
         raise
     with lock:  # the error leaves the shared state: its traceback (the task's frames) must not cycle with it
         err, state["error"], state["cancelled"] = state["error"], None, True

@@ -79,8 +79,8 @@ def device_info() -> dict:
 
 def provenance(env: dict | None = None) -> dict:
     """The code and settings a result came from: the git commit of this checkout (``+dirty`` when tracked files
-    outside ``benchmarks/results`` differ from it; "unknown" where this is not the attnfast checkout's own repository, or where the imported
-    attnfast is not this checkout's), and the environment variables that change CPU threading in ``env``
+    outside ``benchmarks/results`` differ from it; "unknown (...)" where git fails or this is not the checkout's
+    own repository; a note when the imported attnfast is not this checkout's), and the environment variables that change CPU threading in ``env``
     (default ``os.environ``; pass the measured processes' own): ``ATTNFAST_*``, ``OMP_*``, ``GOMP_*``, ``KMP_*``,
     ``MKL_*``."""
     import subprocess
@@ -91,8 +91,11 @@ def provenance(env: dict | None = None) -> dict:
     genv = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace",
-                              timeout=10, env=genv).stdout.strip()
+        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace", timeout=10,
+                           env=genv)
+        if r.returncode != 0:
+            raise OSError((r.stderr.strip().splitlines() or [f"git {args[0]} failed"])[0])
+        return r.stdout.strip()
 
     commit = "unknown (not this checkout's git repository)"
     try:
@@ -102,8 +105,8 @@ def provenance(env: dict | None = None) -> dict:
             # result files a run before this one rewrote do not count: they are outputs, not the measured code
             commit += "+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
                                       ":(exclude)benchmarks/results") else ""
-    except (OSError, ValueError, subprocess.SubprocessError):
-        commit = "unknown (no git)"
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        commit = f"unknown (git: {e})"
     here = os.path.realpath(os.path.dirname(attnfast.__file__))
     if not here.startswith(os.path.realpath(root) + os.sep):
         commit += f" (attnfast imported from {here}, not this checkout)"

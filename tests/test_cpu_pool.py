@@ -46,7 +46,7 @@ def test_caller_waits_for_the_tasks_not_for_late_workers(three):
     names = []
     try:
         th = threading.Thread(target=lambda: _cpu_pool.run_tasks(
-            lambda t: names.append(threading.current_thread().name), range(5)))
+            lambda t: names.append(threading.current_thread().name), range(5)), daemon=True)
         th.start()
         th.join(30)
         assert not th.is_alive(), "the caller waited for a worker that never took a task"
@@ -88,6 +88,18 @@ def test_no_worker_frees_the_calls_objects_after_it_returns(three):
         assert freed == ["caller"] * 20
     finally:
         gate.set()
+
+
+def test_a_worker_survives_a_job_that_raises(three, capsys):
+    pool = _cpu_pool._get_pool(3)
+    for _ in range(pool.n):
+        pool.jobs.put(lambda: 1 / 0)
+    names, alive = set(), threading.Barrier(pool.n + 1)
+    for _ in range(pool.n):  # one job per worker, each waiting for all: passes only if every worker lives on
+        pool.jobs.put(lambda: (names.add(threading.current_thread().name), alive.wait(30)))
+    alive.wait(30)
+    assert len(names) == pool.n
+    assert "ZeroDivisionError" in capsys.readouterr().err  # and the failure was shown
 
 
 def test_new_threads_keep_the_callers_default(monkeypatch):

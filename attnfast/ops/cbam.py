@@ -214,8 +214,9 @@ def _bp(v, H, W):  # (B, P) -> (B, 1, H, W)
 # (the channel MLP forward and backward, the conv and BatchNorm on (B, 2, H, W) maps), single-threaded on one
 # worker (``_cpu_pool.small``). Its full-size temporaries live inside one op call and are never saved for backward.
 # Elements of x per CPU task (whole samples, at least one): at most CPU_CHUNK_ELEMENTS, and at least
-# CPU_MIN_CHUNK_ELEMENTS where the batch has them (``_cpu_pool.batch_chunks``), so the small ResNet stages make few
-# tasks (8x2048x7x7: one, run in the calling thread) and the large ones about 4 per worker. In-process A/B of
+# CPU_MIN_CHUNK_ELEMENTS where the batch has them (``_cpu_pool.batch_chunks``), so the ResNet stages at B=8 make few
+# tasks (2048x7x7: one, run in the calling thread; 1024x14x14: 6 + 2 samples; 512x28x28: 3 + 3 + 2; 256x56x56: four
+# of 2). Measured on 2 cores only: with many workers the floor leaves some idle at the small stages. In-process A/B of
 # fwd+bwd at B=8 (median of 14 steps, 2 cores, torch 2.14.1, 2026-12-03, not committed), quiet / 1 busy process,
 # 2048x7x7, 1024x14x14, 512x28x28, 256x56x56: floor 2**16 13.6/15.4, 14.8/16.6, 22.0/24.1, 41.9/61.6 ms; floor
 # 2**20 11.5/13.5, 13.8/15.6, 20.4/22.9, 44.4/50.0 ms; eager 15.2/25.5, 20.5/37.3, 34.2/64.4, 107/296 ms.
