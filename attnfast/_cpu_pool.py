@@ -8,15 +8,15 @@ regions wait to be scheduled again: a path made of many ops pays that once per o
 (``benchmarks/results/cpu_load.md`` has the measurements; the file as of commit 6f285b4 has them from before this
 pool).
 
-``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one
-thread (no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy
-core simply does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling
-thread waits until the tasks that started have finished and no more will start, not for workers that woke too
-late to take one; the runners drop their references to the call's function and tasks before that, so no worker
-frees the call's tensors afterwards. PyTorch releases the GIL
-inside its ops, so the threads compute at the same time. The calling thread does not run tasks itself: it would
-have to switch its own thread count to 1 and back around them (``torch.set_num_threads``), which also rebuilds
-PyTorch's global pthreadpool and resets the process's default for new threads on every call.
+``run_tasks(fn, tasks)`` instead hands the tasks to ``workers()`` threads whose PyTorch ops each run on one thread
+(no parallel regions): a worker takes the next task when it finishes one, so a worker slowed by a busy core simply
+does fewer tasks, and a task can keep its working set in that core's cache between ops. The calling thread waits
+until the tasks that started have finished and no more will start, not for workers that woke too late to take one;
+the runners drop their references to the call's function and tasks before that, so no worker frees the call's
+tensors afterwards. PyTorch releases the GIL inside its ops, so the threads compute at the same time. The calling
+thread does not run tasks itself: it would have to switch its own thread count to 1 and back around them
+(``torch.set_num_threads``), which also rebuilds PyTorch's global pthreadpool and resets the process's default for
+new threads on every call.
 
 A cost this does not avoid: after every multi-threaded op, such as the convolution before an attention block,
 GNU OpenMP's idle team threads busy-wait (``GOMP_SPINCOUNT``, 300000 spins by default) before they sleep, holding

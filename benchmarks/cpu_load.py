@@ -373,7 +373,7 @@ def run(args) -> dict:
     if "main_job" in sizes and not args.quick:
         sizes["main_job"] = dict(sizes["main_job"], epochs=args.main_job_epochs)
     info = dict(harness.device_info())
-    info["threading_env"] = harness.provenance(_env(args.threads))["threading_env"]  # what the children get
+    info["threading_env"] = harness.threading_env(_env(args.threads))  # what the children get
     info["cpu_count"] = ncpu
     info["date_time_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     info["command"] = " ".join(["python", "benchmarks/cpu_load.py"] + list(args.argv))

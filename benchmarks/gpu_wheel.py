@@ -86,9 +86,11 @@ def compare(found: dict, expected: dict) -> dict:
 
 
 def _git(repo, *args):
+    """git's stripped output in ``repo``, or None where git is missing, fails or hangs (read-only: no index lock)."""
     try:
-        r = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        r = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, errors="replace", timeout=30,
+                           env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
+    except (OSError, subprocess.SubprocessError):
         return None
     return r.stdout.strip() if r.returncode == 0 else None
 

@@ -80,40 +80,32 @@ def device_info() -> dict:
 def provenance(env: dict | None = None) -> dict:
     """The code and settings a result came from: the git commit of this checkout (``+dirty`` when tracked files
     outside ``benchmarks/results`` differ from it; "unknown (...)" where git fails or this is not the checkout's
-    own repository; a note when the imported attnfast is not this checkout's), and the environment variables that change CPU threading in ``env``
-    (default ``os.environ``; pass the measured processes' own): ``ATTNFAST_*``, ``OMP_*``, ``GOMP_*``, ``KMP_*``,
-    ``MKL_*``."""
-    import subprocess
-
+    own repository; a note when the imported attnfast is not this checkout's), and ``threading_env(env)``."""
     import attnfast
+    from gpu_wheel import _git  # the benchmarks' one way to ask git (None where it fails)
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    genv = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-
-    def git(*args):
-        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, errors="replace", timeout=10,
-                           env=genv)
-        if r.returncode != 0:
-            raise OSError((r.stderr.strip().splitlines() or [f"git {args[0]} failed"])[0])
-        return r.stdout.strip()
-
-    commit = "unknown (not this checkout's git repository)"
-    try:
-        top = git("rev-parse", "--show-toplevel")
-        if top and os.path.realpath(top) == os.path.realpath(root):
-            commit = git("rev-parse", "--short", "HEAD") or "unknown"
-            # result files a run before this one rewrote do not count: they are outputs, not the measured code
-            commit += "+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                      ":(exclude)benchmarks/results") else ""
-    except (OSError, ValueError, subprocess.SubprocessError) as e:
-        commit = f"unknown (git: {e})"
+    top = _git(root, "rev-parse", "--show-toplevel")
+    head = _git(root, "rev-parse", "--short", "HEAD")
+    # result files a run before this one rewrote do not count: they are outputs, not the measured code
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    if top is None or head is None or status is None:
+        commit = "unknown (git failed here)"
+    elif os.path.realpath(top) != os.path.realpath(root):
+        commit = "unknown (not this checkout's git repository)"
+    else:
+        commit = head + ("+dirty" if status else "")
     here = os.path.realpath(os.path.dirname(attnfast.__file__))
     if not here.startswith(os.path.realpath(root) + os.sep):
         commit += f" (attnfast imported from {here}, not this checkout)"
+    return {"commit": commit, "threading_env": threading_env(env)}
+
+
+def threading_env(env: dict | None = None) -> dict:
+    """The variables of ``env`` (default ``os.environ``; pass the measured processes' own) that change CPU
+    threading: ``ATTNFAST_*``, ``OMP_*``, ``GOMP_*``, ``KMP_*``, ``MKL_*``."""
     env = os.environ if env is None else env
-    threading_env = {k: v for k, v in sorted(env.items())
-                     if k.startswith(("ATTNFAST_", "OMP_", "GOMP_", "KMP_", "MKL_"))}
-    return {"commit": commit, "threading_env": threading_env}
+    return {k: v for k, v in sorted(env.items()) if k.startswith(("ATTNFAST_", "OMP_", "GOMP_", "KMP_", "MKL_"))}
 
 
 def _rss() -> int:

@@ -87,10 +87,10 @@ def check_cbam_inputs(x, fc1_w, fc1_b, fc2_w, fc2_b, conv_w, bn_w, bn_b, running
 # ----------------------------------------------------------------------------------------------
 # The forward follows the eager modules' own grouping and calls eager's own functions (the backward functions
 # too), so that NaN and inf come out as in eager (the MLP's weight gradients: see ``_mlp_backward``): each
-# branch's fc2 on its own rows (a relu output of 0 times an
-# infinite fc2 weight is NaN in that branch), relu's gradient passing where its input is NaN (eager's
-# threshold_backward), sigmoid_backward's grad (1 - y) y, and BatchNorm's statistics, affine form and backward
-# from the kernels F.batch_norm picks on this device (``_batch_norm_impl_index``: native, cuDNN, ...).
+# branch's fc2 on its own rows (a relu output of 0 times an infinite fc2 weight is NaN in that branch), relu's
+# gradient passing where its input is NaN (eager's threshold_backward), sigmoid_backward's grad (1 - y) y, and
+# BatchNorm's statistics, affine form and backward from the kernels F.batch_norm picks on this device
+# (``_batch_norm_impl_index``: native, cuDNN, ...).
 def _mlp_params(fc1_w, fc1_b, fc2_w, fc2_b, ct) -> list:
     """[w1 (R, C), b1 or None, w2 (C, R), b2 or None] in the compute dtype."""
     return [None if t is None else (t.reshape(t.shape[0], -1) if t.dim() > 1 else t).to(ct)
